@@ -1,0 +1,1 @@
+"""Deployments, the app graph, replica processes, the controller and launchers."""

@@ -1,0 +1,109 @@
+"""Process-wide runtime state: where the controller is and which loop serves sync callers.
+
+Every streamwise process has one *core loop*: in the driver it runs on a daemon thread
+started by ``run()``; in a replica it is the replica's own event loop. Sync callers
+(``.result()``, plain ``for``) hand their work to the core loop; async callers use
+the loop they run on. Routers and gRPC channels are per loop, because grpc.aio
+objects belong to the loop that created them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import weakref
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from streamwise.exceptions import DeploymentNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from streamwise.routing.router import Router, RouterKey
+    from streamwise.routing.transport import GrpcTransport
+
+T = TypeVar("T")
+
+
+class _LoopLocal:
+    """The routers and transport that belong to one event loop."""
+
+    def __init__(self) -> None:
+        self.routers: dict[RouterKey, Router] = {}
+        self.transport: GrpcTransport | None = None
+
+    async def aclose(self) -> None:
+        routers, self.routers = list(self.routers.values()), {}
+        for router in routers:
+            await router.aclose()
+        if self.transport is not None:
+            await self.transport.aclose()
+            self.transport = None
+
+
+class CoreLoop:
+    """An asyncio event loop running on a daemon thread of the driver process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="streamwise-core", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        # Finish whatever is left so nothing pending is destroyed with the loop.
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the core loop and block for its result."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise UsageError("blocking call made on the streamwise core loop; use await instead")
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+
+
+class ProcessRuntime:
+    """Per-process state shared by handles, routers and the controller client."""
+
+    def __init__(self) -> None:
+        self.controller_address: str | None = None
+        self.core: CoreLoop | None = None  # driver only
+        self.core_loop: asyncio.AbstractEventLoop | None = None
+        self.replica_id: str | None = None  # set in replica processes
+        self._locals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLocal] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def require_controller(self, what: str) -> str:
+        if self.controller_address is None:
+            raise DeploymentNotFoundError(what, "streamwise is not running; call streamwise.run() first")
+        return self.controller_address
+
+    def loop_local(self, loop: asyncio.AbstractEventLoop) -> _LoopLocal:
+        local = self._locals.get(loop)
+        if local is None:
+            local = self._locals[loop] = _LoopLocal()
+        return local
+
+    def pop_loop_local(self, loop: asyncio.AbstractEventLoop) -> _LoopLocal | None:
+        return self._locals.pop(loop, None)
+
+    def loop_locals(self) -> list[tuple[asyncio.AbstractEventLoop, _LoopLocal]]:
+        return list(self._locals.items())
+
+
+RUNTIME = ProcessRuntime()

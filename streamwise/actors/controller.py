@@ -1,0 +1,328 @@
+"""The controller: turns desired state into running replicas and keeps it that way.
+
+It starts every replica of an app in parallel, waits until each is attached (ready)
+or its constructor has failed ``max_constructor_attempts`` times, restarts replicas
+that die or fail health checks, and pushes every change of a deployment's replica set
+to all routers watching it. It runs as a gRPC service on 127.0.0.1 so replicas and
+routers in any process reach it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import itertools
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+import cloudpickle
+import grpc
+
+from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
+from streamwise.actors.spec import AppPlan, ReplicaSpec
+from streamwise.exceptions import DeploymentStartupError
+from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
+from streamwise.streaming import _wire
+
+log = logging.getLogger("streamwise.controller")
+
+_RESTART_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+_KILL_GRACE_S = 2.0  # after graceful_shutdown_timeout_s, before SIGKILL
+
+
+class ReplicaState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(eq=False)
+class _Replica:
+    replica_id: str
+    process: ReplicaProcess
+    state: ReplicaState = ReplicaState.STARTING
+    address: str = ""
+    attached: asyncio.Future[replica_pb2.RemoteError | None] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class _Deployment:
+    """Controller-side state of one deployment."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.spec_bytes = cloudpickle.dumps(spec)
+        self.replicas: dict[str, _Replica] = {}
+        self.version = 0
+        self.changed = asyncio.Event()
+        self.deleted = False
+        self.stopping = False
+        self.supervisors: list[asyncio.Task[None]] = []
+
+    def publish(self) -> None:
+        self.version += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def snapshot(self) -> controller_pb2.ReplicaSet:
+        return controller_pb2.ReplicaSet(
+            version=self.version,
+            deleted=self.deleted,
+            max_ongoing_requests=self.config.max_ongoing_requests,
+            replicas=[
+                controller_pb2.ReplicaInfo(replica_id=r.replica_id, address=r.address)
+                for r in self.replicas.values()
+                if r.state is ReplicaState.RUNNING
+            ],
+        )
+
+
+class Controller(controller_pb2_grpc.ControllerServicer):
+    """Owns the replica processes of every app run by this driver."""
+
+    def __init__(self, launcher: Launcher | None = None) -> None:
+        self._launcher = launcher or LocalProcessLauncher()
+        self._apps: dict[str, dict[str, _Deployment]] = {}
+        self._replicas: dict[str, tuple[_Deployment, _Replica]] = {}
+        self._ids = itertools.count(1)
+        self._server: grpc.aio.Server | None = None
+        self.address = ""
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Start the control service; returns its address."""
+        server = grpc.aio.server(options=_wire.GRPC_OPTIONS)
+        controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._server = server
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    async def aclose(self) -> None:
+        """Stop every app (gracefully, then by force), then the control service."""
+        for name in list(self._apps):
+            await self.delete_app(name)
+        if self._server is not None:
+            await self._server.stop(0.5)
+            self._server = None
+
+    async def __aenter__(self) -> Controller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- apps ------------------------------------------------------------------------
+
+    def app_names(self) -> list[str]:
+        return sorted(self._apps)
+
+    async def deploy(self, plan: AppPlan) -> None:
+        """Start all replicas of ``plan`` in parallel and wait until each is running.
+
+        Raises DeploymentStartupError (and stops the app) if a deployment's
+        constructor keeps failing. Cancelling stops whatever was started.
+        """
+        if plan.name in self._apps:
+            await self.delete_app(plan.name)
+        deployments = {spec.config.name: _Deployment(spec) for spec in plan.specs}
+        self._apps[plan.name] = deployments
+        loop = asyncio.get_running_loop()
+        first_ready: list[asyncio.Future[None]] = []
+        for dep in deployments.values():
+            for _ in range(dep.config.num_replicas):
+                ready = loop.create_future()
+                first_ready.append(ready)
+                dep.supervisors.append(loop.create_task(self._supervise(dep, ready)))
+        try:
+            await asyncio.gather(*first_ready)
+        except BaseException:
+            await self.delete_app(plan.name)
+            raise
+
+    async def delete_app(self, name: str) -> None:
+        deployments = self._apps.pop(name, None)
+        if not deployments:
+            return
+        await asyncio.gather(*(self._stop_deployment(dep) for dep in deployments.values()))
+
+    async def _stop_deployment(self, dep: _Deployment) -> None:
+        dep.stopping = True
+        dep.deleted = True
+        dep.publish()
+        await asyncio.gather(*(self._stop_replica(dep, r) for r in list(dep.replicas.values())))
+        for task in dep.supervisors:
+            task.cancel()
+        await asyncio.gather(*dep.supervisors, return_exceptions=True)
+
+    async def _stop_replica(self, dep: _Deployment, replica: _Replica) -> None:
+        replica.state = ReplicaState.DRAINING
+        replica.process.terminate()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(replica.process.wait()),
+                dep.config.graceful_shutdown_timeout_s + _KILL_GRACE_S,
+            )
+        except TimeoutError:
+            replica.process.kill()
+            await replica.process.wait()
+        replica.state = ReplicaState.STOPPED
+        replica.released.set()
+
+    # -- supervision -----------------------------------------------------------------
+
+    async def _supervise(self, dep: _Deployment, first_ready: asyncio.Future[None]) -> None:
+        """Keep one replica slot of ``dep`` filled until the deployment stops."""
+        failures = 0
+        last_error: replica_pb2.RemoteError | None = None
+        backoff = iter(_RESTART_BACKOFF_S)
+        while not dep.stopping:
+            replica = await self._spawn(dep)
+            try:
+                error = await self._wait_attached(replica)
+                if error is not None or replica.address == "":
+                    failures += 1
+                    last_error = error or last_error
+                    await self._reap(replica)
+                    if not first_ready.done() and failures >= dep.config.max_constructor_attempts:
+                        first_ready.set_exception(self._startup_error(dep, last_error))
+                        return
+                    if first_ready.done():
+                        await asyncio.sleep(next(backoff, _RESTART_BACKOFF_S[-1]))
+                    continue
+                failures = 0
+                backoff = iter(_RESTART_BACKOFF_S)
+                replica.state = ReplicaState.RUNNING
+                dep.publish()
+                if not first_ready.done():
+                    first_ready.set_result(None)
+                await self._monitor(dep, replica)
+            finally:
+                if dep.stopping:
+                    replica.process.kill()  # started while the deployment was stopping
+                self._forget(dep, replica)
+            if not dep.stopping:
+                log.warning("replica %s of %r stopped; starting a new one", replica.replica_id, dep.config.name)
+
+    def _startup_error(self, dep: _Deployment, error: replica_pb2.RemoteError | None) -> DeploymentStartupError:
+        attempts = dep.config.max_constructor_attempts
+        if error is None:
+            return DeploymentStartupError(
+                "ProcessExited", f"replica process exited before it was ready ({attempts} attempts)",
+                "", dep.config.name,
+            )
+        return DeploymentStartupError(
+            error.type_name, f"{error.message} ({attempts} attempts)", error.traceback, dep.config.name
+        )
+
+    async def _spawn(self, dep: _Deployment) -> _Replica:
+        replica_id = f"{dep.config.name}#{next(self._ids)}"
+        process = await self._launcher.start(replica_id, self.address)
+        replica = _Replica(replica_id, process)
+        dep.replicas[replica_id] = replica
+        self._replicas[replica_id] = (dep, replica)
+        return replica
+
+    async def _wait_attached(self, replica: _Replica) -> replica_pb2.RemoteError | None:
+        """The constructor's error, or None once attached (address set) or exited."""
+        exited = asyncio.ensure_future(replica.process.wait())
+        try:
+            await asyncio.wait({exited, replica.attached}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if replica.attached.done():
+            return replica.attached.result()
+        return None
+
+    async def _monitor(self, dep: _Deployment, replica: _Replica) -> None:
+        """Return when the replica's process has exited; kill it if health checks fail."""
+        exited = asyncio.ensure_future(replica.process.wait())
+        channel = grpc.aio.insecure_channel(replica.address, options=_wire.GRPC_OPTIONS)
+        stub = replica_pb2_grpc.ReplicaStub(channel)
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=dep.config.health_check_period_s)
+                if done or dep.stopping:
+                    await exited
+                    return
+                if not await self._healthy(stub, dep, replica):
+                    replica.process.kill()
+                    await exited
+                    return
+        finally:
+            exited.cancel()
+            await channel.close()
+
+    async def _healthy(self, stub: replica_pb2_grpc.ReplicaStub, dep: _Deployment, replica: _Replica) -> bool:
+        try:
+            reply = await stub.CheckHealth(replica_pb2.HealthRequest(), timeout=dep.config.health_check_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("health check of %s failed: %s", replica.replica_id, exc.code().name)
+            return dep.stopping
+        if reply.HasField("error"):
+            log.warning(
+                "health check of %s failed: %s: %s", replica.replica_id, reply.error.type_name, reply.error.message
+            )
+            return False
+        return True
+
+    async def _reap(self, replica: _Replica) -> None:
+        replica.process.kill()
+        await replica.process.wait()
+
+    def _forget(self, dep: _Deployment, replica: _Replica) -> None:
+        replica.state = ReplicaState.STOPPED
+        replica.released.set()
+        if dep.replicas.pop(replica.replica_id, None) is not None:
+            dep.publish()
+        self._replicas.pop(replica.replica_id, None)
+
+    # -- gRPC service ----------------------------------------------------------------
+
+    async def GetReplicaSpec(self, request: controller_pb2.SpecRequest, context: grpc.aio.ServicerContext) -> controller_pb2.SpecReply:
+        found = self._replicas.get(request.replica_id)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown replica {request.replica_id!r}")
+        dep, _ = found
+        return controller_pb2.SpecReply(sys_path=[p for p in sys.path if p], spec=dep.spec_bytes)
+
+    async def Attach(self, request: controller_pb2.AttachRequest, context: grpc.aio.ServicerContext) -> None:
+        found = self._replicas.get(request.replica_id)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown replica {request.replica_id!r}")
+        _, replica = found
+        if request.HasField("error"):
+            if not replica.attached.done():
+                replica.attached.set_result(request.error)
+            return
+        replica.address = request.address
+        if not replica.attached.done():
+            replica.attached.set_result(None)
+        await replica.released.wait()  # the open stream tells the replica we are alive
+
+    async def WatchReplicas(self, request: controller_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[controller_pb2.ReplicaSet]:
+        dep = self._apps.get(request.app, {}).get(request.deployment)
+        if dep is None:
+            running = ", ".join(f"{a}/{d}" for a, deps in self._apps.items() for d in deps) or "none"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no deployment {request.deployment!r} in app {request.app!r} (running: {running})",
+            )
+        seen = -1
+        while True:
+            changed = dep.changed
+            if dep.version != seen:
+                seen = dep.version
+                yield dep.snapshot()
+                if dep.deleted:
+                    return
+            await changed.wait()

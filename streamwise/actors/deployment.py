@@ -1,0 +1,103 @@
+"""``@deployment`` and ``.bind()``: declaring deployments and wiring them into an app."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, overload
+
+from streamwise.actors._methods import MethodKind, methods_of
+from streamwise.config import DeploymentConfig
+from streamwise.exceptions import UsageError
+
+
+class Deployment:
+    """A class or function declared as a deployment; ``bind()`` it to build an app."""
+
+    def __init__(self, target: type | Callable[..., Any], config: DeploymentConfig) -> None:
+        if not (isinstance(target, type) or inspect.isfunction(target)):
+            raise UsageError(f"@deployment takes a class or a function, not {target!r}")
+        self._target = target
+        self._config = config
+        self._methods: Mapping[str, MethodKind] = methods_of(target)
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def config(self) -> DeploymentConfig:
+        return self._config
+
+    @property
+    def target(self) -> type | Callable[..., Any]:
+        return self._target
+
+    @property
+    def methods(self) -> Mapping[str, MethodKind]:
+        return self._methods
+
+    def options(self, **changes: Any) -> Deployment:
+        """A copy of this deployment with some options changed (validated now)."""
+        try:
+            config = dataclasses.replace(self._config, **changes)
+        except TypeError as exc:
+            raise UsageError(f"invalid option for deployment {self.name!r}: {exc}") from None
+        return Deployment(self._target, config)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Application:
+        """Bind constructor arguments; bound deployments among them arrive as handles."""
+        if not isinstance(self._target, type) and (args or kwargs):
+            raise UsageError(f"function deployment {self.name!r} takes no bind() arguments")
+        return Application(self, args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UsageError(
+            f"deployment {self.name!r} is not called directly: use "
+            f"streamwise.run({self.name}.bind(...)) and call the returned handle"
+        )
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self.name!r}, num_replicas={self._config.num_replicas})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Application:
+    """A deployment with its constructor arguments: a node of the app graph."""
+
+    deployment: Deployment
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+
+
+@overload
+def deployment(_target: type | Callable[..., Any]) -> Deployment: ...
+
+
+@overload
+def deployment(
+    _target: None = None, **options: Any
+) -> Callable[[type | Callable[..., Any]], Deployment]: ...
+
+
+def deployment(_target: Any = None, **options: Any) -> Any:
+    """Declare a class (or function) as a deployment; options are validated here.
+
+    Options: ``name``, ``num_replicas``, ``max_ongoing_requests``, ``user_config``,
+    ``health_check_period_s``, ``health_check_timeout_s``,
+    ``graceful_shutdown_timeout_s`` (see :class:`streamwise.config.DeploymentConfig`).
+    """
+
+    def wrap(target: Any) -> Deployment:
+        opts = dict(options)
+        name = opts.pop("name", None) or getattr(target, "__name__", None)
+        try:
+            config = DeploymentConfig(name=name, **opts)
+        except TypeError as exc:
+            raise UsageError(f"invalid @deployment option for {name!r}: {exc}") from None
+        return Deployment(target, config)
+
+    if _target is not None:
+        return wrap(_target)
+    return wrap

@@ -1,0 +1,82 @@
+"""Launchers start replica processes. The local launcher runs them on this machine.
+
+A launcher only starts processes; the controller supervises them. A cluster engine
+(Ray's actor scheduler first) plugs in here later with the same small interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import sys
+from typing import Protocol
+
+import streamwise
+
+
+class ReplicaProcess(Protocol):
+    pid: int
+
+    async def wait(self) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    async def start(self, replica_id: str, controller_address: str) -> ReplicaProcess: ...
+
+
+class _LocalProcess:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        self.pid = process.pid
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def _signal(self, sig: int) -> None:
+        if self._process.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
+class LocalProcessLauncher:
+    """Starts each replica as a child process running ``python -m streamwise.actors.replica``."""
+
+    def __init__(self) -> None:
+        package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
+        # gRPC core logs routine connection events (GOAWAY on a peer's shutdown) at
+        # INFO; replicas keep to errors unless the user asked for more.
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
+        self._env = env
+
+    async def start(self, replica_id: str, controller_address: str) -> ReplicaProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "streamwise.actors.replica",
+            "--controller",
+            controller_address,
+            "--replica-id",
+            replica_id,
+            "--parent-pid",
+            str(os.getpid()),
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        return _LocalProcess(process)

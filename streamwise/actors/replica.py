@@ -1,0 +1,141 @@
+"""The replica process: one user object, one event loop, one gRPC server.
+
+Started by a launcher as ``python -m streamwise.actors.replica``. It fetches its spec
+from the controller, builds the user object, serves it on 127.0.0.1 (port 0, the port
+it got is reported back through ``Attach``), and keeps the ``Attach`` stream open for
+its whole life: when that stream breaks the controller is gone and the replica
+drains and exits. SIGTERM also drains: new calls are refused, running ones get
+``graceful_shutdown_timeout_s`` to finish, then the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import inspect
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import cloudpickle
+import grpc
+
+from streamwise.actors._runtime import RUNTIME
+from streamwise.actors.spec import ReplicaSpec
+from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
+from streamwise.streaming import _wire
+from streamwise.streaming.servicer import ReplicaServicer
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGTERM this process when the driver dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _maybe_await(value: object) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+async def _follow_controller(
+    attach: grpc.aio.UnaryStreamCall, user_object: object, stop: asyncio.Event
+) -> None:
+    """Apply controller messages until the Attach stream ends, then ask to stop."""
+    try:
+        async for message in attach:
+            if message.user_config:
+                reconfigure = getattr(user_object, "reconfigure", None)
+                if reconfigure is not None:
+                    await _maybe_await(reconfigure(cloudpickle.loads(message.user_config)))
+    except grpc.aio.AioRpcError:
+        pass
+    finally:
+        stop.set()
+
+
+async def serve(controller_address: str, replica_id: str) -> int:
+    """Run the replica until told to stop; the exit code says whether it started."""
+    loop = asyncio.get_running_loop()
+    RUNTIME.controller_address = controller_address
+    RUNTIME.core_loop = loop
+    RUNTIME.replica_id = replica_id
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    channel = grpc.aio.insecure_channel(controller_address, options=_wire.GRPC_OPTIONS)
+    stub = controller_pb2_grpc.ControllerStub(channel)
+    try:
+        reply = await stub.GetReplicaSpec(controller_pb2.SpecRequest(replica_id=replica_id))
+        for entry in reversed(reply.sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        spec: ReplicaSpec = cloudpickle.loads(reply.spec)
+        config = spec.config
+        executor = ThreadPoolExecutor(
+            max_workers=max(4, config.max_ongoing_requests), thread_name_prefix=f"{config.name}-worker"
+        )
+        try:
+            user_object = spec.instantiate()
+            if config.user_config is not None and hasattr(user_object, "reconfigure"):
+                await _maybe_await(user_object.reconfigure(config.user_config))
+        except Exception as exc:
+            failed = stub.Attach(controller_pb2.AttachRequest(replica_id=replica_id, error=_wire.error_to_proto(exc)))
+            async for _ in failed:
+                pass
+            return 1
+
+        server = grpc.aio.server(options=_wire.GRPC_OPTIONS)
+        servicer = ReplicaServicer(
+            user_object,
+            spec.methods,
+            deployment=config.name,
+            replica_id=replica_id,
+            max_ongoing_requests=config.max_ongoing_requests,
+            executor=executor,
+        )
+        replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        attach = stub.Attach(
+            controller_pb2.AttachRequest(replica_id=replica_id, address=f"127.0.0.1:{port}")
+        )
+        follower = loop.create_task(_follow_controller(attach, user_object, stop))
+        try:
+            await stop.wait()
+            await servicer.drain(config.graceful_shutdown_timeout_s)
+        finally:
+            attach.cancel()
+            await server.stop(0)
+            await asyncio.gather(follower, return_exceptions=True)
+            local = RUNTIME.pop_loop_local(loop)
+            if local is not None:
+                await local.aclose()
+            executor.shutdown(wait=False, cancel_futures=True)
+        return 0
+    finally:
+        await channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamwise.actors.replica")
+    parser.add_argument("--controller", required=True)
+    parser.add_argument("--replica-id", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    _die_with_parent(args.parent_pid)
+    return asyncio.run(serve(args.controller, args.replica_id))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

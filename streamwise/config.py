@@ -1,0 +1,139 @@
+"""Every option streamwise takes, as frozen keyword-only dataclasses.
+
+Environment variables are read here, once, by :func:`env_router_config` (called
+lazily the first time a router is built); nothing else in the package reads
+``os.environ`` for user-facing settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from streamwise.exceptions import UsageError
+
+DEFAULT_NUM_REPLICAS = 1
+DEFAULT_MAX_ONGOING_REQUESTS = 5
+DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
+DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
+DEFAULT_MAX_CONSTRUCTOR_ATTEMPTS = 3
+
+DEFAULT_RETRY_INITIAL_BACKOFF_S = 0.025
+DEFAULT_RETRY_BACKOFF_MULTIPLIER = 2.0
+DEFAULT_RETRY_MAX_BACKOFF_S = 0.5
+DEFAULT_NO_REPLICA_TIMEOUT_S = 30.0
+
+DEFAULT_CODEC = "cloudpickle"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeploymentConfig:
+    """Options of one deployment, set by ``@deployment(...)`` or ``.options(...)``."""
+
+    name: str
+    num_replicas: int = DEFAULT_NUM_REPLICAS
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    user_config: Any = None
+    health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S
+    health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
+    graceful_shutdown_timeout_s: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
+    max_constructor_attempts: int = DEFAULT_MAX_CONSTRUCTOR_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and isinstance(self.name, str), "deployment name must be a non-empty str")
+        _check(
+            isinstance(self.num_replicas, int) and self.num_replicas >= 1,
+            f"num_replicas of {self.name!r} must be an int >= 1, got {self.num_replicas!r}",
+        )
+        _check(
+            isinstance(self.max_ongoing_requests, int) and self.max_ongoing_requests >= 1,
+            f"max_ongoing_requests of {self.name!r} must be an int >= 1, "
+            f"got {self.max_ongoing_requests!r}",
+        )
+        for field in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+            value = getattr(self, field)
+            _check(
+                isinstance(value, (int, float)) and value > 0,
+                f"{field} of {self.name!r} must be a number > 0, got {value!r}",
+            )
+        _check(
+            isinstance(self.max_constructor_attempts, int) and self.max_constructor_attempts >= 1,
+            f"max_constructor_attempts of {self.name!r} must be an int >= 1",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """How a router retries when replicas are full or gone."""
+
+    initial_backoff_s: float = DEFAULT_RETRY_INITIAL_BACKOFF_S
+    backoff_multiplier: float = DEFAULT_RETRY_BACKOFF_MULTIPLIER
+    max_backoff_s: float = DEFAULT_RETRY_MAX_BACKOFF_S
+    no_replica_timeout_s: float = DEFAULT_NO_REPLICA_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        _check(self.initial_backoff_s > 0, "initial_backoff_s must be > 0")
+        _check(self.backoff_multiplier >= 1, "backoff_multiplier must be >= 1")
+        _check(self.max_backoff_s >= self.initial_backoff_s, "max_backoff_s must be >= initial_backoff_s")
+        _check(self.no_replica_timeout_s > 0, "no_replica_timeout_s must be > 0")
+
+    def backoffs(self):
+        """Yield successive backoff delays: initial, x multiplier, capped at max."""
+        delay = self.initial_backoff_s
+        while True:
+            yield delay
+            delay = min(delay * self.backoff_multiplier, self.max_backoff_s)
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+_router_config: RouterConfig | None = None
+
+
+def env_router_config() -> RouterConfig:
+    """The router config from ``STREAMWISE_ROUTER_RETRY_*`` env vars (read once)."""
+    global _router_config
+    if _router_config is None:
+        _router_config = RouterConfig(
+            initial_backoff_s=_env_float(
+                "STREAMWISE_ROUTER_RETRY_INITIAL_BACKOFF_S", DEFAULT_RETRY_INITIAL_BACKOFF_S
+            ),
+            backoff_multiplier=_env_float(
+                "STREAMWISE_ROUTER_RETRY_BACKOFF_MULTIPLIER", DEFAULT_RETRY_BACKOFF_MULTIPLIER
+            ),
+            max_backoff_s=_env_float("STREAMWISE_ROUTER_RETRY_MAX_BACKOFF_S", DEFAULT_RETRY_MAX_BACKOFF_S),
+        )
+    return _router_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HandleOptions:
+    """Per-handle call options; ``handle.options(...)`` returns a handle with a replaced copy."""
+
+    method_name: str = "__call__"
+    stream: bool | None = None  # None: decided by the method's kind at bind time
+    request_serialization: str = DEFAULT_CODEC
+    response_serialization: str = DEFAULT_CODEC
+
+    def __post_init__(self) -> None:
+        from streamwise import codec  # local: codec imports nothing from config
+
+        _check(isinstance(self.method_name, str) and bool(self.method_name), "method_name must be a str")
+        _check(self.stream in (None, True, False), "stream must be True, False or None")
+        codec.get_codec(self.request_serialization)
+        codec.get_codec(self.response_serialization)

@@ -1,0 +1,1 @@
+"""Handles, responses, the router and the transport to replicas."""

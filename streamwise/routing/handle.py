@@ -1,0 +1,142 @@
+"""DeploymentHandle: how Python code calls a deployment.
+
+``handle.method.remote(*args, **kwargs)`` starts a call and returns a
+:class:`DeploymentResponse` (unary methods) or :class:`DeploymentResponseGenerator`
+(generator methods; the kind is known from the deployment, no option needed).
+Handles are cheap, immutable and picklable: pass them to other deployments freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from streamwise import codec as codecs
+from streamwise.actors._methods import MethodKind
+from streamwise.config import HandleOptions
+from streamwise.exceptions import UnknownMethodError
+from streamwise.proto import replica_pb2
+from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator
+from streamwise.routing.router import RouterKey, router_for
+from streamwise.routing.transport import FrameStream
+from streamwise.streaming import _wire
+
+
+class DeploymentHandle:
+    """A reference to a running deployment, usable from any process and any loop."""
+
+    __slots__ = ("_app", "_deployment", "_methods", "_options")
+
+    def __init__(
+        self,
+        deployment: str,
+        app: str = "default",
+        methods: Mapping[str, MethodKind] | None = None,
+        options: HandleOptions | None = None,
+    ) -> None:
+        self._app = app
+        self._deployment = deployment
+        self._methods = dict(methods or {})
+        self._options = options or HandleOptions()
+
+    @property
+    def deployment_name(self) -> str:
+        return self._deployment
+
+    @property
+    def app_name(self) -> str:
+        return self._app
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment={self._deployment!r}, app={self._app!r}, method={self._options.method_name!r})"
+
+    def __reduce__(self):
+        return (DeploymentHandle, (self._deployment, self._app, self._methods, self._options))
+
+    def options(self, **changes: Any) -> DeploymentHandle:
+        """A new handle with some options replaced (see :class:`HandleOptions`)."""
+        options = dataclasses.replace(self._options, **changes)
+        if "method_name" in changes:
+            self._check_method(options.method_name)
+        return DeploymentHandle(self._deployment, self._app, self._methods, options)
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def _check_method(self, name: str) -> MethodKind:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise UnknownMethodError(self._deployment, name, tuple(sorted(self._methods))) from None
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        """Start a call of the selected method; see the module docstring."""
+        options = self._options
+        kind = self._check_method(options.method_name)
+        stream = kind.is_stream if options.stream is None else options.stream
+        request_codec = codecs.get_codec(options.request_serialization)
+        response_codec = codecs.get_codec(options.response_serialization)
+        request = replica_pb2.CallRequest(
+            method=options.method_name,
+            codec=request_codec.name,
+            response_codec=response_codec.name,
+        )
+        request.metadata[_wire.REQUEST_ID] = os.urandom(8).hex()
+        pending = _has_pending(args, kwargs)
+        if not pending:
+            # Encode here so a value the codec cannot take raises at the call site.
+            request.args = request_codec.dumps([args, kwargs])
+        key: RouterKey = (self._app, self._deployment)
+        method = options.method_name
+        if stream:
+            router_box: list[Any] = []
+
+            async def open_stream() -> FrameStream:
+                if pending:
+                    await _resolve_into(request, request_codec, args, kwargs)
+                router = router_for(key)
+                router_box.append(router)
+                return await router.open_stream(request)
+
+            def release(stream: FrameStream) -> None:
+                router_box[0].release(stream.target)
+
+            return DeploymentResponseGenerator(
+                open_stream(),
+                response_codec.loads,
+                lambda err: _wire.error_from_proto(err, self._deployment, method),
+                release,
+            )
+
+        async def call() -> Any:
+            if pending:
+                await _resolve_into(request, request_codec, args, kwargs)
+            reply = await router_for(key).unary(request)
+            if reply.HasField("error"):
+                raise _wire.error_from_proto(reply.error, self._deployment, method)
+            return response_codec.loads(reply.value)
+
+        return DeploymentResponse(call())
+
+
+def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for value in args:
+        if isinstance(value, DeploymentResponse):
+            return True
+    for value in kwargs.values():
+        if isinstance(value, DeploymentResponse):
+            return True
+    return False
+
+
+async def _resolve_into(
+    request: replica_pb2.CallRequest, codec: codecs.Codec, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Resolve DeploymentResponse arguments (already running) and encode the call's args."""
+    resolved_args = [await a if isinstance(a, DeploymentResponse) else a for a in args]
+    resolved_kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
+    request.args = codec.dumps([resolved_args, resolved_kwargs])

@@ -1,0 +1,275 @@
+"""What ``handle.method.remote(...)`` returns: a response, or a generator of items.
+
+A call starts as soon as ``remote()`` returns. Inside async code it runs as a task on
+the caller's event loop; from sync code it runs on the process's core loop, and
+``.result()`` / plain ``for`` block on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+from streamwise.actors._runtime import RUNTIME
+from streamwise.exceptions import RequestTimeoutError, UsageError
+from streamwise.routing.transport import FrameStream
+from streamwise.streaming import _wire
+
+T = TypeVar("T")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _core_loop() -> asyncio.AbstractEventLoop:
+    loop = RUNTIME.core_loop
+    if loop is None or loop.is_closed():
+        raise UsageError("streamwise is not running; call streamwise.run() first")
+    return loop
+
+
+class _Started(Generic[T]):
+    """A coroutine started on some loop, awaitable from any loop or thread."""
+
+    __slots__ = ("loop", "task", "future")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        loop = _running_loop()
+        if loop is not None:
+            self.loop = loop
+            self.task: asyncio.Task[T] | None = loop.create_task(coro)
+            self.future: concurrent.futures.Future[T] | None = None
+        else:
+            self.loop = _core_loop()
+            self.task = None
+            self.future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    async def wait(self) -> T:
+        loop = asyncio.get_running_loop()
+        if self.task is not None and loop is self.loop:
+            return await self.task
+        if self.task is not None:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_await(self.task), self.loop))
+        assert self.future is not None
+        return await asyncio.wrap_future(self.future)
+
+    def block(self, timeout_s: float | None) -> T:
+        if _running_loop() is self.loop:
+            raise UsageError(
+                "result() would block the event loop it is called on; use `await response` instead"
+            )
+        future = self.future
+        if future is None:
+            assert self.task is not None
+            future = asyncio.run_coroutine_threadsafe(_await(self.task), self.loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise RequestTimeoutError(f"no result within {timeout_s}s") from None
+
+    def cancel(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+        elif self.task is not None:
+            if _running_loop() is self.loop:
+                self.task.cancel()
+            else:
+                self.loop.call_soon_threadsafe(self.task.cancel)
+
+    def done(self) -> bool:
+        return (self.future or self.task).done()  # type: ignore[union-attr]
+
+
+async def _await(task: asyncio.Task[T]) -> T:
+    return await asyncio.shield(task)
+
+
+class DeploymentResponse(Generic[T]):
+    """The pending result of a unary call.
+
+    ``await response`` in async code, ``response.result()`` in sync code. Cancelling
+    the awaiting task, or calling :meth:`cancel`, cancels the call on the replica.
+    """
+
+    __slots__ = ("_started",)
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._started = _Started(coro)
+
+    def __await__(self):
+        return self._started.wait().__await__()
+
+    def result(self, timeout_s: float | None = None) -> T:
+        """Block until the result is in. Raises RequestTimeoutError after ``timeout_s``
+        (the call keeps running; cancel it with :meth:`cancel`)."""
+        return self._started.block(timeout_s)
+
+    def cancel(self) -> None:
+        """Cancel the call; awaiting it afterwards raises ``asyncio.CancelledError``."""
+        self._started.cancel()
+
+    def done(self) -> bool:
+        return self._started.done()
+
+
+class DeploymentResponseGenerator(Generic[T]):
+    """The items a streaming call yields, delivered as they are produced.
+
+    Iterate with ``async for`` in async code or ``for`` in sync code. Stopping early
+    cancels the remote generator (its ``finally`` runs): leave an ``async with`` /
+    ``with`` block, call :meth:`aclose` / :meth:`close` or :meth:`cancel`, or drop the
+    last reference to the generator.
+    """
+
+    def __init__(
+        self,
+        open_coro: Coroutine[Any, Any, FrameStream],
+        decode: Callable[[bytes], list[Any]],
+        error: Callable[[Any], Exception],
+        release: Callable[[FrameStream], None],
+    ) -> None:
+        self._items: deque[Any] = deque()
+        self._decode = decode
+        self._error = error
+        self._release = release
+        self._stream: FrameStream | None = None
+        self._finished = False
+        self._pending_error: Exception | None = None
+        self._opening = _Started(open_coro)
+
+    # -- reading frames (always on the loop that owns the call) ------------------------
+
+    async def _fill(self) -> bool:
+        """Read frames until some items are buffered; False at the end of the stream."""
+        if self._finished:
+            return False
+        try:
+            if self._stream is None:
+                self._stream = await self._opening.wait()
+            while not self._items:
+                frame = await self._stream.read()
+                if frame is None:
+                    self._finish()
+                    return False
+                if frame.count:
+                    self._items.extend(self._decode(frame.items))
+                if frame.HasField("error"):
+                    self._finish()
+                    if self._items:
+                        # deliver items sent before the error, then the error
+                        self._pending_error = self._error(frame.error)
+                        return True
+                    raise self._error(frame.error)
+            return True
+        except BaseException:
+            self._cancel_here()
+            raise
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._stream is not None:
+                self._release(self._stream)
+
+    def _cancel_here(self) -> None:
+        """Cancel the call; must run on the owning loop's thread."""
+        if self._finished:
+            return
+        stream = self._stream
+        if stream is None and self._opening.done():
+            task = self._opening.task or self._opening.future
+            if not task.cancelled() and task.exception() is None:  # type: ignore[union-attr]
+                stream = self._stream = task.result()  # type: ignore[union-attr]
+        if stream is not None:
+            stream.cancel()
+            self._finish()
+        else:
+            self._finished = True
+            self._opening.cancel()
+
+    def _take(self) -> T:
+        if not self._items:
+            error, self._pending_error = self._pending_error, None
+            if error is not None:
+                raise error
+        return self._items.popleft()
+
+    # -- async iteration -----------------------------------------------------------
+
+    def __aiter__(self) -> DeploymentResponseGenerator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if not self._items:
+            if self._pending_error is not None:
+                return self._take()
+            if not await self._on_owner(self._fill()):
+                raise StopAsyncIteration
+        return self._take()
+
+    async def _on_owner(self, coro: Coroutine[Any, Any, bool]) -> bool:
+        loop = self._opening.loop
+        if asyncio.get_running_loop() is loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    async def aclose(self) -> None:
+        """Stop the stream and cancel the remote generator."""
+        self.cancel()
+
+    async def __aenter__(self) -> DeploymentResponseGenerator[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    # -- sync iteration --------------------------------------------------------------
+
+    def __iter__(self) -> DeploymentResponseGenerator[T]:
+        return self
+
+    def __next__(self) -> T:
+        if not self._items and self._pending_error is None:
+            loop = self._opening.loop
+            if _running_loop() is loop:
+                raise UsageError("use `async for` to iterate a stream inside its event loop")
+            if not asyncio.run_coroutine_threadsafe(self._fill(), loop).result():
+                raise StopIteration
+        return self._take()
+
+    def close(self) -> None:
+        """Stop the stream and cancel the remote generator."""
+        self.cancel()
+
+    def __enter__(self) -> DeploymentResponseGenerator[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    # -- cancellation ----------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Cancel the remote generator, from any thread. Idempotent."""
+        if self._finished:
+            return
+        loop = self._opening.loop
+        if _running_loop() is loop:
+            self._cancel_here()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._cancel_here)
+
+    def __del__(self) -> None:
+        try:
+            if not self._finished:
+                self.cancel()
+        except Exception:  # interpreter shutdown: the loop may be gone
+            pass

@@ -1,0 +1,209 @@
+"""Picks a replica for each call and retries calls that a replica did not take.
+
+One router exists per (deployment, event loop). It learns the replica set from the
+controller's watch stream (pushed on every change, never polled on the request path)
+and chooses by *power of two choices*: sample two live replicas, send to the one with
+fewer calls in flight from this router. A replica that is full rejects before running
+anything; the router then retries with exponential backoff. A replica that cannot be
+reached is dropped locally at once, before the controller reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import TypeAlias
+
+import grpc
+
+from streamwise.config import RouterConfig
+from streamwise.exceptions import DeploymentNotFoundError, UnavailableError
+from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
+from streamwise.routing.transport import FrameStream, GrpcTransport, NotAccepted, ReplicaTarget
+from streamwise.streaming import _wire
+
+RouterKey: TypeAlias = tuple[str, str]  # (application, deployment)
+
+
+class Router:
+    """Routes calls of one deployment from one event loop."""
+
+    def __init__(
+        self, key: RouterKey, controller_address: str, transport: GrpcTransport, config: RouterConfig
+    ) -> None:
+        self.key = key
+        self._name = key[1]
+        self._controller_address = controller_address
+        self._transport = transport
+        self._config = config
+        self._replicas: list[ReplicaTarget] = []
+        self._inflight: dict[str, int] = {}
+        self._dead: set[str] = set()
+        self._max_ongoing = 1 << 30
+        self._changed = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._deleted: str | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- replica set ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        channel = grpc.aio.insecure_channel(self._controller_address, options=_wire.GRPC_OPTIONS)
+        try:
+            stub = controller_pb2_grpc.ControllerStub(channel)
+            request = controller_pb2.WatchRequest(app=self.key[0], deployment=self.key[1])
+            async for snapshot in stub.WatchReplicas(request):
+                self._apply(snapshot)
+            self._set_deleted("the controller closed its replica-set stream")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self._set_deleted(exc.details() or "unknown deployment")
+            else:
+                self._set_deleted(f"lost the controller ({exc.code().name})")
+        finally:
+            await channel.close()
+
+    def _set_deleted(self, why: str) -> None:
+        self._deleted = why
+        self._replicas = []
+        self._ready.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _apply(self, snapshot: controller_pb2.ReplicaSet) -> None:
+        if snapshot.deleted:
+            self._set_deleted("it was shut down")
+            return
+        if snapshot.max_ongoing_requests:
+            self._max_ongoing = snapshot.max_ongoing_requests
+        old = {r.address for r in self._replicas}
+        self._replicas = [
+            ReplicaTarget(self._name, r.replica_id, r.address)
+            for r in snapshot.replicas
+            if r.replica_id not in self._dead
+        ]
+        live = {r.address for r in self._replicas}
+        for address in old - live:
+            self._spawn(self._transport.forget(address))
+        self._ready.set()
+        self._notify()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _mark_dead(self, target: ReplicaTarget) -> None:
+        self._dead.add(target.replica_id)
+        self._replicas = [r for r in self._replicas if r.replica_id != target.replica_id]
+
+    async def _started(self) -> None:
+        if self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        if not self._ready.is_set():
+            await self._ready.wait()
+
+    async def _choose(self) -> ReplicaTarget:
+        await self._started()
+        deadline: float | None = None
+        while not self._replicas:
+            if self._deleted is not None:
+                raise DeploymentNotFoundError(self._name, self._deleted)
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self._config.no_replica_timeout_s
+            if now >= deadline:
+                raise UnavailableError(
+                    f"no replica of deployment {self._name!r} became available within "
+                    f"{self._config.no_replica_timeout_s}s"
+                )
+            try:
+                await asyncio.wait_for(self._changed.wait(), deadline - now)
+            except TimeoutError:
+                pass
+        replicas = self._replicas
+        if len(replicas) == 1:
+            return replicas[0]
+        a, b = random.sample(replicas, 2)
+        load_a = self._inflight.get(a.replica_id, 0)
+        load_b = self._inflight.get(b.replica_id, 0)
+        return a if load_a <= load_b else b
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _acquire(self, target: ReplicaTarget) -> None:
+        self._inflight[target.replica_id] = self._inflight.get(target.replica_id, 0) + 1
+
+    def release(self, target: ReplicaTarget) -> None:
+        """Forget one in-flight call to ``target`` (streams call this when they end)."""
+        left = self._inflight.get(target.replica_id, 0) - 1
+        if left > 0:
+            self._inflight[target.replica_id] = left
+        else:
+            self._inflight.pop(target.replica_id, None)
+
+    async def _retry_wait(self, exc: NotAccepted, backoffs) -> None:
+        if exc.full:
+            await asyncio.sleep(next(backoffs))
+        else:
+            self._mark_dead(exc.target)
+
+    async def unary(self, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
+        """Send a unary call to a replica, retrying where it was not taken.
+
+        Cancelling the awaiting task cancels the call on the replica.
+        """
+        backoffs = self._config.backoffs()
+        while True:
+            target = await self._choose()
+            self._acquire(target)
+            try:
+                return await self._transport.unary(target, request)
+            except NotAccepted as exc:
+                await self._retry_wait(exc, backoffs)
+            finally:
+                self.release(target)
+
+    async def open_stream(self, request: replica_pb2.CallRequest) -> FrameStream:
+        """Open a stream on a replica that accepted it; the caller must ``release`` it.
+
+        Cancelling the awaiting task cancels the call on the replica.
+        """
+        backoffs = self._config.backoffs()
+        while True:
+            target = await self._choose()
+            self._acquire(target)
+            try:
+                return await self._transport.open_stream(target, request)
+            except NotAccepted as exc:
+                self.release(target)
+                await self._retry_wait(exc, backoffs)
+            except BaseException:
+                self.release(target)
+                raise
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._watch_task, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def router_for(key: RouterKey) -> Router:
+    """The router of deployment ``key`` for the running event loop (made on first use)."""
+    from streamwise.actors._runtime import RUNTIME
+    from streamwise.config import env_router_config
+
+    local = RUNTIME.loop_local(asyncio.get_running_loop())
+    router = local.routers.get(key)
+    if router is None:
+        address = RUNTIME.require_controller(key[1])
+        if local.transport is None:
+            local.transport = GrpcTransport()
+        router = local.routers[key] = Router(key, address, local.transport, env_router_config())
+    return router

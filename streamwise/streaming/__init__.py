@@ -1,0 +1,1 @@
+"""The internal wire protocol: replica servicer, frames, request context."""

@@ -1,0 +1,53 @@
+"""Constants and conversions shared by both ends of the internal protocol.
+
+Exceptions from user code become ``RemoteError`` messages here (replica side) and
+come back as :class:`streamwise.exceptions.RemoteError` (caller side).
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from streamwise import exceptions
+from streamwise.proto import replica_pb2
+
+# Initial metadata a replica sends once it has admitted a call, before user code runs.
+# A call that fails without it was never executed, so the router may retry it.
+ACK_KEY = "sw-accepted"
+ACK_METADATA = ((ACK_KEY, "1"),)
+# Status details prefix of a rejection because the replica is full (RESOURCE_EXHAUSTED)
+# or draining (UNAVAILABLE); both come without the ack.
+REJECT_FULL = "streamwise: replica full"
+REJECT_DRAINING = "streamwise: replica draining"
+
+REQUEST_ID = "request_id"
+
+GRPC_OPTIONS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def error_to_proto(exc: BaseException) -> replica_pb2.RemoteError:
+    """Describe a user exception for the caller: qualified type name, message, traceback."""
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(exc, exceptions.RemoteError):
+        # Re-raised downstream error: keep the original type name and text.
+        return replica_pb2.RemoteError(
+            type_name=exc.remote_type,
+            message=exc.remote_message,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+    return replica_pb2.RemoteError(
+        type_name=name,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+def error_from_proto(
+    err: replica_pb2.RemoteError, deployment: str, method: str
+) -> exceptions.RemoteError:
+    return exceptions.RemoteError(err.type_name, err.message, err.traceback, deployment, method)

@@ -1,0 +1,40 @@
+"""The request context user code can read inside a replica: ``get_request_context()``."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from collections.abc import Mapping
+
+from streamwise.streaming import _wire
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestContext:
+    """Facts about the call being served: ids and routing hints from the caller."""
+
+    request_id: str = ""
+    deployment: str = ""
+    replica_id: str = ""
+    multiplexed_model_id: str = ""
+    session_id: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], deployment: str, replica_id: str) -> RequestContext:
+        return cls(
+            request_id=metadata.get(_wire.REQUEST_ID, ""),
+            deployment=deployment,
+            replica_id=replica_id,
+            multiplexed_model_id=metadata.get("multiplexed_model_id", ""),
+            session_id=metadata.get("session_id", ""),
+            metadata=dict(metadata),
+        )
+
+
+_CURRENT: contextvars.ContextVar[RequestContext] = contextvars.ContextVar("streamwise_request")
+
+
+def get_request_context() -> RequestContext:
+    """The context of the request being served (an empty one outside a request)."""
+    return _CURRENT.get(RequestContext())

@@ -1,0 +1,181 @@
+"""The replica side of the internal protocol: admits calls and runs user methods.
+
+This is the one place where exceptions from user code become wire errors. A call is
+admitted only while fewer than ``max_ongoing_requests`` run; otherwise it is rejected
+before any user code runs (RESOURCE_EXHAUSTED), and the caller's router retries it
+elsewhere. Admitted calls are acknowledged with initial metadata first, so a caller
+can tell "never ran" from "died mid-call".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from streamwise import codec as codecs
+from streamwise.actors._methods import MethodKind
+from streamwise.exceptions import StreamwiseError, UnknownMethodError
+from streamwise.proto import replica_pb2, replica_pb2_grpc
+from streamwise.streaming import _wire
+from streamwise.streaming.context import RequestContext, _CURRENT
+from streamwise.streaming.frames import send_frames
+
+
+class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
+    """Serves one user object to callers over the internal protocol."""
+
+    def __init__(
+        self,
+        user_object: Any,
+        methods: Mapping[str, MethodKind],
+        *,
+        deployment: str,
+        replica_id: str,
+        max_ongoing_requests: int,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self._obj = user_object
+        self._methods = dict(methods)
+        self._deployment = deployment
+        self._replica_id = replica_id
+        self._max_ongoing = max_ongoing_requests
+        self._executor = executor
+        self._ongoing = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- admission -------------------------------------------------------------------
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{_wire.REJECT_DRAINING}: {self._replica_id}")
+        if self._ongoing >= self._max_ongoing:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{_wire.REJECT_FULL}: {self._replica_id} of {self._deployment!r} is running "
+                f"max_ongoing_requests={self._max_ongoing}",
+            )
+        self._ongoing += 1
+        self._idle.clear()
+
+    def _done(self) -> None:
+        self._ongoing -= 1
+        if self._ongoing == 0:
+            self._idle.set()
+
+    @property
+    def ongoing(self) -> int:
+        return self._ongoing
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new calls and wait up to ``timeout_s`` for running ones; True if idle."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    # -- invoking user code ----------------------------------------------------------
+
+    def _bind(self, request: replica_pb2.CallRequest) -> tuple[MethodKind, Callable[[], Any]]:
+        kind = self._methods.get(request.method)
+        if kind is None:
+            raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._methods)))
+        args, kwargs = codecs.get_codec(request.codec).loads(request.args) if request.args else ((), {})
+        fn = getattr(self._obj, request.method)
+        return kind, functools.partial(fn, *args, **kwargs)
+
+    def _enter_context(self, request: replica_pb2.CallRequest) -> None:
+        _CURRENT.set(RequestContext.from_metadata(request.metadata, self._deployment, self._replica_id))
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, ctx.run, fn)
+
+    async def _sync_gen(self, gen: Any) -> AsyncIterator[Any]:
+        sentinel = object()
+        try:
+            while True:
+                item = await self._in_thread(functools.partial(next, gen, sentinel))
+                if item is sentinel:
+                    return
+                yield item
+        finally:
+            await self._in_thread(gen.close)
+
+    # -- RPCs ------------------------------------------------------------------------
+
+    async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
+        await self._admit(context)
+        try:
+            await context.send_initial_metadata(_wire.ACK_METADATA)
+            self._enter_context(request)
+            try:
+                kind, call = self._bind(request)
+                if kind is MethodKind.ASYNC:
+                    result = await call()
+                elif kind is MethodKind.SYNC:
+                    result = await self._in_thread(call)
+                else:
+                    result = [item async for item in self._iterate(kind, call)]
+                value = codecs.get_codec(request.response_codec).dumps(result)
+            except Exception as exc:
+                return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
+            return replica_pb2.CallReply(value=value)
+        finally:
+            self._done()
+
+    def _iterate(self, kind: MethodKind, call: Callable[[], Any]) -> AsyncIterator[Any]:
+        if kind is MethodKind.ASYNC_GEN:
+            return call()
+        if kind is MethodKind.SYNC_GEN:
+            return self._sync_gen(call())
+        return _single(kind, call, self)
+
+    async def Stream(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._admit(context)
+        try:
+            await context.send_initial_metadata(_wire.ACK_METADATA)
+            self._enter_context(request)
+            try:
+                kind, call = self._bind(request)
+                items = self._iterate(kind, call)
+                encode = codecs.get_codec(request.response_codec).dumps
+            except Exception as exc:
+                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+                return
+            try:
+                await send_frames(items, context.write, encode)
+            except StreamwiseError as exc:  # e.g. an item the codec cannot encode
+                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+        finally:
+            self._done()
+
+    async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
+        check = getattr(self._obj, "check_health", None)
+        if check is None:
+            return replica_pb2.HealthReply()
+        try:
+            if asyncio.iscoroutinefunction(check):
+                await check()
+            else:
+                await self._in_thread(check)
+        except Exception as exc:
+            return replica_pb2.HealthReply(error=_wire.error_to_proto(exc))
+        return replica_pb2.HealthReply()
+
+
+async def _single(kind: MethodKind, call: Callable[[], Any], servicer: ReplicaServicer) -> AsyncIterator[Any]:
+    """A unary method called as a stream yields its one result."""
+    if kind is MethodKind.ASYNC:
+        yield await call()
+    else:
+        yield await servicer._in_thread(call)

@@ -48,7 +48,11 @@ class _Started(Generic[T]):
             self.task: asyncio.Task[T] | None = loop.create_task(coro)
             self.future: concurrent.futures.Future[T] | None = None
         else:
-            self.loop = _core_loop()
+            try:
+                self.loop = _core_loop()
+            except BaseException:
+                coro.close()
+                raise
             self.task = None
             self.future = asyncio.run_coroutine_threadsafe(coro, self.loop)
 

@@ -45,7 +45,6 @@ class Router:
         self._ready = asyncio.Event()
         self._deleted: str | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     # -- replica set ---------------------------------------------------------------
 
@@ -89,14 +88,9 @@ class Router:
         ]
         live = {r.address for r in self._replicas}
         for address in old - live:
-            self._spawn(self._transport.forget(address))
+            self._transport.forget(address)
         self._ready.set()
         self._notify()
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _mark_dead(self, target: ReplicaTarget) -> None:
         self._dead.add(target.replica_id)
@@ -188,10 +182,9 @@ class Router:
                 raise
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._watch_task, *self._background) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
 
 
 def router_for(key: RouterKey) -> Router:

@@ -57,14 +57,40 @@ def _map_error(
     return exceptions.RemoteError(f"grpc.{code.name}", details, "", target.deployment, "")
 
 
+def _cancelled_by_caller() -> bool:
+    """True when the running task itself is being cancelled (not just the RPC)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class _Connection:
+    """One channel to one replica address, closed once retired and idle."""
+
+    __slots__ = ("channel", "stub", "active", "retired")
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+        self.active = 0
+        self.retired = False
+
+
 class FrameStream:
     """An open server stream of frames from a replica; ``cancel()`` ends the RPC."""
 
-    __slots__ = ("_call", "target")
+    __slots__ = ("_call", "_transport", "_conn", "target")
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, target: ReplicaTarget) -> None:
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        target: ReplicaTarget,
+        transport: GrpcTransport,
+        conn: _Connection,
+    ) -> None:
         self._call = call
         self.target = target
+        self._transport = transport
+        self._conn: _Connection | None = conn
 
     async def read(self) -> replica_pb2.Frame | None:
         """The next frame, or None at the end of the stream.
@@ -74,39 +100,56 @@ class FrameStream:
         try:
             frame = await self._call.read()
         except grpc.aio.AioRpcError as exc:
+            self._end()
             raise _map_error(exc, True, self.target) from exc
         except asyncio.CancelledError:
-            self._call.cancel()
-            raise
+            self.cancel()
+            if _cancelled_by_caller():
+                raise
+            raise exceptions.ReplicaDiedError(self.target.deployment, self.target.replica_id, "call cancelled") from None
         if frame is grpc.aio.EOF:
+            self._end()
             return None
         return frame
 
+    def _end(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._transport._release(self.target.address, conn)
+
     def cancel(self) -> None:
         self._call.cancel()
-
-    def done(self) -> bool:
-        return self._call.done()
+        self._end()
 
 
 class GrpcTransport:
     """Channels to replicas, shared by every router on one event loop."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, replica_pb2_grpc.ReplicaStub] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._conns: dict[str, _Connection] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def _stub(self, address: str) -> replica_pb2_grpc.ReplicaStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS)
-            self._channels[address] = channel
-            stub = self._stubs[address] = replica_pb2_grpc.ReplicaStub(channel)
-        return stub
+    def _acquire(self, address: str) -> _Connection:
+        conn = self._conns.get(address)
+        if conn is None or conn.retired:
+            conn = self._conns[address] = _Connection(address)
+        conn.active += 1
+        return conn
+
+    def _release(self, address: str, conn: _Connection) -> None:
+        conn.active -= 1
+        if conn.retired and conn.active == 0:
+            self._close_later(conn)
+
+    def _close_later(self, conn: _Connection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
         """Run a unary call. Cancelling the awaiting task cancels the RPC."""
-        call = self._stub(target.address).Call(request)
+        conn = self._acquire(target.address)
+        call = conn.stub.Call(request)
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
@@ -114,11 +157,16 @@ class GrpcTransport:
             raise _map_error(exc, acked, target) from exc
         except asyncio.CancelledError:
             call.cancel()
-            raise
+            if _cancelled_by_caller():
+                raise
+            raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
+        finally:
+            self._release(target.address, conn)
 
     async def open_stream(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> FrameStream:
         """Start a server stream and wait until the replica admitted it."""
-        call = self._stub(target.address).Stream(request)
+        conn = self._acquire(target.address)
+        call = conn.stub.Stream(request)
         try:
             metadata = await call.initial_metadata()
             if not _acked(metadata):
@@ -127,18 +175,23 @@ class GrpcTransport:
                 except grpc.aio.AioRpcError as exc:
                     raise _map_error(exc, False, target) from exc
                 raise NotAccepted(target, False, "stream ended before it was accepted")
-        except asyncio.CancelledError:
+        except BaseException as exc:
             call.cancel()
+            self._release(target.address, conn)
+            if isinstance(exc, asyncio.CancelledError) and not _cancelled_by_caller():
+                raise NotAccepted(target, False, "call cancelled before it was accepted") from None
             raise
-        return FrameStream(call, target)
+        return FrameStream(call, target, self, conn)
 
-    async def forget(self, address: str) -> None:
-        """Close the channel to a replica that is gone."""
-        self._stubs.pop(address, None)
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close()
+    def forget(self, address: str) -> None:
+        """The replica at ``address`` is gone: close its channel once no call uses it."""
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            conn.retired = True
+            if conn.active == 0:
+                self._close_later(conn)
 
     async def aclose(self) -> None:
-        for address in list(self._channels):
-            await self.forget(address)
+        for address in list(self._conns):
+            self.forget(address)
+        await asyncio.gather(*self._closing, return_exceptions=True)

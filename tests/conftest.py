@@ -1,0 +1,26 @@
+"""Shared fixtures: every test that runs an app gets a clean runtime and a leak check."""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import pytest
+
+import streamwise
+
+
+def _streamwise_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("streamwise")}
+
+
+@pytest.fixture
+def serve():
+    """Yield ``streamwise.run``; afterwards shut down and assert nothing is left behind."""
+    yield streamwise.run
+    streamwise.shutdown()
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes left after shutdown: {alive}"
+    assert not _streamwise_threads(), f"threads left after shutdown: {_streamwise_threads()}"

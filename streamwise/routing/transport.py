@@ -41,10 +41,9 @@ def _acked(metadata: grpc.aio.Metadata | None) -> bool:
 
 
 def _map_error(
-    exc: grpc.aio.AioRpcError, acked: bool, target: ReplicaTarget
+    code: grpc.StatusCode, details: str | None, acked: bool, target: ReplicaTarget
 ) -> Exception:
-    code = exc.code()
-    details = exc.details() or ""
+    details = details or ""
     if not acked:
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_wire.REJECT_FULL):
             return NotAccepted(target, True, details)
@@ -101,7 +100,7 @@ class FrameStream:
             frame = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             self._end()
-            raise _map_error(exc, True, self.target) from exc
+            raise _map_error(exc.code(), exc.details(), True, self.target) from exc
         except asyncio.CancelledError:
             self.cancel()
             if _cancelled_by_caller():
@@ -154,7 +153,7 @@ class GrpcTransport:
             return await call
         except grpc.aio.AioRpcError as exc:
             acked = _acked(await call.initial_metadata())
-            raise _map_error(exc, acked, target) from exc
+            raise _map_error(exc.code(), exc.details(), acked, target) from exc
         except asyncio.CancelledError:
             call.cancel()
             if _cancelled_by_caller():
@@ -170,11 +169,7 @@ class GrpcTransport:
         try:
             metadata = await call.initial_metadata()
             if not _acked(metadata):
-                try:
-                    await call
-                except grpc.aio.AioRpcError as exc:
-                    raise _map_error(exc, False, target) from exc
-                raise NotAccepted(target, False, "stream ended before it was accepted")
+                raise _map_error(await call.code(), await call.details(), False, target)
         except BaseException as exc:
             call.cancel()
             self._release(target.address, conn)

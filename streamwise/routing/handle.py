@@ -86,39 +86,49 @@ class DeploymentHandle:
             response_codec=response_codec.name,
         )
         request.metadata[_wire.REQUEST_ID] = os.urandom(8).hex()
+        inputs = None
+        if args and hasattr(args[0], "__aiter__"):
+            # An async iterable first argument streams to the replica as it is produced.
+            inputs, args = args[0].__aiter__(), args[1:]
         pending = _has_pending(args, kwargs)
         if not pending:
             # Encode here so a value the codec cannot take raises at the call site.
             request.args = request_codec.dumps([args, kwargs])
         key: RouterKey = (self._app, self._deployment)
-        method = options.method_name
-        if stream:
-            router_box: list[Any] = []
+        deployment, method = self._deployment, options.method_name
 
-            async def open_stream() -> FrameStream:
-                if pending:
-                    await _resolve_into(request, request_codec, args, kwargs)
-                router = router_for(key)
-                router_box.append(router)
-                return await router.open_stream(request)
+        def error(err: replica_pb2.RemoteError) -> Exception:
+            return _wire.error_from_proto(err, deployment, method)
 
-            def release(stream: FrameStream) -> None:
-                router_box[0].release(stream.target)
-
-            return DeploymentResponseGenerator(
-                open_stream(),
-                response_codec.loads,
-                lambda err: _wire.error_from_proto(err, self._deployment, method),
-                release,
-            )
-
-        async def call() -> Any:
+        async def open_stream() -> FrameStream:
             if pending:
                 await _resolve_into(request, request_codec, args, kwargs)
-            reply = await router_for(key).unary(request)
-            if reply.HasField("error"):
-                raise _wire.error_from_proto(reply.error, self._deployment, method)
-            return response_codec.loads(reply.value)
+            return await router_for(key).open_stream(request, inputs, request_codec.dumps)
+
+        def release(stream: FrameStream) -> None:
+            router_for(key).release(stream.target)
+
+        if stream:
+            return DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
+
+        if inputs is not None:
+
+            async def call() -> Any:
+                frames = DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
+                items = [item async for item in frames]
+                if len(items) != 1:
+                    raise error(replica_pb2.RemoteError(type_name="ProtocolError", message=f"{len(items)} results"))
+                return items[0]
+
+        else:
+
+            async def call() -> Any:
+                if pending:
+                    await _resolve_into(request, request_codec, args, kwargs)
+                reply = await router_for(key).unary(request)
+                if reply.HasField("error"):
+                    raise error(reply.error)
+                return response_codec.loads(reply.value)
 
         return DeploymentResponse(call())
 

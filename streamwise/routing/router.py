@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -163,9 +164,15 @@ class Router:
             finally:
                 self.release(target)
 
-    async def open_stream(self, request: replica_pb2.CallRequest) -> FrameStream:
+    async def open_stream(
+        self,
+        request: replica_pb2.CallRequest,
+        inputs: AsyncIterator[Any] | None = None,
+        encode: Callable[[list[Any]], bytes] | None = None,
+    ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
+        ``inputs`` makes it a bidirectional call (see GrpcTransport.open_stream).
         Cancelling the awaiting task cancels the call on the replica.
         """
         backoffs = self._config.backoffs()
@@ -173,7 +180,7 @@ class Router:
             target = await self._choose()
             self._acquire(target)
             try:
-                return await self._transport.open_stream(target, request)
+                return await self._transport.open_stream(target, request, inputs, encode)
             except NotAccepted as exc:
                 self.release(target)
                 await self._retry_wait(exc, backoffs)

@@ -10,7 +10,9 @@ matching error), because its outcome is unknown.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -75,9 +77,13 @@ class _Connection:
 
 
 class FrameStream:
-    """An open server stream of frames from a replica; ``cancel()`` ends the RPC."""
+    """An open stream of frames from a replica; ``cancel()`` ends the RPC.
 
-    __slots__ = ("_call", "_transport", "_conn", "target")
+    For a call with an input stream, a writer task sends the caller's items to the
+    replica while frames are read; it ends with the call.
+    """
+
+    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "target")
 
     def __init__(
         self,
@@ -90,6 +96,26 @@ class FrameStream:
         self.target = target
         self._transport = transport
         self._conn: _Connection | None = conn
+        self._writer: asyncio.Task[None] | None = None
+        self._input_error: BaseException | None = None
+
+    def _start_writer(self, inputs: AsyncIterator[Any], encode: Callable[[list[Any]], bytes]) -> None:
+        call = self._call
+
+        async def write() -> None:
+            try:
+                async for item in inputs:
+                    await call.write(replica_pb2.StreamInput(items=encode([item])))
+                await call.done_writing()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError:
+                pass  # the call ended; read() reports why
+            except BaseException as exc:  # the caller's input iterator failed
+                self._input_error = exc
+                call.cancel()
+
+        self._writer = asyncio.get_running_loop().create_task(write())
 
     async def read(self) -> replica_pb2.Frame | None:
         """The next frame, or None at the end of the stream.
@@ -105,6 +131,8 @@ class FrameStream:
             self.cancel()
             if _cancelled_by_caller():
                 raise
+            if self._input_error is not None:
+                raise self._input_error from None
             raise exceptions.ReplicaDiedError(self.target.deployment, self.target.replica_id, "call cancelled") from None
         if frame is grpc.aio.EOF:
             self._end()
@@ -112,6 +140,8 @@ class FrameStream:
         return frame
 
     def _end(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
         conn, self._conn = self._conn, None
         if conn is not None:
             self._transport._release(self.target.address, conn)
@@ -162,21 +192,43 @@ class GrpcTransport:
         finally:
             self._release(target.address, conn)
 
-    async def open_stream(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> FrameStream:
-        """Start a server stream and wait until the replica admitted it."""
+    async def open_stream(
+        self,
+        target: ReplicaTarget,
+        request: replica_pb2.CallRequest,
+        inputs: AsyncIterator[Any] | None = None,
+        encode: Callable[[list[Any]], bytes] | None = None,
+    ) -> FrameStream:
+        """Start a stream and wait until the replica admitted it.
+
+        With ``inputs`` the call is bidirectional: the caller's items are sent (after
+        admission, so a rejected call consumed none of them) while frames come back.
+        Cancelling the awaiting task cancels the RPC.
+        """
         conn = self._acquire(target.address)
-        call = conn.stub.Stream(request)
+        if inputs is None:
+            call = conn.stub.Stream(request)
+        else:
+            call = conn.stub.Channel()
         try:
+            if inputs is not None:
+                await call.write(replica_pb2.StreamInput(call=request))
             metadata = await call.initial_metadata()
             if not _acked(metadata):
                 raise _map_error(await call.code(), await call.details(), False, target)
         except BaseException as exc:
             call.cancel()
             self._release(target.address, conn)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise _map_error(exc.code(), exc.details(), False, target) from exc
             if isinstance(exc, asyncio.CancelledError) and not _cancelled_by_caller():
                 raise NotAccepted(target, False, "call cancelled before it was accepted") from None
             raise
-        return FrameStream(call, target, self, conn)
+        stream = FrameStream(call, target, self, conn)
+        if inputs is not None:
+            assert encode is not None
+            stream._start_writer(inputs, encode)
+        return stream
 
     def forget(self, address: str) -> None:
         """The replica at ``address`` is gone: close its channel once no call uses it."""

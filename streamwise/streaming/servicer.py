@@ -20,7 +20,7 @@ import grpc
 
 from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind
-from streamwise.exceptions import StreamwiseError, UnknownMethodError
+from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming.context import RequestContext, _CURRENT
@@ -85,13 +85,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _bind(self, request: replica_pb2.CallRequest) -> tuple[MethodKind, Callable[[], Any]]:
+    def _bind(self, request: replica_pb2.CallRequest, *leading: Any) -> tuple[MethodKind, Callable[[], Any]]:
         kind = self._methods.get(request.method)
         if kind is None:
             raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._methods)))
         args, kwargs = codecs.get_codec(request.codec).loads(request.args) if request.args else ((), {})
         fn = getattr(self._obj, request.method)
-        return kind, functools.partial(fn, *args, **kwargs)
+        return kind, functools.partial(fn, *leading, *args, **kwargs)
 
     def _enter_context(self, request: replica_pb2.CallRequest) -> None:
         _CURRENT.set(RequestContext.from_metadata(request.metadata, self._deployment, self._replica_id))
@@ -159,6 +159,35 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         finally:
             self._done()
 
+    async def Channel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """A call with an input stream: the user method gets an async iterator first."""
+        await self._admit(context)
+        try:
+            first = await context.read()
+            if first is grpc.aio.EOF or not first.HasField("call"):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: channel must start with a call")
+            request = first.call
+            await context.send_initial_metadata(_wire.ACK_METADATA)
+            self._enter_context(request)
+            try:
+                kind, call = self._bind(request, _inputs(context, codecs.get_codec(request.codec)))
+                if kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
+                    raise UsageError(
+                        f"{self._deployment}.{request.method} takes an input stream, so it must be "
+                        "`async def` (an async iterator cannot be consumed from a thread)"
+                    )
+                items = self._iterate(kind, call)
+                encode = codecs.get_codec(request.response_codec).dumps
+            except Exception as exc:
+                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+                return
+            try:
+                await send_frames(items, context.write, encode)
+            except StreamwiseError as exc:
+                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+        finally:
+            self._done()
+
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)
         if check is None:
@@ -171,6 +200,16 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         except Exception as exc:
             return replica_pb2.HealthReply(error=_wire.error_to_proto(exc))
         return replica_pb2.HealthReply()
+
+
+async def _inputs(context: grpc.aio.ServicerContext, codec: codecs.Codec) -> AsyncIterator[Any]:
+    """The caller's input items, decoded as they arrive (never buffered whole)."""
+    while True:
+        message = await context.read()
+        if message is grpc.aio.EOF:
+            return
+        for item in codec.loads(message.items):
+            yield item
 
 
 async def _single(kind: MethodKind, call: Callable[[], Any], servicer: ReplicaServicer) -> AsyncIterator[Any]:

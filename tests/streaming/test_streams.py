@@ -198,3 +198,61 @@ def test_killed_replica_fails_stream_then_recovers(serve):
     assert "Producer" in str(info.value)
     assert list(handle.many.remote(3)) == [0, 1, 2]
     assert handle.pid.remote().result() != pid
+
+
+@streamwise.deployment
+class Accumulator:
+    async def total(self, numbers, scale: int = 1) -> int:
+        """Client streaming: consume an input stream, return one value."""
+        return scale * sum([n async for n in numbers])
+
+    async def running(self, numbers):
+        """Bidirectional: yield a running total per input item."""
+        acc = 0
+        async for n in numbers:
+            acc += n
+            yield acc
+
+    async def echo_gated(self, items):
+        async for item in items:
+            yield item
+
+
+async def _numbers(n):
+    for i in range(n):
+        yield i
+
+
+def test_input_stream_to_unary_method(serve):
+    """An async iterable first argument streams to the replica (client streaming)."""
+    handle = serve(Accumulator.bind())
+    assert handle.total.remote(_numbers(5), scale=2).result() == 20
+
+
+def test_bidirectional_stream(serve):
+    """Input items and output items flow at once (bidirectional streaming)."""
+    handle = serve(Accumulator.bind())
+    assert list(handle.running.remote(_numbers(4))) == [0, 1, 3, 6]
+
+
+def test_bidirectional_is_interactive(serve):
+    """Each output arrives before the next input is sent: nothing is buffered whole."""
+    handle = serve(Accumulator.bind())
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def inputs():
+            while (item := await queue.get()) is not None:
+                yield item
+
+        out = []
+        async with handle.echo_gated.remote(inputs()) as stream:
+            for word in ("a", "b", "c"):
+                await queue.put(word)
+                out.append(await stream.__anext__())
+            await queue.put(None)
+            out.extend([x async for x in stream])
+        return out
+
+    assert asyncio.run(main()) == ["a", "b", "c"]

@@ -129,6 +129,8 @@ class HandleOptions:
     stream: bool | None = None  # None: decided by the method's kind at bind time
     request_serialization: str = DEFAULT_CODEC
     response_serialization: str = DEFAULT_CODEC
+    multiplexed_model_id: str = ""  # passed to the replica in the request metadata
+    session_id: str = ""  # likewise
 
     def __post_init__(self) -> None:
         from streamwise import codec  # local: codec imports nothing from config

@@ -86,6 +86,10 @@ class DeploymentHandle:
             response_codec=response_codec.name,
         )
         request.metadata[_wire.REQUEST_ID] = os.urandom(8).hex()
+        if options.multiplexed_model_id:
+            request.metadata[_wire.MODEL_ID] = options.multiplexed_model_id
+        if options.session_id:
+            request.metadata[_wire.SESSION_ID] = options.session_id
         inputs = None
         if args and hasattr(args[0], "__aiter__"):
             # An async iterable first argument streams to the replica as it is produced.

@@ -21,6 +21,8 @@ REJECT_FULL = "streamwise: replica full"
 REJECT_DRAINING = "streamwise: replica draining"
 
 REQUEST_ID = "request_id"
+MODEL_ID = "multiplexed_model_id"
+SESSION_ID = "session_id"
 
 GRPC_OPTIONS = (
     ("grpc.max_send_message_length", -1),

@@ -26,8 +26,8 @@ class RequestContext:
             request_id=metadata.get(_wire.REQUEST_ID, ""),
             deployment=deployment,
             replica_id=replica_id,
-            multiplexed_model_id=metadata.get("multiplexed_model_id", ""),
-            session_id=metadata.get("session_id", ""),
+            multiplexed_model_id=metadata.get(_wire.MODEL_ID, ""),
+            session_id=metadata.get(_wire.SESSION_ID, ""),
             metadata=dict(metadata),
         )
 

@@ -51,7 +51,17 @@ class Echo:
 
     async def context(self) -> dict:
         ctx = streamwise.get_request_context()
-        return {"request_id": ctx.request_id, "deployment": ctx.deployment, "replica_id": ctx.replica_id}
+        return {
+            "request_id": ctx.request_id,
+            "deployment": ctx.deployment,
+            "replica_id": ctx.replica_id,
+            "model": ctx.multiplexed_model_id,
+            "session": ctx.session_id,
+        }
+
+    async def count_up(self, n):
+        for i in range(n):
+            yield i
 
     async def add(self, a, b):
         return a + b
@@ -125,6 +135,16 @@ def test_request_context_visible_in_replica(serve):
     assert ctx["deployment"] == "Echo"
     assert ctx["replica_id"].startswith("Echo#")
     assert len(ctx["request_id"]) == 16
+    tagged = handle.options(multiplexed_model_id="m-7", session_id="s-1")
+    ctx = tagged.context.remote().result()
+    assert (ctx["model"], ctx["session"]) == ("m-7", "s-1")
+
+
+def test_stream_option_overrides_method_kind(serve):
+    """stream=False collects a generator method into one list result."""
+    handle = serve(Echo.bind())
+    assert list(handle.count_up.remote(3)) == [0, 1, 2]
+    assert handle.options(method_name="count_up", stream=False).remote(3).result() == [0, 1, 2]
 
 
 def test_power_of_two_choices_uses_every_replica(serve):

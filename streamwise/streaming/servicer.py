@@ -144,18 +144,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         await self._admit(context)
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
-            self._enter_context(request)
-            try:
-                kind, call = self._bind(request)
-                items = self._iterate(kind, call)
-                encode = codecs.get_codec(request.response_codec).dumps
-            except Exception as exc:
-                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
-                return
-            try:
-                await send_frames(items, context.write, encode)
-            except StreamwiseError as exc:  # e.g. an item the codec cannot encode
-                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+            await self._serve_frames(context, request)
         finally:
             self._done()
 
@@ -168,25 +157,31 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: channel must start with a call")
             request = first.call
             await context.send_initial_metadata(_wire.ACK_METADATA)
-            self._enter_context(request)
-            try:
-                kind, call = self._bind(request, _inputs(context, codecs.get_codec(request.codec)))
-                if kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
-                    raise UsageError(
-                        f"{self._deployment}.{request.method} takes an input stream, so it must be "
-                        "`async def` (an async iterator cannot be consumed from a thread)"
-                    )
-                items = self._iterate(kind, call)
-                encode = codecs.get_codec(request.response_codec).dumps
-            except Exception as exc:
-                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
-                return
-            try:
-                await send_frames(items, context.write, encode)
-            except StreamwiseError as exc:
-                await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+            await self._serve_frames(context, request, _inputs(context, codecs.get_codec(request.codec)))
         finally:
             self._done()
+
+    async def _serve_frames(
+        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, *inputs: AsyncIterator[Any]
+    ) -> None:
+        """Run the requested method and send what it yields (or returns) as frames."""
+        self._enter_context(request)
+        try:
+            kind, call = self._bind(request, *inputs)
+            if inputs and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
+                raise UsageError(
+                    f"{self._deployment}.{request.method} takes an input stream, so it must be "
+                    "`async def` (an async iterator cannot be consumed from a thread)"
+                )
+            items = self._iterate(kind, call)
+            encode = codecs.get_codec(request.response_codec).dumps
+        except Exception as exc:
+            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+            return
+        try:
+            await send_frames(items, context.write, encode)
+        except StreamwiseError as exc:  # e.g. an item the codec cannot encode
+            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
 
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)

@@ -62,6 +62,10 @@ class Producer:
             yield i
         raise ValueError(f"broke after {n}")
 
+    async def odd_items(self):
+        yield 1
+        yield object()
+
     def sync_gen(self, n: int):
         for i in range(n):
             yield i * 10
@@ -127,6 +131,15 @@ def test_error_mid_stream(serve):
     assert info.value.remote_type == "ValueError"
     assert "broke after 3" in info.value.remote_message
     assert "fails_after" in info.value.remote_traceback
+
+
+def test_unencodable_item_fails_stream_naming_codec(serve):
+    """An item the response codec cannot encode ends the stream with an error naming it."""
+    handle = serve(Producer.bind())
+    stream = handle.options(method_name="odd_items", response_serialization="msgpack").remote()
+    with pytest.raises(RemoteError, match="msgpack"):
+        list(stream)
+    assert list(handle.many.remote(2)) == [0, 1]
 
 
 def test_break_cancels_remote_generator(serve):

@@ -8,12 +8,19 @@ backoff) over gRPC to a replica, whose servicer (``streaming/``) runs the user m
 and sends what an async generator yields back in frames as it is produced.
 """
 
-from streamwise.actors.api import run, shutdown
-from streamwise.actors.deployment import Application, Deployment, deployment
-from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig
-from streamwise.routing.handle import DeploymentHandle
-from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator
-from streamwise.streaming.context import RequestContext, get_request_context
+import os as _os
+
+# gRPC core logs routine connection events (a GOAWAY from a replica that shuts down)
+# at INFO level; keep to errors unless the user chose a verbosity. Must precede the
+# first import of grpc to take effect.
+_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from streamwise.actors.api import run, shutdown  # noqa: E402
+from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
+from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig  # noqa: E402
+from streamwise.routing.handle import DeploymentHandle  # noqa: E402
+from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
+from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
 
 __all__ = [
     "Application",

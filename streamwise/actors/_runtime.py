@@ -1,10 +1,10 @@
 """Process-wide runtime state: where the controller is and which loop serves sync callers.
 
 Every streamwise process has one *core loop*: in the driver it runs on a daemon thread
-started by ``run()``; in a replica it is the replica's own event loop. Sync callers
-(``.result()``, plain ``for``) hand their work to the core loop; async callers use
-the loop they run on. Routers and gRPC channels are per loop, because grpc.aio
-objects belong to the loop that created them.
+started by ``run()``; in a replica it is the replica's own event loop. All gRPC work
+of the process (routers, channels, calls) happens on that loop, because grpc.aio
+serves one event loop per process reliably. Callers on other threads or other event
+loops hand their calls to the core loop and wait on the result.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,22 +22,6 @@ if TYPE_CHECKING:
     from streamwise.routing.transport import GrpcTransport
 
 T = TypeVar("T")
-
-
-class _LoopLocal:
-    """The routers and transport that belong to one event loop."""
-
-    def __init__(self) -> None:
-        self.routers: dict[RouterKey, Router] = {}
-        self.transport: GrpcTransport | None = None
-
-    async def aclose(self) -> None:
-        routers, self.routers = list(self.routers.values()), {}
-        for router in routers:
-            await router.aclose()
-        if self.transport is not None:
-            await self.transport.aclose()
-            self.transport = None
 
 
 class CoreLoop:
@@ -84,26 +67,23 @@ class ProcessRuntime:
         self.core: CoreLoop | None = None  # driver only
         self.core_loop: asyncio.AbstractEventLoop | None = None
         self.replica_id: str | None = None  # set in replica processes
-        self._locals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLocal] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Live only on the core loop:
+        self.routers: dict[RouterKey, Router] = {}
+        self.transport: GrpcTransport | None = None
 
     def require_controller(self, what: str) -> str:
         if self.controller_address is None:
             raise DeploymentNotFoundError(what, "streamwise is not running; call streamwise.run() first")
         return self.controller_address
 
-    def loop_local(self, loop: asyncio.AbstractEventLoop) -> _LoopLocal:
-        local = self._locals.get(loop)
-        if local is None:
-            local = self._locals[loop] = _LoopLocal()
-        return local
-
-    def pop_loop_local(self, loop: asyncio.AbstractEventLoop) -> _LoopLocal | None:
-        return self._locals.pop(loop, None)
-
-    def loop_locals(self) -> list[tuple[asyncio.AbstractEventLoop, _LoopLocal]]:
-        return list(self._locals.items())
+    async def close_routing(self) -> None:
+        """Close every router and channel (on the core loop, before it stops)."""
+        routers, self.routers = list(self.routers.values()), {}
+        for router in routers:
+            await router.aclose()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            await transport.aclose()
 
 
 RUNTIME = ProcessRuntime()

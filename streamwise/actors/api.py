@@ -34,16 +34,15 @@ class _Driver:
         try:
             async with self.controller:
                 started.set_result(self.controller.address)
-                await self._stop.wait()
+                try:
+                    await self._stop.wait()
+                finally:
+                    # Close this process's channels before the replicas go away.
+                    await RUNTIME.close_routing()
         except BaseException as exc:
             if not started.done():
                 started.set_exception(exc)
             raise
-        finally:
-            # Routers and channels that lived on the core loop go with it.
-            local = RUNTIME.pop_loop_local(self.core.loop)
-            if local is not None:
-                await local.aclose()
 
     def close(self) -> None:
         self.core.loop.call_soon_threadsafe(self._stop.set)

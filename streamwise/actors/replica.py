@@ -117,9 +117,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             attach.cancel()
             await server.stop(0)
             await asyncio.gather(follower, return_exceptions=True)
-            local = RUNTIME.pop_loop_local(loop)
-            if local is not None:
-                await local.aclose()
+            await RUNTIME.close_routing()
             executor.shutdown(wait=False, cancel_futures=True)
         return 0
     finally:

@@ -27,7 +27,7 @@ from streamwise.streaming import _wire
 class DeploymentHandle:
     """A reference to a running deployment, usable from any process and any loop."""
 
-    __slots__ = ("_app", "_deployment", "_methods", "_options")
+    __slots__ = ("_app", "_deployment", "_methods", "_options", "_by_method")
 
     def __init__(
         self,
@@ -40,6 +40,7 @@ class DeploymentHandle:
         self._deployment = deployment
         self._methods = dict(methods or {})
         self._options = options or HandleOptions()
+        self._by_method: dict[str, DeploymentHandle] = {}
 
     @property
     def deployment_name(self) -> str:
@@ -65,7 +66,10 @@ class DeploymentHandle:
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.options(method_name=name)
+        handle = self._by_method.get(name)
+        if handle is None:
+            handle = self._by_method[name] = self.options(method_name=name)
+        return handle
 
     def _check_method(self, name: str) -> MethodKind:
         try:

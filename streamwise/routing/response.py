@@ -1,8 +1,9 @@
 """What ``handle.method.remote(...)`` returns: a response, or a generator of items.
 
-A call starts as soon as ``remote()`` returns. Inside async code it runs as a task on
-the caller's event loop; from sync code it runs on the process's core loop, and
-``.result()`` / plain ``for`` block on it.
+A call starts as soon as ``remote()`` returns, as a task on the process's core loop
+(where all gRPC work happens). Code running on the core loop (user code in a
+replica) awaits that task directly; code on any other event loop awaits it through a
+thread-safe future, and sync code blocks on it with ``.result()`` / plain ``for``.
 """
 
 from __future__ import annotations
@@ -42,17 +43,15 @@ class _Started(Generic[T]):
     __slots__ = ("loop", "task", "future")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
-        loop = _running_loop()
-        if loop is not None:
-            self.loop = loop
-            self.task: asyncio.Task[T] | None = loop.create_task(coro)
+        try:
+            self.loop = _core_loop()
+        except BaseException:
+            coro.close()
+            raise
+        if _running_loop() is self.loop:
+            self.task: asyncio.Task[T] | None = self.loop.create_task(coro)
             self.future: concurrent.futures.Future[T] | None = None
         else:
-            try:
-                self.loop = _core_loop()
-            except BaseException:
-                coro.close()
-                raise
             self.task = None
             self.future = asyncio.run_coroutine_threadsafe(coro, self.loop)
 
@@ -66,7 +65,7 @@ class _Started(Generic[T]):
         return await asyncio.wrap_future(self.future)
 
     def block(self, timeout_s: float | None) -> T:
-        if _running_loop() is self.loop:
+        if _running_loop() is not None:
             raise UsageError(
                 "result() would block the event loop it is called on; use `await response` instead"
             )
@@ -243,8 +242,8 @@ class DeploymentResponseGenerator(Generic[T]):
     def __next__(self) -> T:
         if not self._items and self._pending_error is None:
             loop = self._opening.loop
-            if _running_loop() is loop:
-                raise UsageError("use `async for` to iterate a stream inside its event loop")
+            if _running_loop() is not None:
+                raise UsageError("a plain `for` would block this event loop; use `async for` instead")
             if not asyncio.run_coroutine_threadsafe(self._fill(), loop).result():
                 raise StopIteration
         return self._take()

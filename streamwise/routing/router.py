@@ -104,7 +104,21 @@ class Router:
             await self._ready.wait()
 
     async def _choose(self) -> ReplicaTarget:
+        """A replica with room for one more call; waits while there is none.
+
+        While every replica is running max_ongoing_requests of this router's calls, wait
+        for one of them to finish (or for the replica set to change) instead of sending
+        a call that would be rejected.
+        """
         await self._started()
+        while True:
+            await self._wait_for_replicas()
+            target = self._pick()
+            if target is not None:
+                return target
+            await self._changed.wait()
+
+    async def _wait_for_replicas(self) -> None:
         deadline: float | None = None
         while not self._replicas:
             if self._deleted is not None:
@@ -121,13 +135,16 @@ class Router:
                 await asyncio.wait_for(self._changed.wait(), deadline - now)
             except TimeoutError:
                 pass
-        replicas = self._replicas
-        if len(replicas) == 1:
-            return replicas[0]
-        a, b = random.sample(replicas, 2)
-        load_a = self._inflight.get(a.replica_id, 0)
-        load_b = self._inflight.get(b.replica_id, 0)
-        return a if load_a <= load_b else b
+
+    def _pick(self) -> ReplicaTarget | None:
+        """Power of two choices among replicas below max_ongoing_requests (by our count)."""
+        limit = self._max_ongoing
+        inflight = self._inflight
+        free = [r for r in self._replicas if inflight.get(r.replica_id, 0) < limit]
+        if len(free) <= 1:
+            return free[0] if free else None
+        a, b = random.sample(free, 2)
+        return a if inflight.get(a.replica_id, 0) <= inflight.get(b.replica_id, 0) else b
 
     # -- calls -----------------------------------------------------------------------
 
@@ -136,11 +153,13 @@ class Router:
 
     def release(self, target: ReplicaTarget) -> None:
         """Forget one in-flight call to ``target`` (streams call this when they end)."""
-        left = self._inflight.get(target.replica_id, 0) - 1
-        if left > 0:
-            self._inflight[target.replica_id] = left
+        before = self._inflight.get(target.replica_id, 0)
+        if before > 1:
+            self._inflight[target.replica_id] = before - 1
         else:
             self._inflight.pop(target.replica_id, None)
+        if before >= self._max_ongoing:
+            self._notify()  # a caller may be waiting for room
 
     async def _retry_wait(self, exc: NotAccepted, backoffs) -> None:
         if exc.full:
@@ -195,15 +214,14 @@ class Router:
 
 
 def router_for(key: RouterKey) -> Router:
-    """The router of deployment ``key`` for the running event loop (made on first use)."""
+    """The router of deployment ``key`` (made on first use); call on the core loop."""
     from streamwise.actors._runtime import RUNTIME
     from streamwise.config import env_router_config
 
-    local = RUNTIME.loop_local(asyncio.get_running_loop())
-    router = local.routers.get(key)
+    router = RUNTIME.routers.get(key)
     if router is None:
         address = RUNTIME.require_controller(key[1])
-        if local.transport is None:
-            local.transport = GrpcTransport()
-        router = local.routers[key] = Router(key, address, local.transport, env_router_config())
+        if RUNTIME.transport is None:
+            RUNTIME.transport = GrpcTransport()
+        router = RUNTIME.routers[key] = Router(key, address, RUNTIME.transport, env_router_config())
     return router

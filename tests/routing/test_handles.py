@@ -108,16 +108,40 @@ def test_user_exception_carries_type_message_traceback(serve):
     assert handle.remote("ok").result() == "ok"
 
 
-def test_full_replicas_reject_and_router_retries(serve):
-    """No replica runs more than max_ongoing_requests; extra calls are retried and succeed.
+def test_router_holds_calls_beyond_max_ongoing(serve):
+    """One caller never sends a replica more than max_ongoing_requests calls at once.
 
-    ``held`` calls wait until the replica is full (two running), so the other four are
-    rejected at least once and must be retried by the router.
+    ``held`` calls wait until the replica is full (two running); the other four wait in
+    the router until a slot frees, and all six complete.
     """
     handle = serve(Echo.options(num_replicas=1, max_ongoing_requests=2).bind())
     pending = [handle.held.remote(i) for i in range(6)]
     assert [p.result(timeout_s=60) for p in pending] == list(range(6))
     assert handle.peak_concurrency.remote().result() == 2
+
+
+@streamwise.deployment(num_replicas=2, max_ongoing_requests=16)
+class Fan:
+    def __init__(self, echo: streamwise.DeploymentHandle):
+        self.echo = echo
+
+    async def __call__(self, i: int):
+        return await self.echo.held.remote(i)
+
+    async def peak(self) -> int:
+        return await self.echo.peak_concurrency.remote()
+
+
+def test_full_replica_rejects_and_router_retries(serve):
+    """A replica rejects calls beyond max_ongoing_requests; other routers retry them.
+
+    Two Fan replicas (two routers) each send up to two calls to one Echo replica that
+    admits two at a time, so some calls are rejected and must be retried to finish.
+    """
+    handle = serve(Fan.bind(Echo.options(num_replicas=1, max_ongoing_requests=2).bind()))
+    pending = [handle.remote(i) for i in range(6)]
+    assert [p.result(timeout_s=60) for p in pending] == list(range(6))
+    assert handle.peak.remote().result() == 2
 
 
 def test_response_as_argument_is_resolved(serve):

@@ -114,7 +114,10 @@ class DeploymentHandle:
             return await router_for(key).open_stream(request, inputs, request_codec.dumps)
 
         def release(stream: FrameStream) -> None:
-            router_for(key).release(stream.target)
+            router = router_for(key)
+            router.release(stream.target)
+            if stream.died:
+                router.mark_dead(stream.target)
 
         if stream:
             return DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)

@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from streamwise.config import RouterConfig
-from streamwise.exceptions import DeploymentNotFoundError, UnavailableError
+from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
 from streamwise.routing.transport import FrameStream, GrpcTransport, NotAccepted, ReplicaTarget
 from streamwise.streaming import _wire
@@ -93,7 +93,8 @@ class Router:
         self._ready.set()
         self._notify()
 
-    def _mark_dead(self, target: ReplicaTarget) -> None:
+    def mark_dead(self, target: ReplicaTarget) -> None:
+        """Stop routing to ``target`` now, before the controller reports it gone."""
         self._dead.add(target.replica_id)
         self._replicas = [r for r in self._replicas if r.replica_id != target.replica_id]
 
@@ -165,7 +166,7 @@ class Router:
         if exc.full:
             await asyncio.sleep(next(backoffs))
         else:
-            self._mark_dead(exc.target)
+            self.mark_dead(exc.target)
 
     async def unary(self, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
@@ -180,6 +181,9 @@ class Router:
                 return await self._transport.unary(target, request)
             except NotAccepted as exc:
                 await self._retry_wait(exc, backoffs)
+            except ReplicaDiedError:
+                self.mark_dead(target)
+                raise
             finally:
                 self.release(target)
 

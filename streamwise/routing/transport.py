@@ -83,7 +83,7 @@ class FrameStream:
     replica while frames are read; it ends with the call.
     """
 
-    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "target")
+    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "target", "died")
 
     def __init__(
         self,
@@ -98,6 +98,7 @@ class FrameStream:
         self._conn: _Connection | None = conn
         self._writer: asyncio.Task[None] | None = None
         self._input_error: BaseException | None = None
+        self.died = False  # the replica went away mid-stream
 
     def _start_writer(self, inputs: AsyncIterator[Any], encode: Callable[[list[Any]], bytes]) -> None:
         call = self._call
@@ -126,13 +127,16 @@ class FrameStream:
             frame = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             self._end()
-            raise _map_error(exc.code(), exc.details(), True, self.target) from exc
+            error = _map_error(exc.code(), exc.details(), True, self.target)
+            self.died = isinstance(error, exceptions.ReplicaDiedError)
+            raise error from exc
         except asyncio.CancelledError:
             self.cancel()
             if _cancelled_by_caller():
                 raise
             if self._input_error is not None:
                 raise self._input_error from None
+            self.died = True
             raise exceptions.ReplicaDiedError(self.target.deployment, self.target.replica_id, "call cancelled") from None
         if frame is grpc.aio.EOF:
             self._end()

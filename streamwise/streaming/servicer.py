@@ -4,7 +4,8 @@ This is the one place where exceptions from user code become wire errors. A call
 admitted only while fewer than ``max_ongoing_requests`` run; otherwise it is rejected
 before any user code runs (RESOURCE_EXHAUSTED), and the caller's router retries it
 elsewhere. Admitted calls are acknowledged with initial metadata first, so a caller
-can tell "never ran" from "died mid-call".
+can tell "never ran" (safe to retry, e.g. sent to a replica that just died) from
+"died mid-call" (outcome unknown, reported as ReplicaDiedError).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
 from streamwise.streaming import _wire
+from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
 
 _PR_SET_PDEATHSIG = 1
@@ -88,7 +89,11 @@ async def serve(controller_address: str, replica_id: str) -> int:
             user_object = spec.instantiate()
             if config.user_config is not None and hasattr(user_object, "reconfigure"):
                 await _maybe_await(user_object.reconfigure(config.user_config))
+            rpcs = None
+            if spec.servicer_functions is not None:
+                rpcs = rpc_table(spec.servicer_functions, spec.methods)
         except Exception as exc:
+            # Report the failure and wait for the controller to close the stream.
             failed = stub.Attach(controller_pb2.AttachRequest(replica_id=replica_id, error=_wire.error_to_proto(exc)))
             async for _ in failed:
                 pass
@@ -102,6 +107,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             replica_id=replica_id,
             max_ongoing_requests=config.max_ongoing_requests,
             executor=executor,
+            rpcs=rpcs,
         )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")

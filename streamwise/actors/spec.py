@@ -23,6 +23,9 @@ class ReplicaSpec:
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     methods: Mapping[str, MethodKind]
+    # Set on the ingress deployment of an app served over gRPC: the user's
+    # add_XServicer_to_server functions, whose RPCs the replica decodes and encodes.
+    servicer_functions: tuple[Any, ...] | None = None
 
     def instantiate(self) -> Any:
         if isinstance(self.target, type):
@@ -42,8 +45,11 @@ class AppPlan:
         return DeploymentHandle(self.root.config.name, self.name, self.root.methods)
 
 
-def plan_app(root: Application, app: str) -> AppPlan:
-    """Walk the bound graph; bound deployments among arguments become handles."""
+def plan_app(root: Application, app: str, servicer_functions: tuple[Any, ...] | None = None) -> AppPlan:
+    """Walk the bound graph; bound deployments among arguments become handles.
+
+    ``servicer_functions`` (when the app is served over gRPC) go to the root's spec.
+    """
     if not isinstance(root, Application):
         raise UsageError(f"run() takes a bound deployment (Deployment.bind(...)), not {root!r}")
     specs: dict[str, ReplicaSpec] = {}
@@ -79,4 +85,7 @@ def plan_app(root: Application, app: str) -> AppPlan:
         return value
 
     visit(root)
-    return AppPlan(app, tuple(specs.values()), specs[root.deployment.name])
+    root_name = root.deployment.name
+    if servicer_functions is not None:
+        specs[root_name] = dataclasses.replace(specs[root_name], servicer_functions=tuple(servicer_functions))
+    return AppPlan(app, tuple(specs.values()), specs[root_name])

@@ -104,7 +104,7 @@ class Router:
         if not self._ready.is_set():
             await self._ready.wait()
 
-    async def _choose(self) -> ReplicaTarget:
+    async def _choose(self, wait_s: float | None = None) -> ReplicaTarget:
         """A replica with room for one more call; waits while there is none.
 
         While every replica is running max_ongoing_requests of this router's calls, wait
@@ -113,24 +113,23 @@ class Router:
         """
         await self._started()
         while True:
-            await self._wait_for_replicas()
+            await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
             target = self._pick()
             if target is not None:
                 return target
             await self._changed.wait()
 
-    async def _wait_for_replicas(self) -> None:
+    async def _wait_for_replicas(self, wait_s: float) -> None:
         deadline: float | None = None
         while not self._replicas:
             if self._deleted is not None:
                 raise DeploymentNotFoundError(self._name, self._deleted)
             now = time.monotonic()
             if deadline is None:
-                deadline = now + self._config.no_replica_timeout_s
+                deadline = now + wait_s
             if now >= deadline:
                 raise UnavailableError(
-                    f"no replica of deployment {self._name!r} became available within "
-                    f"{self._config.no_replica_timeout_s}s"
+                    f"no replica of deployment {self._name!r} became available within {wait_s}s"
                 )
             try:
                 await asyncio.wait_for(self._changed.wait(), deadline - now)
@@ -168,14 +167,15 @@ class Router:
         else:
             self.mark_dead(exc.target)
 
-    async def unary(self, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
+    async def unary(self, request: replica_pb2.CallRequest, *, wait_s: float | None = None) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
 
+        ``wait_s`` bounds the wait for a live replica (UnavailableError after it).
         Cancelling the awaiting task cancels the call on the replica.
         """
         backoffs = self._config.backoffs()
         while True:
-            target = await self._choose()
+            target = await self._choose(wait_s)
             self._acquire(target)
             try:
                 return await self._transport.unary(target, request)
@@ -192,6 +192,8 @@ class Router:
         request: replica_pb2.CallRequest,
         inputs: AsyncIterator[Any] | None = None,
         encode: Callable[[list[Any]], bytes] | None = None,
+        *,
+        wait_s: float | None = None,
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
@@ -200,7 +202,7 @@ class Router:
         """
         backoffs = self._config.backoffs()
         while True:
-            target = await self._choose()
+            target = await self._choose(wait_s)
             self._acquire(target)
             try:
                 return await self._transport.open_stream(target, request, inputs, encode)

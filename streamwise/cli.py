@@ -1,7 +1,9 @@
 """The ``streamwise`` command line. Thin: it only calls the library.
 
 ``streamwise run pkg.module:app`` runs the bound app found at that import path until
-SIGINT or SIGTERM, then shuts everything down and exits 0.
+SIGINT or SIGTERM, then drains, shuts everything down and exits 0. With
+``--grpc-port`` (and ``--servicer pkg.mod:add_FooServicer_to_server``, repeatable) the
+app is also served to external gRPC clients.
 """
 
 from __future__ import annotations
@@ -38,9 +40,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     app = _import_app(args.target)
+    grpc_options = None
+    if args.grpc_port is not None or args.servicer:
+        grpc_options = streamwise.GrpcOptions(
+            port=args.grpc_port if args.grpc_port is not None else streamwise.config.DEFAULT_GRPC_PORT,
+            host=args.grpc_host,
+            servicer_functions=args.servicer,
+        )
     try:
-        streamwise.run(app, name=args.name)
-        print(f"streamwise: app {args.name!r} is running; Ctrl-C to stop", flush=True)
+        streamwise.run(app, name=args.name, grpc_options=grpc_options)
+        where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
+        print(f"streamwise: app {args.name!r} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
     finally:
         streamwise.shutdown()
@@ -53,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run an app until SIGINT/SIGTERM")
     run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE")
     run.add_argument("--name", default="default", help="application name (default: %(default)s)")
+    run.add_argument("--grpc-port", type=int, default=None, help="serve the app over gRPC on this port (0: any)")
+    run.add_argument("--grpc-host", default="0.0.0.0", help="address the gRPC ingress binds (default: %(default)s)")
+    run.add_argument(
+        "--servicer",
+        action="append",
+        default=[],
+        metavar="MODULE:add_XServicer_to_server",
+        help="a generated servicer function whose RPCs the app serves (repeatable)",
+    )
     run.set_defaults(handler=_cmd_run)
     args = parser.parse_args(argv)
     try:

@@ -19,7 +19,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from streamwise.actors.api import ingress_address, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
-from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, RouterConfig  # noqa: E402
+from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, RouterConfig, TracingConfig  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "HandleOptions",
     "RequestContext",
     "RouterConfig",
+    "TracingConfig",
     "deployment",
     "get_request_context",
     "ingress_address",

@@ -197,3 +197,58 @@ class GrpcOptions:
             self.ssl_client_ca is None or self.ssl_certificate is not None,
             "ssl_client_ca (mutual TLS) needs ssl_certificate and ssl_private_key",
         )
+
+
+TRACING_EXPORTERS = ("console", "otlp", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """OpenTelemetry traces of every hop, set up in each streamwise process from this.
+
+    ``exporter`` is ``"console"``, ``"otlp"`` (OTLP over gRPC to ``otlp_endpoint``),
+    ``"jsonl"`` (one JSON object per span, appended to files in ``jsonl_dir`` as each
+    span ends; read them with ``streamwise trace view``), or a callable returning a list
+    of OpenTelemetry span processors (it must be picklable: replicas call it too).
+    Sampling is parent-based: a trace started with ``sampling_ratio`` stays whole.
+    """
+
+    enabled: bool = True
+    sampling_ratio: float = 1.0
+    exporter: Any = "jsonl"
+    otlp_endpoint: str = "localhost:4317"
+    jsonl_dir: str = "streamwise-traces"
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.sampling_ratio, (int, float)) and 0.0 <= self.sampling_ratio <= 1.0,
+            f"sampling_ratio must be within [0, 1], got {self.sampling_ratio!r}",
+        )
+        _check(
+            callable(self.exporter) or self.exporter in TRACING_EXPORTERS,
+            f"exporter must be one of {TRACING_EXPORTERS} or a callable returning span processors, "
+            f"got {self.exporter!r}",
+        )
+
+
+_tracing_config: list[TracingConfig | None] = []
+
+
+def env_tracing_config() -> TracingConfig | None:
+    """Tracing from ``STREAMWISE_TRACING*`` env vars (read once); None when not enabled.
+
+    ``STREAMWISE_TRACING=1`` turns it on; ``STREAMWISE_TRACING_SAMPLING_RATIO``,
+    ``STREAMWISE_TRACING_EXPORTER`` (console, otlp, jsonl), ``STREAMWISE_TRACING_OTLP_ENDPOINT``
+    and ``STREAMWISE_TRACING_DIR`` set the rest.
+    """
+    if not _tracing_config:
+        config = None
+        if os.environ.get("STREAMWISE_TRACING", "").lower() in ("1", "true", "yes", "on"):
+            config = TracingConfig(
+                sampling_ratio=_env_float("STREAMWISE_TRACING_SAMPLING_RATIO", 1.0),
+                exporter=os.environ.get("STREAMWISE_TRACING_EXPORTER") or "jsonl",
+                otlp_endpoint=os.environ.get("STREAMWISE_TRACING_OTLP_ENDPOINT") or "localhost:4317",
+                jsonl_dir=os.environ.get("STREAMWISE_TRACING_DIR") or "streamwise-traces",
+            )
+        _tracing_config.append(config)
+    return _tracing_config[0]

@@ -10,10 +10,11 @@ from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
 from streamwise.actors.deployment import Application
 from streamwise.actors.spec import AppPlan, plan_app
-from streamwise.config import GrpcOptions
+from streamwise.config import GrpcOptions, TracingConfig, env_tracing_config
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 from streamwise.streaming.ingress import Ingress
+from streamwise.tracing import setup as tracing_setup
 
 _lock = threading.RLock()
 
@@ -93,7 +94,13 @@ def _ensure_driver() -> _Driver:
     return _driver
 
 
-def run(app: Application, name: str = "default", *, grpc_options: GrpcOptions | None = None) -> DeploymentHandle:
+def run(
+    app: Application,
+    name: str = "default",
+    *,
+    grpc_options: GrpcOptions | None = None,
+    tracing: TracingConfig | None = None,
+) -> DeploymentHandle:
     """Start ``app`` (controller and every replica, in parallel); return its root handle.
 
     Blocks until every replica is ready. If a deployment's constructor keeps failing,
@@ -103,13 +110,17 @@ def run(app: Application, name: str = "default", *, grpc_options: GrpcOptions | 
 
     With ``grpc_options`` the gRPC ingress starts (once per process) and serves this
     app's root deployment to external clients; apps run later are served too.
+    ``tracing`` (default: from ``STREAMWISE_TRACING*`` env vars) turns on
+    OpenTelemetry traces in this process and in the app's replicas.
     """
+    tracing = tracing if tracing is not None else env_tracing_config()
     with _lock:
+        tracing_setup.configure(tracing, "driver")
         driver = _ensure_driver()
         if grpc_options is not None:
             driver.core.run(driver.start_ingress(grpc_options))
         ingress = driver.ingress
-        plan = plan_app(app, name, ingress.options.servicer_functions if ingress is not None else None)
+        plan = plan_app(app, name, ingress.options.servicer_functions if ingress is not None else None, tracing)
         driver.core.run(driver.deploy(plan))
     return plan.root_handle()
 
@@ -135,6 +146,7 @@ def shutdown() -> None:
             RUNTIME.controller_address = None
             RUNTIME.core = None
             RUNTIME.core_loop = None
+            tracing_setup.shutdown()
 
 
 atexit.register(shutdown)

@@ -28,6 +28,7 @@ from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_gr
 from streamwise.streaming import _wire
 from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
+from streamwise.tracing import setup as tracing
 
 _PR_SET_PDEATHSIG = 1
 
@@ -82,6 +83,9 @@ async def serve(controller_address: str, replica_id: str) -> int:
                 sys.path.insert(0, entry)
         spec: ReplicaSpec = cloudpickle.loads(reply.spec)
         config = spec.config
+        tracing.configure(
+            spec.tracing, config.name, **{"streamwise.deployment": config.name, "streamwise.replica_id": replica_id}
+        )
         executor = ThreadPoolExecutor(
             max_workers=max(4, config.max_ongoing_requests), thread_name_prefix=f"{config.name}-worker"
         )
@@ -127,6 +131,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             executor.shutdown(wait=False, cancel_futures=True)
         return 0
     finally:
+        tracing.shutdown()  # flush this replica's spans
         await channel.close()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from streamwise.actors._methods import MethodKind
 from streamwise.actors.deployment import Application, Deployment
-from streamwise.config import DeploymentConfig
+from streamwise.config import DeploymentConfig, TracingConfig
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 
@@ -26,6 +26,7 @@ class ReplicaSpec:
     # Set on the ingress deployment of an app served over gRPC: the user's
     # add_XServicer_to_server functions, whose RPCs the replica decodes and encodes.
     servicer_functions: tuple[Any, ...] | None = None
+    tracing: TracingConfig | None = None
 
     def instantiate(self) -> Any:
         if isinstance(self.target, type):
@@ -45,10 +46,16 @@ class AppPlan:
         return DeploymentHandle(self.root.config.name, self.name, self.root.methods)
 
 
-def plan_app(root: Application, app: str, servicer_functions: tuple[Any, ...] | None = None) -> AppPlan:
+def plan_app(
+    root: Application,
+    app: str,
+    servicer_functions: tuple[Any, ...] | None = None,
+    tracing: TracingConfig | None = None,
+) -> AppPlan:
     """Walk the bound graph; bound deployments among arguments become handles.
 
-    ``servicer_functions`` (when the app is served over gRPC) go to the root's spec.
+    ``servicer_functions`` (when the app is served over gRPC) go to the root's spec;
+    ``tracing`` to every spec.
     """
     if not isinstance(root, Application):
         raise UsageError(f"run() takes a bound deployment (Deployment.bind(...)), not {root!r}")
@@ -69,7 +76,13 @@ def plan_app(root: Application, app: str, servicer_functions: tuple[Any, ...] | 
             args = tuple(convert(a) for a in node.args)
             kwargs = {k: convert(v) for k, v in node.kwargs.items()}
             specs[dep.name] = ReplicaSpec(
-                app=app, config=dep.config, target=dep.target, args=args, kwargs=kwargs, methods=dep.methods
+                app=app,
+                config=dep.config,
+                target=dep.target,
+                args=args,
+                kwargs=kwargs,
+                methods=dep.methods,
+                tracing=tracing,
             )
         return DeploymentHandle(dep.name, app, dep.methods)
 

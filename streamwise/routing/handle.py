@@ -22,6 +22,7 @@ from streamwise.routing.response import DeploymentResponse, DeploymentResponseGe
 from streamwise.routing.router import RouterKey, router_for
 from streamwise.routing.transport import FrameStream
 from streamwise.streaming import _wire
+from streamwise.tracing import spans
 
 
 class DeploymentHandle:
@@ -104,6 +105,7 @@ class DeploymentHandle:
             request.args = request_codec.dumps([args, kwargs])
         key: RouterKey = (self._app, self._deployment)
         deployment, method = self._deployment, options.method_name
+        parent = spans.capture()
 
         def error(err: replica_pb2.RemoteError) -> Exception:
             return _wire.error_from_proto(err, deployment, method)
@@ -115,7 +117,7 @@ class DeploymentHandle:
         def frames() -> DeploymentResponseGenerator:
             return open_frames(
                 key, request, decode=response_codec.loads, error=error,
-                inputs=inputs, encode_inputs=request_codec.dumps, before=resolve,
+                inputs=inputs, encode_inputs=request_codec.dumps, before=resolve, parent=parent,
             )
 
         if stream:
@@ -134,7 +136,7 @@ class DeploymentHandle:
             async def call() -> Any:
                 if pending:
                     await _resolve_into(request, request_codec, args, kwargs)
-                reply = await router_for(key).unary(request)
+                reply = await router_for(key).unary(request, parent=parent)
                 if reply.HasField("error"):
                     raise error(reply.error)
                 return response_codec.loads(reply.value)
@@ -152,18 +154,19 @@ def open_frames(
     encode_inputs: Callable[[list[Any]], bytes] | None = None,
     before: Callable[[], Awaitable[None]] | None = None,
     wait_s: float | None = None,
+    parent: Any = None,
 ) -> DeploymentResponseGenerator:
     """Start a streaming call of an encoded ``request`` on deployment ``key``.
 
     ``before`` runs first (e.g. to finish encoding the request); ``wait_s`` bounds the
-    wait for a live replica. Items come from ``decode(frame.items)``, errors from
+    wait for a live replica; ``parent`` is the caller's trace context. Items come from ``decode(frame.items)``, errors from
     ``error(remote_error)``.
     """
 
     async def open_stream() -> FrameStream:
         if before is not None:
             await before()
-        return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s)
+        return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s, parent=parent)
 
     def release(stream: FrameStream) -> None:
         router = router_for(key)

@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
+from opentelemetry import context as otel_context
 
 from streamwise.config import RouterConfig
 from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
 from streamwise.routing.transport import FrameStream, GrpcTransport, NotAccepted, ReplicaTarget
 from streamwise.streaming import _wire
+from streamwise.tracing import spans
 
 RouterKey: TypeAlias = tuple[str, str]  # (application, deployment)
 
@@ -161,31 +163,43 @@ class Router:
         if before >= self._max_ongoing:
             self._notify()  # a caller may be waiting for room
 
-    async def _retry_wait(self, exc: NotAccepted, backoffs) -> None:
+    async def _retry_wait(self, exc: NotAccepted, backoffs: Iterator[float], route: spans.RouteSpan) -> None:
         if exc.full:
-            await asyncio.sleep(next(backoffs))
+            delay = next(backoffs)
+            route.retried(delay)
+            await asyncio.sleep(delay)
         else:
+            route.retried(0.0)
             self.mark_dead(exc.target)
 
-    async def unary(self, request: replica_pb2.CallRequest, *, wait_s: float | None = None) -> replica_pb2.CallReply:
+    async def unary(
+        self,
+        request: replica_pb2.CallRequest,
+        *,
+        wait_s: float | None = None,
+        parent: otel_context.Context | None = None,
+    ) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
 
-        ``wait_s`` bounds the wait for a live replica (UnavailableError after it).
-        Cancelling the awaiting task cancels the call on the replica.
+        ``wait_s`` bounds the wait for a live replica (UnavailableError after it);
+        ``parent`` is the caller's trace context. Cancelling the awaiting task cancels
+        the call on the replica.
         """
         backoffs = self._config.backoffs()
-        while True:
-            target = await self._choose(wait_s)
-            self._acquire(target)
-            try:
-                return await self._transport.unary(target, request)
-            except NotAccepted as exc:
-                await self._retry_wait(exc, backoffs)
-            except ReplicaDiedError:
-                self.mark_dead(target)
-                raise
-            finally:
-                self.release(target)
+        with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            while True:
+                target = await self._choose(wait_s)
+                route.chose(target.replica_id)
+                self._acquire(target)
+                try:
+                    return await self._transport.unary(target, request)
+                except NotAccepted as exc:
+                    await self._retry_wait(exc, backoffs, route)
+                except ReplicaDiedError:
+                    self.mark_dead(target)
+                    raise
+                finally:
+                    self.release(target)
 
     async def open_stream(
         self,
@@ -194,6 +208,7 @@ class Router:
         encode: Callable[[list[Any]], bytes] | None = None,
         *,
         wait_s: float | None = None,
+        parent: otel_context.Context | None = None,
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
@@ -201,17 +216,19 @@ class Router:
         Cancelling the awaiting task cancels the call on the replica.
         """
         backoffs = self._config.backoffs()
-        while True:
-            target = await self._choose(wait_s)
-            self._acquire(target)
-            try:
-                return await self._transport.open_stream(target, request, inputs, encode)
-            except NotAccepted as exc:
-                self.release(target)
-                await self._retry_wait(exc, backoffs)
-            except BaseException:
-                self.release(target)
-                raise
+        with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            while True:
+                target = await self._choose(wait_s)
+                route.chose(target.replica_id)
+                self._acquire(target)
+                try:
+                    return await self._transport.open_stream(target, request, inputs, encode)
+                except NotAccepted as exc:
+                    self.release(target)
+                    await self._retry_wait(exc, backoffs, route)
+                except BaseException:
+                    self.release(target)
+                    raise
 
     async def aclose(self) -> None:
         if self._watch_task is not None:

@@ -35,6 +35,11 @@ GRPC_OPTIONS = (
 )
 
 
+def method_label(method: str) -> str:
+    """A call's method for span names: the method name, or an RPC path's last part."""
+    return method.rsplit("/", 1)[-1]
+
+
 def _grpc_status(exc: BaseException) -> str:
     if isinstance(exc, exceptions.UnknownMethodError):
         return "NOT_FOUND"

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import Status, StatusCode
 
 from streamwise import exceptions
 from streamwise.config import GrpcOptions
@@ -31,6 +32,7 @@ from streamwise.routing.router import router_for
 from streamwise.streaming import _wire
 from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import RpcMethod, rpc_table, service_names
+from streamwise.tracing import spans
 
 _PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
 
@@ -145,8 +147,10 @@ class Ingress:
     def app_names(self) -> list[str]:
         return sorted(self._apps)
 
-    def _lookup(self, rpc: RpcMethod, context: grpc.aio.ServicerContext) -> tuple[_App, replica_pb2.CallRequest]:
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+    def _lookup(
+        self, rpc: RpcMethod, context: grpc.aio.ServicerContext, span: Any
+    ) -> tuple[_App, replica_pb2.CallRequest]:
+        metadata = _metadata(context)
         app_name = metadata.get("application")
         if app_name:
             app = self._apps.get(app_name)
@@ -176,19 +180,35 @@ class Ingress:
             if key in metadata:
                 request.metadata[key] = metadata[key]
         request.metadata["request_id"] = request_id
+        if span is not None:
+            span.set_attribute("streamwise.request_id", request_id)
+            span.set_attribute("streamwise.application", app.name)
         return app, request
 
     @contextlib.asynccontextmanager
-    async def _serving(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count the RPC, bound it by request_timeout_s, and map errors to statuses."""
+    async def _serving(self, rpc: RpcMethod, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Count the RPC, trace it, bound it by request_timeout_s, map errors to statuses.
+
+        Yields the RPC's span (None when tracing is off). The client's W3C trace
+        context, if any, is the span's parent.
+        """
         self._inflight += 1
         self._idle.clear()
         try:
-            async with asyncio.timeout(self.options.request_timeout_s):
-                yield
-        except Exception as exc:
-            abort = _abort_for(exc)
-            await context.abort(abort.code, abort.details)
+            with spans.serve(
+                rpc.path.lstrip("/"),
+                _metadata(context),
+                {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
+            ) as span:
+                try:
+                    async with asyncio.timeout(self.options.request_timeout_s):
+                        yield span
+                except Exception as exc:
+                    abort = _abort_for(exc)
+                    if span is not None:
+                        span.set_status(Status(StatusCode.ERROR, abort.code.name))
+                        span.set_attribute("rpc.grpc.status_code", abort.code.value[0])
+                    await context.abort(abort.code, abort.details)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -206,8 +226,8 @@ class Ingress:
         )
 
     async def unary_unary(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(context):
-            app, request = self._lookup(rpc, context)
+        async with self._serving(rpc, context) as span:
+            app, request = self._lookup(rpc, context, span)
             request.args = raw
             router = router_for((app.name, app.deployment))
             reply = await router.unary(request, wait_s=self.options.replica_wait_timeout_s)
@@ -217,16 +237,16 @@ class Ingress:
         return b""  # not reached: _serving aborts
 
     async def unary_stream(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(context):
-            app, request = self._lookup(rpc, context)
+        async with self._serving(rpc, context) as span:
+            app, request = self._lookup(rpc, context, span)
             request.args = raw
             async with self._frames(app, request) as frames:
                 async for message in frames:
                     await context.write(message)
 
     async def stream_unary(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(context):
-            app, request = self._lookup(rpc, context)
+        async with self._serving(rpc, context) as span:
+            app, request = self._lookup(rpc, context, span)
             async with self._frames(app, request, requests) as frames:
                 replies = [message async for message in frames]
             if len(replies) != 1:
@@ -235,8 +255,8 @@ class Ingress:
         return b""
 
     async def stream_stream(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(context):
-            app, request = self._lookup(rpc, context)
+        async with self._serving(rpc, context) as span:
+            app, request = self._lookup(rpc, context, span)
             async with self._frames(app, request, requests) as frames:
                 async for message in frames:
                     await context.write(message)
@@ -244,6 +264,10 @@ class Ingress:
     async def not_found(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         served = ", ".join(sorted(self._rpcs))
         await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown method; this server serves: {served}")
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
 class _Handler(grpc.GenericRpcHandler):

@@ -28,6 +28,7 @@ from streamwise.streaming.context import RequestContext, _CURRENT
 from streamwise.streaming.frames import send_frames
 from streamwise.streaming.payload import CodecPayload, Payload, RpcPayload
 from streamwise.streaming.schema import RpcMethod
+from streamwise.tracing import spans
 
 
 class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
@@ -135,20 +136,37 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
             self._enter_context(request)
-            try:
-                kind, call, payload = self._bind(request)
-                if kind is MethodKind.ASYNC:
-                    result = await call()
-                elif kind is MethodKind.SYNC:
-                    result = await self._in_thread(call)
-                else:
-                    result = [item async for item in self._iterate(kind, call)]
-                value = payload.value(result)
-            except Exception as exc:
-                return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
-            return replica_pb2.CallReply(value=value)
+            with self._span(request, streaming=False) as span:
+                try:
+                    kind, call, payload = self._bind(request)
+                    if kind is MethodKind.ASYNC:
+                        result = await call()
+                    elif kind is MethodKind.SYNC:
+                        result = await self._in_thread(call)
+                    else:
+                        result = [item async for item in self._iterate(kind, call)]
+                    value = payload.value(result)
+                except Exception as exc:
+                    if span is not None:
+                        spans.mark_error(span, exc)
+                    return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
+                return replica_pb2.CallReply(value=value)
         finally:
             self._done()
+
+    def _span(self, request: replica_pb2.CallRequest, streaming: bool):
+        """The replica's span of one request, parented by the caller's trace context."""
+        return spans.serve(
+            f"{self._deployment}.{_wire.method_label(request.method)}",
+            request.metadata,
+            {
+                "streamwise.deployment": self._deployment,
+                "streamwise.replica_id": self._replica_id,
+                "streamwise.method": request.method,
+                "streamwise.streaming": streaming,
+                "streamwise.request_id": request.metadata.get(_wire.REQUEST_ID, ""),
+            },
+        )
 
     def _iterate(self, kind: MethodKind, call: Callable[[], Any]) -> AsyncIterator[Any]:
         if kind is MethodKind.ASYNC_GEN:
@@ -183,6 +201,12 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     ) -> None:
         """Run the requested method and send what it yields (or returns) as frames."""
         self._enter_context(request)
+        with self._span(request, streaming=True) as span:
+            await self._send_results(context, request, with_inputs, span)
+
+    async def _send_results(
+        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
+    ) -> None:
         try:
             holder: list[Payload] = []
             leading = (_inputs(context, holder),) if with_inputs else ()
@@ -193,14 +217,19 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     f"{self._deployment}.{request.method} takes an input stream, so it must be "
                     "`async def` (an async iterator cannot be consumed from a thread)"
                 )
-            items = self._iterate(kind, call)
+            items = spans.counted(self._iterate(kind, call), span)
         except Exception as exc:
+            if span is not None:
+                spans.mark_error(span, exc)
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return
         try:
-            await send_frames(items, context.write, payload.items)
+            error = await send_frames(items, context.write, payload.items)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
+            error = exc
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+        if error is not None and span is not None:
+            spans.mark_error(span, error)
 
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)

@@ -25,6 +25,7 @@ class EchoService:
         if marker and os.path.exists(marker):
             raise RuntimeError("marked as unable to start")
         self.finalized = asyncio.Event()
+        self.started = asyncio.Event()
         self.seen = 0
         self.seen_changed = asyncio.Event()
 
@@ -62,6 +63,7 @@ class EchoService:
 
     async def Slow(self, msg):
         try:
+            self.started.set()
             await asyncio.sleep(3600)
         finally:
             self.finalized.set()
@@ -72,6 +74,10 @@ class EchoService:
 
     async def wait_finalized(self) -> bool:
         await asyncio.wait_for(self.finalized.wait(), 10)
+        return True
+
+    async def wait_started(self) -> bool:
+        await asyncio.wait_for(self.started.wait(), 10)
         return True
 
     async def wait_seen(self, n: int) -> int:
@@ -289,8 +295,10 @@ def test_client_deadline_cancels_generator(echo):
 
     async def main():
         async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.EchoStub(channel).Endless(pb.Msg(), timeout=3)
+            assert (await call.read()).n == 0  # the generator runs; now let the deadline pass
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                async for _ in pb_grpc.EchoStub(channel).Endless(pb.Msg(), timeout=0.3):
+                while await call.read() is not grpc.aio.EOF:
                     pass
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert await handle.wait_finalized.remote()
@@ -317,14 +325,16 @@ def test_client_cancel_mid_stream_cancels_generator(echo):
 def test_request_timeout_is_deadline_exceeded(serve):
     """request_timeout_s ends a slow call with DEADLINE_EXCEEDED and cancels it in the replica."""
     handle = serve(
-        EchoService.bind(), grpc_options=streamwise.GrpcOptions(**OPTIONS, request_timeout_s=0.3)
+        EchoService.bind(), grpc_options=streamwise.GrpcOptions(**OPTIONS, request_timeout_s=2)
     )
     address = streamwise.ingress_address()
 
     async def main():
         async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.EchoStub(channel).Slow(pb.Msg())
+            assert await handle.wait_started.remote()  # running in the replica; now time out
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await pb_grpc.EchoStub(channel).Slow(pb.Msg())
+                await call
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert await handle.wait_finalized.remote()
         await _unary_ok(address)

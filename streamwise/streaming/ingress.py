@@ -201,8 +201,11 @@ class Ingress:
                 {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
             ) as span:
                 try:
-                    async with asyncio.timeout(self.options.request_timeout_s):
+                    if self.options.request_timeout_s is None:
                         yield span
+                    else:
+                        async with asyncio.timeout(self.options.request_timeout_s):
+                            yield span
                 except Exception as exc:
                     abort = _abort_for(exc)
                     if span is not None:

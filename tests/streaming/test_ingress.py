@@ -406,7 +406,7 @@ def test_health_and_reflection(echo):
 
 def test_health_not_serving_while_draining(serve):
     """During shutdown the ingress reports NOT_SERVING while running calls finish."""
-    handle = serve(EchoService.bind(), grpc_options=streamwise.GrpcOptions(**OPTIONS, drain_timeout_s=30))
+    serve(EchoService.bind(), grpc_options=streamwise.GrpcOptions(**OPTIONS, drain_timeout_s=30))
     address = streamwise.ingress_address()
 
     async def main():

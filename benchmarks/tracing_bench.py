@@ -1,0 +1,438 @@
+"""What OpenTelemetry tracing costs on the handle and ingress paths, in one run.
+
+Run from the repository root:
+
+    python benchmarks/tracing_bench.py           # full run, about two minutes on 2 cores
+    python benchmarks/tracing_bench.py --quick   # smoke run with small counts
+
+Three tracing modes are compared: tracing off (``run(..., tracing=None)``), and
+``TracingConfig(sampling_ratio=0.01)`` and ``TracingConfig(sampling_ratio=1.0)``, both
+with the JSON-lines exporter (``exporter="jsonl"``) writing into a temporary
+directory that is deleted afterwards: an exporter that does real work (every sampled
+span is encoded and written to a file as it ends, in the process that made it) but
+that is cheap next to a network exporter's tail. Figures, each judged as the loss
+of throughput against tracing off:
+
+    handle unary calls/s, 32 concurrent            loss <= 3% at 0.01, <= 15% at 1.0
+      (async code in the driver, ``await handle.echo.remote(b)``, 16-byte payload)
+    handle stream items/s, one stream of 100k      same targets; tracing costs per call,
+      8-byte items                                   not per item, so expect ~no loss
+    ingress unary req/s, 32 concurrent             same targets
+      (an external client process -> the gRPC ingress -> the replica, as in
+      ingress_bench.py, with its client and benchmarks/protos/bench.proto)
+
+and, from the spans read back at 1.0, how many spans each call wrote: a stream of
+100k items must write as many as a unary call (per call, not per item).
+
+OpenTelemetry lets a process set its global tracer provider once, so each mode runs
+in its own driver process: this file run with a hidden ``--mode off|0.01|1.0`` flag,
+which starts the app (one replica), warms up, measures each figure a few times,
+shuts down, reads back the spans and prints its results as one JSON line. The modes
+run interleaved over a few rounds (off, 0.01, 1.0, off, 0.01, 1.0, ...) and the best
+figure of each mode counts, so that drift of a shared machine hits all modes alike;
+the load average is printed at start and end. ``STREAMWISE_TRACING*`` variables are
+removed from the drivers' environment, so that "off" is off. Code for the .proto is
+generated with grpc_tools.protoc into a temporary directory (on PYTHONPATH for the
+child processes) and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from time import perf_counter
+from typing import Any
+
+# gRPC core logs routine connection events (a GOAWAY from a replica that shuts down)
+# at INFO; keep the report to errors, as streamwise does for its replicas. This must
+# be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import psutil
+
+# The other benchmarks, importable because this file's directory is sys.path[0]:
+# handle_bench's call-rate loop, ingress_bench's code generation and its external
+# client process (``ingress_bench.py --client ADDRESS``, driven by JSON lines).
+from handle_bench import PAYLOAD, _expect, _rate
+from ingress_bench import Child, _check_no_children, _generate, _verdict
+
+import streamwise
+from streamwise.tracing import viewer
+
+CONCURRENCY = 32  # as in handle_bench and ingress_bench
+MODES = ("off", "0.01", "1.0")
+LOSS_MAX_PERCENT = {"0.01": 3.0, "1.0": 15.0}
+DRIVER_TIMEOUT_S = 180.0  # one driver run; a stuck run fails the benchmark instead of hanging it
+RESULT_PREFIX = "RESULT "
+
+# The generated modules; imported by _import_generated() once they exist.
+bench_pb2: Any = None
+bench_pb2_grpc: Any = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sizes:
+    rounds: int  # interleaved rounds of the three modes, one driver process each
+    reps: int  # measurements of each figure within one driver run; the best counts
+    warmup_calls: int
+    handle_calls: int  # unary handle calls per measurement, made by CONCURRENCY callers
+    stream_items: int  # items of the measured stream
+    ingress_calls: int  # unary ingress calls per measurement, made by CONCURRENCY callers
+
+
+FULL = Sizes(rounds=4, reps=2, warmup_calls=300, handle_calls=2_000, stream_items=100_000, ingress_calls=1_500)
+QUICK = Sizes(rounds=1, reps=1, warmup_calls=30, handle_calls=200, stream_items=10_000, ingress_calls=200)
+WARMUP_STREAM_ITEMS = 1_000
+
+
+def _import_generated() -> None:
+    global bench_pb2, bench_pb2_grpc
+    bench_pb2 = importlib.import_module("bench_pb2")
+    bench_pb2_grpc = importlib.import_module("bench_pb2_grpc")
+
+
+# -- the app: one deployment, called through handles and served through the ingress ----
+# max_ongoing_requests is raised above CONCURRENCY so that the benchmark measures the
+# data path, not the router's retries (see handle_bench). The class lives in __main__
+# of the driver, so it is pickled by value; bench_pb2 travels by reference and the
+# replica imports it from the sys.path it inherits.
+
+
+@streamwise.deployment(max_ongoing_requests=64)
+class Bench:
+    async def echo(self, payload: bytes) -> bytes:
+        return payload
+
+    async def items(self, n: int):
+        for i in range(n):
+            yield i.to_bytes(8, "little")  # distinct, so pickle cannot memoize them
+
+    async def Unary(self, msg):  # swbench.Bench/Unary, as ingress_bench's BenchService
+        return bench_pb2.Msg(data=msg.data, n=msg.n + 1)
+
+
+# -- the driver: one tracing mode, in its own process -----------------------------------
+
+
+@dataclasses.dataclass
+class Counts:
+    """Calls made by one driver run, to relate the spans written to them."""
+
+    echo: int = 0
+    items: int = 0
+    streams: list[int] = dataclasses.field(default_factory=list)  # items asked of each stream
+    Unary: int = 0
+
+
+async def _stream(handle: streamwise.DeploymentHandle, n: int, counts: Counts) -> float:
+    """Items per second of one stream of ``n`` items, from the call to its last item."""
+    got = 0
+    start = perf_counter()
+    async with handle.items.remote(n) as stream:
+        async for _ in stream:
+            got += 1
+    rate = got / (perf_counter() - start)
+    counts.items += 1
+    counts.streams.append(n)
+    _expect(got, n, "stream items")
+    return rate
+
+
+async def _unary_rate(handle: streamwise.DeploymentHandle, n: int, concurrency: int, counts: Counts) -> float:
+    async def call() -> object:
+        return await handle.echo.remote(PAYLOAD)
+
+    rate = await _rate(call, n, concurrency)
+    counts.echo += n
+    return rate
+
+
+async def _warm_handle(handle: streamwise.DeploymentHandle, sizes: Sizes, counts: Counts) -> None:
+    for _ in range(sizes.warmup_calls):
+        _expect(await handle.echo.remote(PAYLOAD), PAYLOAD, "echo")
+    counts.echo += sizes.warmup_calls
+    await _unary_rate(handle, sizes.warmup_calls, CONCURRENCY, counts)
+    await _stream(handle, WARMUP_STREAM_ITEMS, counts)
+
+
+def _span_stats(traces_dir: str, counts: Counts) -> dict[str, Any]:
+    """What the exporter wrote, related to the calls made (read after shutdown)."""
+    files = list(pathlib.Path(traces_dir).glob("*.jsonl"))
+    stats: dict[str, Any] = {
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "spans": 0,
+        "by_call": {},
+        "stream_items_ok": None,
+    }
+    if not files:
+        return stats
+    spans = viewer.load(traces_dir)
+    stats["spans"] = len(spans)
+    by_call: collections.Counter[str] = collections.Counter()
+    recorded_items = []
+    for span in spans:
+        call = span.name.rsplit(".", 1)[-1].rsplit("/", 1)[-1]  # "route Bench.echo", "swbench.Bench/Unary"
+        by_call[call if call in ("echo", "items", "Unary") else "other"] += 1
+        if span.name == "Bench.items":  # the replica's span of a stream counts its items
+            recorded_items.append(span.record["attributes"].get("streamwise.items"))
+    calls = {"echo": counts.echo, "items": counts.items, "Unary": counts.Unary}
+    stats["by_call"] = {
+        name: {"spans": by_call.get(name, 0), "calls": calls.get(name, 0)} for name in (*calls, "other")
+    }
+    if recorded_items:
+        # When every stream was sampled, each replica span must record its whole stream.
+        stats["stream_items_ok"] = sorted(recorded_items) == sorted(counts.streams)
+    return stats
+
+
+def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
+    """Start the app in ``mode``, measure, shut down; the results as a JSON-able dict."""
+    load = os.getloadavg()[0]
+    began = perf_counter()
+    _import_generated()
+    tracing = None
+    if mode != "off":
+        tracing = streamwise.TracingConfig(sampling_ratio=float(mode), exporter="jsonl", jsonl_dir=traces_dir)
+    counts = Counts()
+    best = {"handle_unary": 0.0, "stream": 0.0, "ingress_unary": 0.0}
+    client: Child | None = None
+    try:
+        handle = streamwise.run(
+            Bench.bind(),
+            name="bench",
+            grpc_options=streamwise.GrpcOptions(
+                port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server]
+            ),
+            tracing=tracing,
+        )
+        client = Child(["--client", streamwise.ingress_address()], dict(os.environ))
+        client.ask("connect")
+        # What asyncio.run() does, except that the loop is closed only after
+        # shutdown() (see handle_bench). The ingress client's commands block this
+        # thread while the ingress serves them on streamwise's own loop.
+        with asyncio.Runner() as runner:
+            try:
+                runner.run(_warm_handle(handle, sizes, counts))
+                client.ask("unary", calls=sizes.warmup_calls, concurrency=1)
+                client.ask("unary", calls=sizes.warmup_calls, concurrency=CONCURRENCY)
+                counts.Unary += 2 * sizes.warmup_calls
+                for _ in range(sizes.reps):
+                    rate = runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts))
+                    best["handle_unary"] = max(best["handle_unary"], rate)
+                    rate = runner.run(_stream(handle, sizes.stream_items, counts))
+                    best["stream"] = max(best["stream"], rate)
+                    rate = client.ask("unary", calls=sizes.ingress_calls, concurrency=CONCURRENCY)["rate"]
+                    counts.Unary += sizes.ingress_calls
+                    best["ingress_unary"] = max(best["ingress_unary"], rate)
+            finally:
+                client.stop()
+                streamwise.shutdown()  # flushes the spans of every process
+    finally:
+        if client is not None:
+            client.stop()
+        streamwise.shutdown()
+        _check_no_children()
+    spans = _span_stats(traces_dir, counts)
+    shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
+    return {"mode": mode, "load": load, "seconds": perf_counter() - began, **best, "trace": spans}
+
+
+# -- the orchestrator: rounds of driver processes -----------------------------------------
+
+
+def _stop_driver(process: subprocess.Popen[str], descendants: list[psutil.Process]) -> None:
+    """Wait for a driver to finish its cleanup, kill it if it lingers, then its leftovers."""
+    if process.poll() is None:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+    # Its replicas and client, in case it died without stopping them.
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for leftover in alive:
+        print(f"WARNING: process {leftover.pid} left behind by a driver; killing it", file=sys.stderr)
+        with contextlib.suppress(psutil.Error):
+            leftover.kill()
+
+
+def _run_driver(mode: str, traces_root: str, index: int, env: dict[str, str], quick: bool) -> dict[str, Any]:
+    """One driver process in ``mode``; its JSON result."""
+    traces_dir = os.path.join(traces_root, f"{index:02d}-{mode}")
+    args = [sys.executable, __file__, "--mode", mode, "--traces-dir", traces_dir] + (["--quick"] if quick else [])
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
+    descendants: list[psutil.Process] = []
+    try:
+        try:
+            out, _ = process.communicate(timeout=DRIVER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # Interrupt it: KeyboardInterrupt runs its cleanup (clients, shutdown()).
+            process.send_signal(signal.SIGINT)
+            raise RuntimeError(f"driver --mode {mode} did not finish within {DRIVER_TIMEOUT_S:g} s") from None
+        results = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+        if process.returncode != 0 or not results:
+            raise RuntimeError(f"driver --mode {mode} failed (exit code {process.returncode})")
+        return json.loads(results[-1][len(RESULT_PREFIX):])
+    finally:
+        # On an error or Ctrl-C here (which the driver gets too), note what the driver
+        # started while it still runs, so that nothing it leaves behind survives.
+        if process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(process.pid).children(recursive=True)
+        _stop_driver(process, descendants)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _fmt(rate: float, unit: str) -> str:
+    return f"{rate:,.0f} {unit}"
+
+
+def _loss(off: float, rate: float) -> float:
+    return (off - rate) / off * 100
+
+
+def _figure_line(label: str, best: dict[str, dict[str, float]], key: str, unit: str) -> str:
+    off = best["off"][key]
+    parts = [f"{label:<30}off {_fmt(off, unit):>17}"]
+    for mode in MODES[1:]:
+        rate = best[mode][key]
+        loss = _loss(off, rate)
+        target = LOSS_MAX_PERCENT[mode]
+        parts.append(
+            f"{mode:>4} {_fmt(rate, unit):>17} ratio {rate / off:4.2f} loss {loss:5.1f}% "
+            f"(target <= {target:g}%) {_verdict(loss <= target):<4}"
+        )
+    return "   ".join(parts).rstrip()
+
+
+def _progress(round_no: int, rounds: int, r: dict[str, Any]) -> str:
+    return (
+        f"  round {round_no}/{rounds} {r['mode']:>4}: handle {_fmt(r['handle_unary'], 'calls/s'):>13}  "
+        f"stream {_fmt(r['stream'], 'items/s'):>17}  ingress {_fmt(r['ingress_unary'], 'req/s'):>11}  "
+        f"({r['trace']['spans']:,} spans, {r['trace']['bytes'] / 1e6:.1f} MB written; "
+        f"load {r['load']:.2f} at start, {r['seconds']:.1f} s)"
+    )
+
+
+def _per_call(stats: dict[str, Any], call: str) -> str:
+    entry = stats["by_call"].get(call, {"spans": 0, "calls": 0})
+    if not entry["calls"]:
+        return "no calls"
+    return f"{entry['spans'] / entry['calls']:.3g} spans/call ({entry['spans']:,} for {entry['calls']:,})"
+
+
+def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
+    best: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        best[mode] = {key: max(r[key] for r in mine) for key in ("handle_unary", "stream", "ingress_unary")}
+    _say(f"best of {sizes.rounds} round(s) x {sizes.reps} measurement(s) per mode; loss = (off - mode) / off")
+    _say(_figure_line(f"handle unary {CONCURRENCY} concurrent", best, "handle_unary", "calls/s"))
+    _say(_figure_line(f"handle stream {sizes.stream_items:,} items", best, "stream", "items/s"))
+    _say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", best, "ingress_unary", "req/s"))
+
+    # Per call, not per item: every call at 1.0 writes the same spans, whatever it streams.
+    full = [r["trace"] for r in runs if r["mode"] == "1.0"]
+    unary_spans = sum(t["by_call"]["echo"]["spans"] for t in full)
+    unary_calls = sum(t["by_call"]["echo"]["calls"] for t in full)
+    stream_spans = sum(t["by_call"]["items"]["spans"] for t in full)
+    stream_calls = sum(t["by_call"]["items"]["calls"] for t in full)
+    items_ok = all(t["stream_items_ok"] for t in full)
+    per_unary = unary_spans / unary_calls if unary_calls else 0.0
+    per_stream = stream_spans / stream_calls if stream_calls else 0.0
+    ok = stream_calls > 0 and per_stream == per_unary == 2.0 and items_ok
+    stream_extra_ms = (1 / best["1.0"]["stream"] - 1 / best["off"]["stream"]) * sizes.stream_items * 1e3
+    unary_extra_us = (1 / best["1.0"]["handle_unary"] - 1 / best["off"]["handle_unary"]) * 1e6
+    _say(
+        f"{'per call, not per item':<30}at 1.0: {per_stream:.3g} spans per stream ({stream_calls} streams, of up to "
+        f"{sizes.stream_items:,} items), {per_unary:.3g} per unary handle call (route + replica); every replica "
+        f"span counted its stream's items: {'yes' if items_ok else 'NO'}  {_verdict(ok)}"
+    )
+    _say(
+        f"{'  for reference':<30}time added at 1.0 (best vs best): {stream_extra_ms:+.1f} ms per "
+        f"{sizes.stream_items:,}-item stream ({stream_extra_ms * 1e6 / sizes.stream_items:+.0f} ns/item); "
+        f"{unary_extra_us:+.1f} us per unary handle call, amortized over {CONCURRENCY} concurrent"
+    )
+    for mode in MODES[1:]:
+        traces = [r["trace"] for r in runs if r["mode"] == mode]
+        n = len(traces)
+        _say(
+            f"{f'  exporter at {mode}':<30}jsonl: {sum(t['spans'] for t in traces) / n:,.0f} spans, "
+            f"{sum(t['bytes'] for t in traces) / n / 1e6:.1f} MB per driver run; handle unary "
+            f"{_per_call(traces[0], 'echo')}, ingress unary {_per_call(traces[0], 'Unary')} (first run)"
+        )
+
+
+def _orchestrate(quick: bool) -> None:
+    sizes = QUICK if quick else FULL
+    began = perf_counter()
+    _say(
+        f"tracing_bench: {'quick' if quick else 'full'} run, {psutil.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start; modes off / sampling_ratio 0.01 / 1.0, "
+        f"interleaved over {sizes.rounds} round(s), one driver process (app with 1 replica) each"
+    )
+    _say(
+        "  exporter: TracingConfig(exporter='jsonl') into a temporary directory, every sampled span "
+        "written to a file as it ends (driver and replica); deleted afterwards"
+    )
+    _say(
+        f"  handle: {CONCURRENCY} concurrent `await handle.echo.remote(16 bytes)` and one stream of "
+        f"{sizes.stream_items:,} 8-byte items, from the driver; ingress: external client process "
+        f"(ingress_bench.py --client) -> ingress (driver) -> replica, {CONCURRENCY} concurrent unary"
+    )
+    generated = tempfile.mkdtemp(prefix="streamwise-bench-protos-")
+    traces_root = tempfile.mkdtemp(prefix="streamwise-bench-traces-")
+    try:
+        _generate(generated)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMWISE_TRACING")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (generated, env.get("PYTHONPATH", "")) if p)
+        runs: list[dict[str, Any]] = []
+        for round_no in range(1, sizes.rounds + 1):
+            for mode in MODES:
+                result = _run_driver(mode, traces_root, len(runs), env, quick)
+                runs.append(result)
+                _say(_progress(round_no, sizes.rounds, result))
+        _report(sizes, runs)
+    finally:
+        _check_no_children()
+        shutil.rmtree(generated, ignore_errors=True)
+        shutil.rmtree(traces_root, ignore_errors=True)
+    _say(f"load average {os.getloadavg()[0]:.2f} at end; total {perf_counter() - began:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--traces-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode:
+        if not args.traces_dir:
+            parser.error("--mode needs --traces-dir")
+        result = _drive(args.mode, args.traces_dir, QUICK if args.quick else FULL)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+    _orchestrate(args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

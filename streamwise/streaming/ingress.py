@@ -148,9 +148,8 @@ class Ingress:
         return sorted(self._apps)
 
     def _lookup(
-        self, rpc: RpcMethod, context: grpc.aio.ServicerContext, span: Any
+        self, rpc: RpcMethod, context: grpc.aio.ServicerContext, metadata: dict[str, str], span: Any
     ) -> tuple[_App, replica_pb2.CallRequest]:
-        metadata = _metadata(context)
         app_name = metadata.get("application")
         if app_name:
             app = self._apps.get(app_name)
@@ -186,26 +185,29 @@ class Ingress:
         return app, request
 
     @contextlib.asynccontextmanager
-    async def _serving(self, rpc: RpcMethod, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def _serving(
+        self, rpc: RpcMethod, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[Any, dict[str, str]]]:
         """Count the RPC, trace it, bound it by request_timeout_s, map errors to statuses.
 
-        Yields the RPC's span (None when tracing is off). The client's W3C trace
-        context, if any, is the span's parent.
+        Yields the RPC's span (None when not traced) and the client's metadata. The
+        client's W3C trace context, if any, is the span's parent.
         """
         self._inflight += 1
         self._idle.clear()
+        metadata = _metadata(context)
         try:
             with spans.serve(
                 rpc.path.lstrip("/"),
-                _metadata(context),
-                {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
+                metadata,
+                lambda: {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
             ) as span:
                 try:
                     if self.options.request_timeout_s is None:
-                        yield span
+                        yield span, metadata
                     else:
                         async with asyncio.timeout(self.options.request_timeout_s):
-                            yield span
+                            yield span, metadata
                 except Exception as exc:
                     abort = _abort_for(exc)
                     if span is not None:
@@ -229,8 +231,8 @@ class Ingress:
         )
 
     async def unary_unary(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as span:
-            app, request = self._lookup(rpc, context, span)
+        async with self._serving(rpc, context) as (span, metadata):
+            app, request = self._lookup(rpc, context, metadata, span)
             request.args = raw
             router = router_for((app.name, app.deployment))
             reply = await router.unary(request, wait_s=self.options.replica_wait_timeout_s)
@@ -240,16 +242,16 @@ class Ingress:
         return b""  # not reached: _serving aborts
 
     async def unary_stream(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as span:
-            app, request = self._lookup(rpc, context, span)
+        async with self._serving(rpc, context) as (span, metadata):
+            app, request = self._lookup(rpc, context, metadata, span)
             request.args = raw
             async with self._frames(app, request) as frames:
                 async for message in frames:
                     await context.write(message)
 
     async def stream_unary(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as span:
-            app, request = self._lookup(rpc, context, span)
+        async with self._serving(rpc, context) as (span, metadata):
+            app, request = self._lookup(rpc, context, metadata, span)
             async with self._frames(app, request, requests) as frames:
                 replies = [message async for message in frames]
             if len(replies) != 1:
@@ -258,8 +260,8 @@ class Ingress:
         return b""
 
     async def stream_stream(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as span:
-            app, request = self._lookup(rpc, context, span)
+        async with self._serving(rpc, context) as (span, metadata):
+            app, request = self._lookup(rpc, context, metadata, span)
             async with self._frames(app, request, requests) as frames:
                 async for message in frames:
                     await context.write(message)

@@ -159,7 +159,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return spans.serve(
             f"{self._deployment}.{_wire.method_label(request.method)}",
             request.metadata,
-            {
+            lambda: {
                 "streamwise.deployment": self._deployment,
                 "streamwise.replica_id": self._replica_id,
                 "streamwise.method": request.method,

@@ -24,10 +24,31 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
+
+_resources: dict[int, dict] = {}
+
+
+def _resource(span: ReadableSpan) -> dict:
+    # Every span of a process shares one Resource: convert it once.
+    resource = span.resource
+    found = _resources.get(id(resource))
+    if found is None:
+        found = _resources[id(resource)] = {
+            k: v for k, v in resource.attributes.items() if not k.startswith("telemetry.")
+        }
+    return found
+
 
 def span_record(span: ReadableSpan) -> dict:
     """One span as the JSON object the viewer reads."""
@@ -51,7 +72,7 @@ def span_record(span: ReadableSpan) -> dict:
             {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
             for link in span.links
         ],
-        "resource": dict(span.resource.attributes),
+        "resource": _resource(span),
     }
 
 
@@ -102,8 +123,10 @@ class _Switch(SpanProcessor, Sampler):
         self.processors: list[SpanProcessor] = []
 
     # Sampler
-    def should_sample(self, *args, **kwargs):  # type: ignore[override]
-        return self.sampler.should_sample(*args, **kwargs)
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):  # type: ignore[override]
+        if attributes and attributes.get(spans.SAMPLED_ROOT):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
+        return self.sampler.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
         return f"streamwise({self.sampler.get_description()})"
@@ -148,7 +171,7 @@ def configure(config: TracingConfig | None, service: str, **resource: str) -> No
     _switch.shutdown()
     _switch.processors = _processors(config, service)
     _switch.sampler = ParentBased(TraceIdRatioBased(config.sampling_ratio))
-    spans.set_enabled(True)
+    spans.set_enabled(True, config.sampling_ratio)
 
 
 def flush() -> None:

@@ -9,21 +9,28 @@ crosses processes in each request's metadata map as W3C ``traceparent`` /
 from __future__ import annotations
 
 import contextlib
+import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 _TRACER = trace.get_tracer("streamwise")
 _enabled = False
+_ratio = 1.0
+
+# Marks a root span streamwise chose to sample, so the SDK's sampler keeps it (the
+# decision is made here, before any SDK work, to keep unsampled requests cheap).
+SAMPLED_ROOT = "streamwise.sampled_root"
 
 
-def set_enabled(enabled: bool) -> None:
-    global _enabled
+def set_enabled(enabled: bool, sampling_ratio: float = 1.0) -> None:
+    global _enabled, _ratio
     _enabled = enabled
+    _ratio = sampling_ratio
 
 
 def enabled() -> bool:
@@ -37,6 +44,24 @@ def capture() -> otel_context.Context | None:
 
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
     return propagate.extract(metadata)
+
+
+def _decide(parent: otel_context.Context) -> tuple[bool, bool, otel_context.Context]:
+    """(record a span?, is it a root?, the context to go on with when not recording).
+
+    Parent-based: a sampled parent is followed, an unsampled one too. A root is
+    sampled with the configured ratio; an unsampled root still gets ids (flagged not
+    sampled) so every downstream process agrees without doing SDK work.
+    """
+    span_context = trace.get_current_span(parent).get_span_context()
+    if span_context.is_valid:
+        return bool(span_context.trace_flags.sampled), False, parent
+    if _ratio >= 1.0 or random.random() < _ratio:
+        return True, True, parent
+    unsampled = SpanContext(
+        trace_id=random.getrandbits(128), span_id=random.getrandbits(64), is_remote=False, trace_flags=TraceFlags(0)
+    )
+    return False, True, trace.set_span_in_context(NonRecordingSpan(unsampled), parent)
 
 
 def mark_error(span: trace.Span, exc: BaseException) -> None:
@@ -84,12 +109,17 @@ def route(
     if not _enabled:
         yield _NO_ROUTE
         return
-    span = _TRACER.start_span(
-        f"route {deployment}.{method}",
-        context=parent,
-        kind=SpanKind.CLIENT,
-        attributes={"streamwise.deployment": deployment, "streamwise.method": method},
-    )
+    if parent is None:
+        parent = otel_context.get_current()
+    record, root, carried = _decide(parent)
+    if not record:
+        propagate.inject(metadata, context=carried)
+        yield _NO_ROUTE
+        return
+    attributes: dict[str, Any] = {"streamwise.deployment": deployment, "streamwise.method": method}
+    if root:
+        attributes[SAMPLED_ROOT] = True
+    span = _TRACER.start_span(f"route {deployment}.{method}", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
     record = RouteSpan(span)
     propagate.inject(metadata, context=trace.set_span_in_context(span, parent))
     try:
@@ -112,17 +142,33 @@ def _cancelled() -> type[BaseException]:
 
 @contextlib.contextmanager
 def serve(
-    name: str, metadata: Mapping[str, str], attributes: Mapping[str, Any], links: list[Link] | None = None
+    name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None = None
 ) -> Iterator[trace.Span | None]:
-    """A server span made current for the request, parented from ``metadata``."""
+    """A server span made current for the request, parented from ``metadata``.
+
+    Yields None when tracing is off or the request is not sampled (the unsampled
+    context is still made current, so downstream calls carry it on).
+    """
     if not _enabled:
         yield None
         return
+    parent = propagate.extract(metadata)
+    record, root, carried = _decide(parent)
+    if not record:
+        token = otel_context.attach(carried)
+        try:
+            yield None
+        finally:
+            otel_context.detach(token)
+        return
+    values = attributes()
+    if root:
+        values[SAMPLED_ROOT] = True
     with _TRACER.start_as_current_span(
         name,
-        context=propagate.extract(metadata),
+        context=parent,
         kind=SpanKind.SERVER,
-        attributes=dict(attributes),
+        attributes=values,
         links=links,
         record_exception=False,
         set_status_on_exception=False,
@@ -135,12 +181,12 @@ def serve(
             raise
 
 
-async def counted(items: AsyncIterator[Any], span: trace.Span | None) -> AsyncIterator[Any]:
-    """Pass ``items`` through, recording how many were yielded and when the first was."""
-    if span is None:
-        async for item in items:
-            yield item
-        return
+def counted(items: AsyncIterator[Any], span: trace.Span | None) -> AsyncIterator[Any]:
+    """``items``, recording on ``span`` (if any) how many were yielded and when the first was."""
+    return items if span is None else _counted(items, span)
+
+
+async def _counted(items: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
     count = 0
     started = time.monotonic()
     try:

@@ -21,9 +21,11 @@ from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig  # n
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
+from streamwise.batching.coalesce import CoalesceConfig, coalesce  # noqa: E402
 
 __all__ = [
     "Application",
+    "CoalesceConfig",
     "Deployment",
     "DeploymentConfig",
     "DeploymentHandle",
@@ -32,6 +34,7 @@ __all__ = [
     "HandleOptions",
     "RequestContext",
     "RouterConfig",
+    "coalesce",
     "deployment",
     "get_request_context",
     "run",

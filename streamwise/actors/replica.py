@@ -101,6 +101,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             deployment=config.name,
             replica_id=replica_id,
             max_ongoing_requests=config.max_ongoing_requests,
+            coalesce=config.coalesce,
             executor=executor,
         )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)

@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 
 from streamwise import codec as codecs
-from streamwise.actors._methods import MethodKind
+from streamwise.actors._methods import MethodKind, coalesce_of
+from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
@@ -39,6 +40,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         deployment: str,
         replica_id: str,
         max_ongoing_requests: int,
+        coalesce: CoalesceConfig = DEFAULT_COALESCE,
         executor: ThreadPoolExecutor,
     ) -> None:
         self._obj = user_object
@@ -46,6 +48,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self._deployment = deployment
         self._replica_id = replica_id
         self._max_ongoing = max_ongoing_requests
+        self._coalesce = coalesce  # frames of streams whose method has no @coalesce
         self._executor = executor
         self._ongoing = 0
         self._draining = False
@@ -176,11 +179,12 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 )
             items = self._iterate(kind, call)
             encode = codecs.get_codec(request.response_codec).dumps
+            policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return
         try:
-            await send_frames(items, context.write, encode)
+            await send_frames(items, context.write, encode, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
 

@@ -27,6 +27,11 @@ from streamwise.streaming import _wire
 # Items buffered before the producer waits for the sender (backpressure).
 MAX_PENDING_ITEMS = 4096
 
+# asyncio timers fire up to about a millisecond late (epoll waits in whole
+# milliseconds, rounded up), so a hold ends this much early: a frame never waits
+# past max_delay_s because of the timer (and a max_delay_s below this holds nothing).
+TIMER_SLACK_S = 0.001
+
 
 async def send_frames(
     items: AsyncIterator[Any],
@@ -84,7 +89,7 @@ async def send_frames(
                 wake.clear()
             if buffer:
                 if arrivals is not None and not outcome and len(buffer) < full_at:
-                    left = arrivals[0] + delay - time.monotonic()
+                    left = arrivals[0] + delay - TIMER_SLACK_S - time.monotonic()
                     if left > 0:
                         await _wait_at_most(wake, left)
                         continue  # the frame filled, the stream ended, or the hold is over

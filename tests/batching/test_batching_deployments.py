@@ -128,6 +128,23 @@ def test_streaming_batch_through_handles(serve):
     assert [list(s) for s in streams] == [[0], [0, 1, 2], [0, 1]]
 
 
+@streamwise.deployment(max_ongoing_requests=8, user_config={"max_batch_size": 2})
+class Tunable:
+    @streamwise.batch(max_batch_size=100, batch_wait_timeout_s=HUGE_S)
+    async def sizes(self, items):
+        return [len(items)] * len(items)
+
+    def reconfigure(self, config: dict) -> None:
+        self.sizes.set_max_batch_size(config["max_batch_size"])
+
+
+def test_reconfigure_sets_batch_knobs(serve):
+    """user_config applied in reconfigure() changes max_batch_size in the replica."""
+    handle = serve(Tunable.bind())
+    responses = [handle.sizes.remote(i) for i in range(2)]
+    assert [r.result(timeout_s=30) for r in responses] == [2, 2]
+
+
 @streamwise.deployment(max_ongoing_requests=8)
 class Tokens:
     def __init__(self) -> None:

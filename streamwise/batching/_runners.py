@@ -46,6 +46,12 @@ def _is_stop(value: Any) -> bool:
     )
 
 
+def _still_there(taken: Taken) -> bool:
+    """Drop callers that went away since the batch was formed; False if none is left."""
+    taken.entries = [entry for entry in taken.entries if not entry.gone]
+    return bool(taken.entries)
+
+
 def _record(stats: BatchStatsLog, taken: Taken, steps: int = 0, joined: int = 0, peak: int = 0) -> None:
     stats.record(
         BatchStats(
@@ -64,6 +70,8 @@ def _record(stats: BatchStatsLog, taken: Taken, steps: int = 0, joined: int = 0,
 
 async def run_calls(call: UserCall, name: str, stats: BatchStatsLog, taken: Taken) -> None:
     """A coroutine batch: one list in, one list of results out."""
+    if not _still_there(taken):
+        return
     entries: list[CallEntry] = taken.entries  # type: ignore[assignment]
     try:
         try:
@@ -118,6 +126,8 @@ async def run_stream(call: UserCall, name: str, stats: BatchStatsLog, taken: Tak
 
     The generator is closed as soon as no caller is left (all finished or gone).
     """
+    if not _still_there(taken):
+        return
     entries: list[StreamEntry] = taken.entries  # type: ignore[assignment]
     read = asyncio.Event()
     for entry in entries:
@@ -140,7 +150,8 @@ async def run_stream(call: UserCall, name: str, stats: BatchStatsLog, taken: Tak
         error = exc
         raise
     finally:
-        error = error or await _close(agen)
+        closing_error = await _close(agen)
+        error = error or closing_error
         for entry in entries:
             entry.end(error)
         _record(stats, taken, steps=steps)
@@ -150,6 +161,8 @@ async def run_continuous(
     queue: BatchQueue, call: UserCall, name: str, stats: BatchStatsLog, taken: Taken
 ) -> None:
     """A continuous batch: between steps, finished callers leave and queued ones join."""
+    if not _still_there(taken):
+        return
     read = asyncio.Event()
 
     def admit(entries: list[Any]) -> list[tuple[BatchRequest, StreamEntry]]:
@@ -198,7 +211,8 @@ async def run_continuous(
         error = exc
         raise
     finally:
-        error = error or await _close(agen)
+        closing_error = await _close(agen)
+        error = error or closing_error
         for _, entry in members:  # those that left before are over already
             entry.end(error)
         _record(stats, taken, steps=steps, joined=joined, peak=peak)

@@ -128,7 +128,7 @@ class _Batcher:
             run = functools.partial(_runners.run_calls, self._call, name, self.stats)
             self._runner: Callable[[BatchQueue, Taken], Any] = lambda _queue, taken: run(taken)
         elif config.continuous:
-            self._runner = functools.partial(self._run_continuous)
+            self._runner = self._run_continuous
         else:
             run = functools.partial(_runners.run_stream, self._call, name, self.stats)
             self._runner = lambda _queue, taken: run(taken)

@@ -200,3 +200,32 @@ def test_streams_batch_again_after_a_batch_ends():
 
     assert run(main()) == ([[3], [3], [3]], [1])
     assert [s.steps for s in sizes.stats.recent] == [1, 1]
+
+
+def test_cancelled_batch_closes_generator_and_cancels_callers():
+    """When a running streaming batch is cancelled (its loop is shutting down), the
+    generator's finally runs at once and its callers are cancelled, not left waiting."""
+
+    async def main():
+        closed = asyncio.Event()
+
+        @streamwise.batch(max_batch_size=1, batch_wait_timeout_s=0)
+        async def forever(items):
+            try:
+                while True:
+                    yield items
+                    await asyncio.Event().wait()  # a step that never ends
+            finally:
+                closed.set()
+
+        stream = forever("x")
+        assert await anext(stream) == "x"
+        runners = {t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "run_stream"}
+        assert len(runners) == 1
+        runners.pop().cancel()
+        await closed.wait()
+        with pytest.raises(asyncio.CancelledError):
+            await anext(stream)
+        return True
+
+    assert run(main())

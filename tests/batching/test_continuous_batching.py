@@ -9,6 +9,7 @@ import pytest
 
 import streamwise
 from streamwise.exceptions import UsageError
+from streamwise.streaming.context import _CURRENT, RequestContext
 
 
 def run(coro):
@@ -66,12 +67,14 @@ class Script:
         await self._reached[index].wait()
         return self.steps[index]
 
-    async def start(self, *items) -> list[asyncio.Future]:
+    async def start(self, *items, model_id: str = "") -> list[asyncio.Future]:
         """Start one caller per item; returns once all are queued (in one batch, if the
         batch is not running yet). Each task collects its caller's tokens."""
         queued = [asyncio.Event() for _ in items]
 
         async def consume(item, queued):
+            # What the replica does for a call with a multiplexed model id.
+            _CURRENT.set(RequestContext(multiplexed_model_id=model_id))
             stream = self.generate(item)
             queued.set()  # the first anext below queues the caller before this task yields
             return [token async for token in stream]
@@ -221,3 +224,22 @@ def test_step_must_be_answered_before_the_next():
         return True
 
     assert run(main())
+
+
+def test_joiners_of_a_busy_model_do_not_starve_another():
+    """Once a caller of another model id is overdue, no one joins the running batch:
+    it drains, the other model's batch runs, and the late joiner waits its turn."""
+
+    async def main():
+        script = Script()
+        script.hold(0)
+        (a,) = await script.start(("a", 3), model_id="m1")
+        await script.reached(0)
+        (b,) = await script.start(("b", 1), model_id="m2")  # overdue at once (zero timeout)
+        (late,) = await script.start(("late", 1), model_id="m1")
+        script.release(0)
+        await asyncio.gather(a, b, late)
+        return [items(step.requests) for step in script.steps]
+
+    # three batches, one after another: steps restart at index 0 for each
+    assert run(main()) == [["a"]] * 4 + [["b"]] * 2 + [["late"]] * 2

@@ -8,6 +8,7 @@ import cloudpickle
 import pytest
 
 import streamwise
+from streamwise.actors._methods import coalesce_of
 from streamwise.config import CoalesceConfig, DeploymentConfig
 from streamwise.exceptions import UsageError
 from streamwise.streaming.frames import send_frames
@@ -186,3 +187,23 @@ def test_deployment_coalesce_option_is_checked():
     assert DeploymentConfig(name="d").coalesce == CoalesceConfig()
     with pytest.raises(UsageError, match="coalesce of 'd'"):
         DeploymentConfig(name="d", coalesce={"max_items": 2})
+
+
+def test_coalesce_and_batch_stack_either_way():
+    """@coalesce above or below @batch marks the streaming method the replica runs."""
+    policy = CoalesceConfig(max_items=4)
+
+    class Model:
+        @streamwise.coalesce(max_items=4)
+        @streamwise.batch
+        async def above(self, items):
+            yield items
+
+        @streamwise.batch
+        @streamwise.coalesce(max_items=4)
+        async def below(self, items):
+            yield items
+
+    default = CoalesceConfig()
+    assert coalesce_of(Model().above, default) == policy
+    assert coalesce_of(Model().below, default) == policy

@@ -5,7 +5,9 @@ How the parts fit: ``@deployment`` marks a class whose replicas are OS processes
 replicas and pushes their addresses to every router. A ``DeploymentHandle``
 (``routing/``) sends each call through a router (power of two choices, retry with
 backoff) over gRPC to a replica, whose servicer (``streaming/``) runs the user method
-and sends what an async generator yields back in frames as it is produced.
+and sends what an async generator yields back in frames as it is produced. The
+gRPC ingress (``streaming/ingress.py``) forwards external clients' RPCs, undecoded,
+to an app's root deployment through the same routers.
 """
 
 import os as _os
@@ -15,9 +17,9 @@ import os as _os
 # first import of grpc to take effect.
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamwise.actors.api import run, shutdown  # noqa: E402
+from streamwise.actors.api import ingress_address, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
-from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig  # noqa: E402
+from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, RouterConfig, TracingConfig  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
@@ -39,13 +41,16 @@ __all__ = [
     "DeploymentHandle",
     "DeploymentResponse",
     "DeploymentResponseGenerator",
+    "GrpcOptions",
     "HandleOptions",
     "RequestContext",
     "RouterConfig",
+    "TracingConfig",
     "batch",
     "coalesce",
     "deployment",
     "get_request_context",
+    "ingress_address",
     "run",
     "shutdown",
 ]

@@ -1,7 +1,9 @@
 """The ``streamwise`` command line. Thin: it only calls the library.
 
 ``streamwise run pkg.module:app`` runs the bound app found at that import path until
-SIGINT or SIGTERM, then shuts everything down and exits 0.
+SIGINT or SIGTERM, then drains, shuts everything down and exits 0. With
+``--grpc-port`` (and ``--servicer pkg.mod:add_FooServicer_to_server``, repeatable) the
+app is also served to external gRPC clients.
 """
 
 from __future__ import annotations
@@ -38,13 +40,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     app = _import_app(args.target)
+    grpc_options = None
+    if args.grpc_port is not None or args.servicer:
+        grpc_options = streamwise.GrpcOptions(
+            port=args.grpc_port if args.grpc_port is not None else streamwise.config.DEFAULT_GRPC_PORT,
+            host=args.grpc_host,
+            servicer_functions=args.servicer,
+        )
+    tracing = None
+    if args.tracing:
+        tracing = streamwise.TracingConfig(
+            exporter=args.tracing_exporter,
+            jsonl_dir=args.tracing_dir,
+            otlp_endpoint=args.tracing_endpoint,
+            sampling_ratio=args.tracing_sampling_ratio,
+        )
     try:
-        streamwise.run(app, name=args.name)
-        print(f"streamwise: app {args.name!r} is running; Ctrl-C to stop", flush=True)
+        streamwise.run(app, name=args.name, grpc_options=grpc_options, tracing=tracing)
+        where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
+        print(f"streamwise: app {args.name!r} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
     finally:
         streamwise.shutdown()
     return 0
+
+
+def _cmd_trace_view(args: argparse.Namespace) -> int:
+    from streamwise.tracing import viewer
+
+    grouped = viewer.traces(viewer.load(args.path), args.trace_id, args.min_duration_ms)
+    print(viewer.waterfall(grouped) if grouped else "no traces match")
+    return 0
+
+
+def _cmd_trace_export(args: argparse.Namespace) -> int:
+    import orjson
+
+    from streamwise.tracing import viewer
+
+    grouped = viewer.traces(viewer.load(args.path), args.trace_id, args.min_duration_ms)
+    with open(args.output, "wb") as out:
+        out.write(orjson.dumps(viewer.chrome_trace(grouped)))
+    print(f"wrote {sum(len(v) for v in grouped.values())} spans of {len(grouped)} traces to {args.output}")
+    return 0
+
+
+def _trace_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a .jsonl trace export, or a directory of them")
+    parser.add_argument("--trace-id", default=None, help="only the trace whose id starts with this")
+    parser.add_argument("--min-duration-ms", type=float, default=0.0, help="only traces at least this long")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run an app until SIGINT/SIGTERM")
     run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE")
     run.add_argument("--name", default="default", help="application name (default: %(default)s)")
+    run.add_argument("--grpc-port", type=int, default=None, help="serve the app over gRPC on this port (0: any)")
+    run.add_argument("--grpc-host", default="0.0.0.0", help="address the gRPC ingress binds (default: %(default)s)")
+    run.add_argument(
+        "--servicer",
+        action="append",
+        default=[],
+        metavar="MODULE:add_XServicer_to_server",
+        help="a generated servicer function whose RPCs the app serves (repeatable)",
+    )
+    run.add_argument("--tracing", action="store_true", help="record OpenTelemetry traces")
+    run.add_argument("--tracing-exporter", default="jsonl", choices=["jsonl", "otlp", "console"])
+    run.add_argument("--tracing-dir", default="streamwise-traces", help="where jsonl traces go")
+    run.add_argument("--tracing-endpoint", default="localhost:4317", help="OTLP/gRPC collector address")
+    run.add_argument("--tracing-sampling-ratio", type=float, default=1.0)
     run.set_defaults(handler=_cmd_run)
+
+    trace = commands.add_parser("trace", help="read trace exports").add_subparsers(dest="trace_command", required=True)
+    view = trace.add_parser("view", help="print each trace as an indented waterfall")
+    _trace_filters(view)
+    view.set_defaults(handler=_cmd_trace_view)
+    export = trace.add_parser("export", help="write Chrome trace-event JSON (Perfetto, chrome://tracing)")
+    _trace_filters(export)
+    export.add_argument("--format", choices=["chrome"], default="chrome")
+    export.add_argument("-o", "--output", required=True)
+    export.set_defaults(handler=_cmd_trace_export)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -33,6 +33,12 @@ DEFAULT_NO_REPLICA_TIMEOUT_S = 30.0
 
 DEFAULT_CODEC = "cloudpickle"
 
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_GRPC_HOST = "0.0.0.0"
+DEFAULT_MAX_MESSAGE_LENGTH = 4 * 1024 * 1024
+DEFAULT_REPLICA_WAIT_TIMEOUT_S = 5.0
+DEFAULT_INGRESS_DRAIN_TIMEOUT_S = 20.0
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -224,3 +230,110 @@ class HandleOptions:
         _check(self.stream in (None, True, False), "stream must be True, False or None")
         codec.get_codec(self.request_serialization)
         codec.get_codec(self.response_serialization)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GrpcOptions:
+    """How ``run()`` serves the app to external gRPC clients (the ingress).
+
+    ``servicer_functions`` are generated ``add_XServicer_to_server`` functions, or
+    ``"pkg.module:add_XServicer_to_server"`` strings; each RPC of those services is
+    served by the ingress deployment's method of the same name. The built-in
+    ``streamwise.PredictAPIsService`` is always served. ``port=0`` binds a free port
+    (see ``streamwise.ingress_address()``). ``ssl_*`` are PEM bytes: a certificate and
+    key turn on TLS, and a client CA on top requires clients to present certificates.
+    """
+
+    port: int = DEFAULT_GRPC_PORT
+    host: str = DEFAULT_GRPC_HOST
+    servicer_functions: tuple[Any, ...] = ()
+    max_message_length: int = DEFAULT_MAX_MESSAGE_LENGTH
+    request_timeout_s: float | None = None
+    replica_wait_timeout_s: float = DEFAULT_REPLICA_WAIT_TIMEOUT_S
+    drain_timeout_s: float = DEFAULT_INGRESS_DRAIN_TIMEOUT_S
+    ssl_certificate: bytes | None = None
+    ssl_private_key: bytes | None = None
+    ssl_client_ca: bytes | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "servicer_functions", tuple(self.servicer_functions))
+        _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port must be 0..65535, got {self.port!r}")
+        _check(
+            isinstance(self.max_message_length, int) and self.max_message_length > 0,
+            f"max_message_length must be an int > 0, got {self.max_message_length!r}",
+        )
+        _check(
+            self.request_timeout_s is None or self.request_timeout_s > 0,
+            f"request_timeout_s must be None or > 0, got {self.request_timeout_s!r}",
+        )
+        _check(self.replica_wait_timeout_s > 0, "replica_wait_timeout_s must be > 0")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+        for fn in self.servicer_functions:
+            _check(
+                callable(fn) or (isinstance(fn, str) and ":" in fn),
+                f"servicer_functions takes add_XServicer_to_server callables or 'module:function' "
+                f"strings, not {fn!r}",
+            )
+        _check(
+            (self.ssl_certificate is None) == (self.ssl_private_key is None),
+            "ssl_certificate and ssl_private_key go together",
+        )
+        _check(
+            self.ssl_client_ca is None or self.ssl_certificate is not None,
+            "ssl_client_ca (mutual TLS) needs ssl_certificate and ssl_private_key",
+        )
+
+
+TRACING_EXPORTERS = ("console", "otlp", "jsonl")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """OpenTelemetry traces of every hop, set up in each streamwise process from this.
+
+    ``exporter`` is ``"console"``, ``"otlp"`` (OTLP over gRPC to ``otlp_endpoint``),
+    ``"jsonl"`` (one JSON object per span, appended to files in ``jsonl_dir`` as each
+    span ends; read them with ``streamwise trace view``), or a callable returning a list
+    of OpenTelemetry span processors (it must be picklable: replicas call it too).
+    Sampling is parent-based: a trace started with ``sampling_ratio`` stays whole.
+    """
+
+    enabled: bool = True
+    sampling_ratio: float = 1.0
+    exporter: Any = "jsonl"
+    otlp_endpoint: str = "localhost:4317"
+    jsonl_dir: str = "streamwise-traces"
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.sampling_ratio, (int, float)) and 0.0 <= self.sampling_ratio <= 1.0,
+            f"sampling_ratio must be within [0, 1], got {self.sampling_ratio!r}",
+        )
+        _check(
+            callable(self.exporter) or self.exporter in TRACING_EXPORTERS,
+            f"exporter must be one of {TRACING_EXPORTERS} or a callable returning span processors, "
+            f"got {self.exporter!r}",
+        )
+
+
+_tracing_config: list[TracingConfig | None] = []
+
+
+def env_tracing_config() -> TracingConfig | None:
+    """Tracing from ``STREAMWISE_TRACING*`` env vars (read once); None when not enabled.
+
+    ``STREAMWISE_TRACING=1`` turns it on; ``STREAMWISE_TRACING_SAMPLING_RATIO``,
+    ``STREAMWISE_TRACING_EXPORTER`` (console, otlp, jsonl), ``STREAMWISE_TRACING_OTLP_ENDPOINT``
+    and ``STREAMWISE_TRACING_DIR`` set the rest.
+    """
+    if not _tracing_config:
+        config = None
+        if os.environ.get("STREAMWISE_TRACING", "").lower() in ("1", "true", "yes", "on"):
+            config = TracingConfig(
+                sampling_ratio=_env_float("STREAMWISE_TRACING_SAMPLING_RATIO", 1.0),
+                exporter=os.environ.get("STREAMWISE_TRACING_EXPORTER") or "jsonl",
+                otlp_endpoint=os.environ.get("STREAMWISE_TRACING_OTLP_ENDPOINT") or "localhost:4317",
+                jsonl_dir=os.environ.get("STREAMWISE_TRACING_DIR") or "streamwise-traces",
+            )
+        _tracing_config.append(config)
+    return _tracing_config[0]

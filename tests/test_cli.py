@@ -53,3 +53,50 @@ def test_cli_bad_target_is_a_clear_error(tmp_path):
     )
     assert out.returncode == 1
     assert "no_such_module" in out.stderr
+
+
+def test_cli_serves_grpc_until_sigterm(tmp_path):
+    """`streamwise run mod:app --grpc-port 0` serves Predict over gRPC, then drains on SIGTERM."""
+    import asyncio
+
+    import grpc
+
+    from streamwise.proto import predict_pb2, predict_pb2_grpc
+
+    (tmp_path / "predict_app.py").write_text(
+        textwrap.dedent(
+            """
+            import streamwise
+
+            @streamwise.deployment
+            class Upper:
+                async def __call__(self, inputs):
+                    return inputs["text"].upper()
+
+            app = Upper.bind()
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "predict_app:app", "--grpc-port", "0", "--grpc-host", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "gRPC on 127.0.0.1:" in line
+        address = line.split("gRPC on ")[1].split(")")[0]
+
+        async def call():
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+                return (await stub.Predict(predict_pb2.PredictRequest(input={"text": b"hi"}))).prediction
+
+        assert asyncio.run(call()) == b"HI"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

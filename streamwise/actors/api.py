@@ -9,19 +9,24 @@ import threading
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
 from streamwise.actors.deployment import Application
-from streamwise.actors.spec import plan_app
+from streamwise.actors.spec import AppPlan, plan_app
+from streamwise.config import GrpcOptions, TracingConfig, env_tracing_config
+from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
+from streamwise.streaming.ingress import Ingress
+from streamwise.tracing import setup as tracing_setup
 
 _lock = threading.RLock()
 
 
 class _Driver:
-    """The core loop and the controller living on it, owned by this process."""
+    """The core loop and what lives on it (controller, ingress), owned by this process."""
 
     def __init__(self) -> None:
         self.core = CoreLoop()
         self._stop = asyncio.Event()
         self.controller = Controller()
+        self.ingress: Ingress | None = None
         started: asyncio.Future[str] = asyncio.Future(loop=self.core.loop)
         self._main = self.core.submit(self._serve(started))
         try:
@@ -37,12 +42,32 @@ class _Driver:
                 try:
                     await self._stop.wait()
                 finally:
+                    if self.ingress is not None:
+                        await self.ingress.aclose()  # drain external clients first
                     # Close this process's channels before the replicas go away.
                     await RUNTIME.close_routing()
         except BaseException as exc:
             if not started.done():
                 started.set_exception(exc)
             raise
+
+    async def start_ingress(self, options: GrpcOptions) -> None:
+        if self.ingress is not None:
+            if self.ingress.options != options:
+                raise UsageError(
+                    "the gRPC ingress already runs with other options; shutdown() first to change them"
+                )
+            return
+        ingress = Ingress(options)
+        await ingress.start()
+        self.ingress = ingress
+
+    async def deploy(self, plan: AppPlan) -> None:
+        if self.ingress is not None:
+            self.ingress.remove_app(plan.name)
+        await self.controller.deploy(plan)
+        if self.ingress is not None:
+            await self.ingress.add_app(plan.name, plan.root.config.name, plan.root.methods)
 
     def close(self) -> None:
         self.core.loop.call_soon_threadsafe(self._stop.set)
@@ -69,19 +94,43 @@ def _ensure_driver() -> _Driver:
     return _driver
 
 
-def run(app: Application, name: str = "default") -> DeploymentHandle:
+def run(
+    app: Application,
+    name: str = "default",
+    *,
+    grpc_options: GrpcOptions | None = None,
+    tracing: TracingConfig | None = None,
+) -> DeploymentHandle:
     """Start ``app`` (controller and every replica, in parallel); return its root handle.
 
     Blocks until every replica is ready. If a deployment's constructor keeps failing,
     raises :class:`~streamwise.exceptions.DeploymentStartupError` carrying the user's
     exception type, message and traceback, and leaves nothing of the app running.
     Running an app under a name already in use replaces that app.
+
+    With ``grpc_options`` the gRPC ingress starts (once per process) and serves this
+    app's root deployment to external clients; apps run later are served too.
+    ``tracing`` (default: from ``STREAMWISE_TRACING*`` env vars) turns on
+    OpenTelemetry traces in this process and in the app's replicas.
     """
-    plan = plan_app(app, name)
+    tracing = tracing if tracing is not None else env_tracing_config()
     with _lock:
+        tracing_setup.configure(tracing, "driver")
         driver = _ensure_driver()
-        driver.core.run(driver.controller.deploy(plan))
+        if grpc_options is not None:
+            driver.core.run(driver.start_ingress(grpc_options))
+        ingress = driver.ingress
+        plan = plan_app(app, name, ingress.options.servicer_functions if ingress is not None else None, tracing)
+        driver.core.run(driver.deploy(plan))
     return plan.root_handle()
+
+
+def ingress_address() -> str:
+    """``host:port`` where the gRPC ingress listens (the bound port when port=0)."""
+    with _lock:
+        if _driver is None or _driver.ingress is None:
+            raise UsageError("no gRPC ingress is running; pass grpc_options to streamwise.run()")
+        return _driver.ingress.address
 
 
 def shutdown() -> None:
@@ -97,6 +146,7 @@ def shutdown() -> None:
             RUNTIME.controller_address = None
             RUNTIME.core = None
             RUNTIME.core_loop = None
+            tracing_setup.shutdown()
 
 
 atexit.register(shutdown)

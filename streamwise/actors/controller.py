@@ -255,8 +255,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                     await exited
                     return
                 if not await self._healthy(stub, dep, replica):
-                    replica.process.kill()
-                    await exited
+                    # Stop it gracefully first: its in-flight calls and spans get to finish.
+                    await self._stop_replica(dep, replica)
                     return
         finally:
             exited.cancel()

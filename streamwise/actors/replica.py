@@ -26,7 +26,9 @@ from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
 from streamwise.streaming import _wire
+from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
+from streamwise.tracing import setup as tracing
 
 _PR_SET_PDEATHSIG = 1
 
@@ -81,6 +83,9 @@ async def serve(controller_address: str, replica_id: str) -> int:
                 sys.path.insert(0, entry)
         spec: ReplicaSpec = cloudpickle.loads(reply.spec)
         config = spec.config
+        tracing.configure(
+            spec.tracing, config.name, **{"streamwise.deployment": config.name, "streamwise.replica_id": replica_id}
+        )
         executor = ThreadPoolExecutor(
             max_workers=max(4, config.max_ongoing_requests), thread_name_prefix=f"{config.name}-worker"
         )
@@ -88,7 +93,11 @@ async def serve(controller_address: str, replica_id: str) -> int:
             user_object = spec.instantiate()
             if config.user_config is not None and hasattr(user_object, "reconfigure"):
                 await _maybe_await(user_object.reconfigure(config.user_config))
+            rpcs = None
+            if spec.servicer_functions is not None:
+                rpcs = rpc_table(spec.servicer_functions, spec.methods)
         except Exception as exc:
+            # Report the failure and wait for the controller to close the stream.
             failed = stub.Attach(controller_pb2.AttachRequest(replica_id=replica_id, error=_wire.error_to_proto(exc)))
             async for _ in failed:
                 pass
@@ -103,6 +112,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             max_ongoing_requests=config.max_ongoing_requests,
             coalesce=config.coalesce,
             executor=executor,
+            rpcs=rpcs,
         )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -122,6 +132,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             executor.shutdown(wait=False, cancel_futures=True)
         return 0
     finally:
+        tracing.shutdown()  # flush this replica's spans
         await channel.close()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from streamwise.actors._methods import MethodKind
 from streamwise.actors.deployment import Application, Deployment
-from streamwise.config import DeploymentConfig
+from streamwise.config import DeploymentConfig, TracingConfig
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 
@@ -23,6 +23,10 @@ class ReplicaSpec:
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     methods: Mapping[str, MethodKind]
+    # Set on the ingress deployment of an app served over gRPC: the user's
+    # add_XServicer_to_server functions, whose RPCs the replica decodes and encodes.
+    servicer_functions: tuple[Any, ...] | None = None
+    tracing: TracingConfig | None = None
 
     def instantiate(self) -> Any:
         if isinstance(self.target, type):
@@ -42,8 +46,17 @@ class AppPlan:
         return DeploymentHandle(self.root.config.name, self.name, self.root.methods)
 
 
-def plan_app(root: Application, app: str) -> AppPlan:
-    """Walk the bound graph; bound deployments among arguments become handles."""
+def plan_app(
+    root: Application,
+    app: str,
+    servicer_functions: tuple[Any, ...] | None = None,
+    tracing: TracingConfig | None = None,
+) -> AppPlan:
+    """Walk the bound graph; bound deployments among arguments become handles.
+
+    ``servicer_functions`` (when the app is served over gRPC) go to the root's spec;
+    ``tracing`` to every spec.
+    """
     if not isinstance(root, Application):
         raise UsageError(f"run() takes a bound deployment (Deployment.bind(...)), not {root!r}")
     specs: dict[str, ReplicaSpec] = {}
@@ -63,7 +76,13 @@ def plan_app(root: Application, app: str) -> AppPlan:
             args = tuple(convert(a) for a in node.args)
             kwargs = {k: convert(v) for k, v in node.kwargs.items()}
             specs[dep.name] = ReplicaSpec(
-                app=app, config=dep.config, target=dep.target, args=args, kwargs=kwargs, methods=dep.methods
+                app=app,
+                config=dep.config,
+                target=dep.target,
+                args=args,
+                kwargs=kwargs,
+                methods=dep.methods,
+                tracing=tracing,
             )
         return DeploymentHandle(dep.name, app, dep.methods)
 
@@ -79,4 +98,7 @@ def plan_app(root: Application, app: str) -> AppPlan:
         return value
 
     visit(root)
-    return AppPlan(app, tuple(specs.values()), specs[root.deployment.name])
+    root_name = root.deployment.name
+    if servicer_functions is not None:
+        specs[root_name] = dataclasses.replace(specs[root_name], servicer_functions=tuple(servicer_functions))
+    return AppPlan(app, tuple(specs.values()), specs[root_name])

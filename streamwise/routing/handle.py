@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from streamwise import codec as codecs
@@ -22,6 +22,7 @@ from streamwise.routing.response import DeploymentResponse, DeploymentResponseGe
 from streamwise.routing.router import RouterKey, router_for
 from streamwise.routing.transport import FrameStream
 from streamwise.streaming import _wire
+from streamwise.tracing import spans
 
 
 class DeploymentHandle:
@@ -104,29 +105,28 @@ class DeploymentHandle:
             request.args = request_codec.dumps([args, kwargs])
         key: RouterKey = (self._app, self._deployment)
         deployment, method = self._deployment, options.method_name
+        parent = spans.capture()
 
         def error(err: replica_pb2.RemoteError) -> Exception:
             return _wire.error_from_proto(err, deployment, method)
 
-        async def open_stream() -> FrameStream:
+        async def resolve() -> None:
             if pending:
                 await _resolve_into(request, request_codec, args, kwargs)
-            return await router_for(key).open_stream(request, inputs, request_codec.dumps)
 
-        def release(stream: FrameStream) -> None:
-            router = router_for(key)
-            router.release(stream.target)
-            if stream.died:
-                router.mark_dead(stream.target)
+        def frames() -> DeploymentResponseGenerator:
+            return open_frames(
+                key, request, decode=response_codec.loads, error=error,
+                inputs=inputs, encode_inputs=request_codec.dumps, before=resolve, parent=parent,
+            )
 
         if stream:
-            return DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
+            return frames()
 
         if inputs is not None:
 
             async def call() -> Any:
-                frames = DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
-                items = [item async for item in frames]
+                items = [item async for item in frames()]
                 if len(items) != 1:
                     raise error(replica_pb2.RemoteError(type_name="ProtocolError", message=f"{len(items)} results"))
                 return items[0]
@@ -136,12 +136,45 @@ class DeploymentHandle:
             async def call() -> Any:
                 if pending:
                     await _resolve_into(request, request_codec, args, kwargs)
-                reply = await router_for(key).unary(request)
+                reply = await router_for(key).unary(request, parent=parent)
                 if reply.HasField("error"):
                     raise error(reply.error)
                 return response_codec.loads(reply.value)
 
         return DeploymentResponse(call())
+
+
+def open_frames(
+    key: RouterKey,
+    request: replica_pb2.CallRequest,
+    *,
+    decode: Callable[[bytes], list[Any]],
+    error: Callable[[replica_pb2.RemoteError], Exception],
+    inputs: AsyncIterator[Any] | None = None,
+    encode_inputs: Callable[[list[Any]], bytes] | None = None,
+    before: Callable[[], Awaitable[None]] | None = None,
+    wait_s: float | None = None,
+    parent: Any = None,
+) -> DeploymentResponseGenerator:
+    """Start a streaming call of an encoded ``request`` on deployment ``key``.
+
+    ``before`` runs first (e.g. to finish encoding the request); ``wait_s`` bounds the
+    wait for a live replica; ``parent`` is the caller's trace context. Items come from ``decode(frame.items)``, errors from
+    ``error(remote_error)``.
+    """
+
+    async def open_stream() -> FrameStream:
+        if before is not None:
+            await before()
+        return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s, parent=parent)
+
+    def release(stream: FrameStream) -> None:
+        router = router_for(key)
+        router.release(stream.target)
+        if stream.died:
+            router.mark_dead(stream.target)
+
+    return DeploymentResponseGenerator(open_stream(), decode, error, release)
 
 
 def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
@@ -18,7 +17,6 @@ from typing import Any, Generic, TypeVar
 from streamwise.actors._runtime import RUNTIME
 from streamwise.exceptions import RequestTimeoutError, UsageError
 from streamwise.routing.transport import FrameStream
-from streamwise.streaming import _wire
 
 T = TypeVar("T")
 

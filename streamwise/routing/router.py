@@ -13,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
+from opentelemetry import context as otel_context
 
 from streamwise.config import RouterConfig
 from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
 from streamwise.routing.transport import FrameStream, GrpcTransport, NotAccepted, ReplicaTarget
 from streamwise.streaming import _wire
+from streamwise.tracing import spans
 
 RouterKey: TypeAlias = tuple[str, str]  # (application, deployment)
 
@@ -104,7 +106,7 @@ class Router:
         if not self._ready.is_set():
             await self._ready.wait()
 
-    async def _choose(self) -> ReplicaTarget:
+    async def _choose(self, wait_s: float | None = None) -> ReplicaTarget:
         """A replica with room for one more call; waits while there is none.
 
         While every replica is running max_ongoing_requests of this router's calls, wait
@@ -113,24 +115,23 @@ class Router:
         """
         await self._started()
         while True:
-            await self._wait_for_replicas()
+            await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
             target = self._pick()
             if target is not None:
                 return target
             await self._changed.wait()
 
-    async def _wait_for_replicas(self) -> None:
+    async def _wait_for_replicas(self, wait_s: float) -> None:
         deadline: float | None = None
         while not self._replicas:
             if self._deleted is not None:
                 raise DeploymentNotFoundError(self._name, self._deleted)
             now = time.monotonic()
             if deadline is None:
-                deadline = now + self._config.no_replica_timeout_s
+                deadline = now + wait_s
             if now >= deadline:
                 raise UnavailableError(
-                    f"no replica of deployment {self._name!r} became available within "
-                    f"{self._config.no_replica_timeout_s}s"
+                    f"no replica of deployment {self._name!r} became available within {wait_s}s"
                 )
             try:
                 await asyncio.wait_for(self._changed.wait(), deadline - now)
@@ -162,36 +163,52 @@ class Router:
         if before >= self._max_ongoing:
             self._notify()  # a caller may be waiting for room
 
-    async def _retry_wait(self, exc: NotAccepted, backoffs) -> None:
+    async def _retry_wait(self, exc: NotAccepted, backoffs: Iterator[float], route: spans.RouteSpan) -> None:
         if exc.full:
-            await asyncio.sleep(next(backoffs))
+            delay = next(backoffs)
+            route.retried(delay)
+            await asyncio.sleep(delay)
         else:
+            route.retried(0.0)
             self.mark_dead(exc.target)
 
-    async def unary(self, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
+    async def unary(
+        self,
+        request: replica_pb2.CallRequest,
+        *,
+        wait_s: float | None = None,
+        parent: otel_context.Context | None = None,
+    ) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
 
-        Cancelling the awaiting task cancels the call on the replica.
+        ``wait_s`` bounds the wait for a live replica (UnavailableError after it);
+        ``parent`` is the caller's trace context. Cancelling the awaiting task cancels
+        the call on the replica.
         """
         backoffs = self._config.backoffs()
-        while True:
-            target = await self._choose()
-            self._acquire(target)
-            try:
-                return await self._transport.unary(target, request)
-            except NotAccepted as exc:
-                await self._retry_wait(exc, backoffs)
-            except ReplicaDiedError:
-                self.mark_dead(target)
-                raise
-            finally:
-                self.release(target)
+        with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            while True:
+                target = await self._choose(wait_s)
+                route.chose(target.replica_id)
+                self._acquire(target)
+                try:
+                    return await self._transport.unary(target, request)
+                except NotAccepted as exc:
+                    await self._retry_wait(exc, backoffs, route)
+                except ReplicaDiedError:
+                    self.mark_dead(target)
+                    raise
+                finally:
+                    self.release(target)
 
     async def open_stream(
         self,
         request: replica_pb2.CallRequest,
         inputs: AsyncIterator[Any] | None = None,
         encode: Callable[[list[Any]], bytes] | None = None,
+        *,
+        wait_s: float | None = None,
+        parent: otel_context.Context | None = None,
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
@@ -199,17 +216,19 @@ class Router:
         Cancelling the awaiting task cancels the call on the replica.
         """
         backoffs = self._config.backoffs()
-        while True:
-            target = await self._choose()
-            self._acquire(target)
-            try:
-                return await self._transport.open_stream(target, request, inputs, encode)
-            except NotAccepted as exc:
-                self.release(target)
-                await self._retry_wait(exc, backoffs)
-            except BaseException:
-                self.release(target)
-                raise
+        with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            while True:
+                target = await self._choose(wait_s)
+                route.chose(target.replica_id)
+                self._acquire(target)
+                try:
+                    return await self._transport.open_stream(target, request, inputs, encode)
+                except NotAccepted as exc:
+                    self.release(target)
+                    await self._retry_wait(exc, backoffs, route)
+                except BaseException:
+                    self.release(target)
+                    raise
 
     async def aclose(self) -> None:
         if self._watch_task is not None:

@@ -20,6 +20,10 @@ ACK_METADATA = ((ACK_KEY, "1"),)
 REJECT_FULL = "streamwise: replica full"
 REJECT_DRAINING = "streamwise: replica draining"
 
+# CallRequest.codec of calls forwarded by the ingress: protobuf bytes of the RPC named
+# in CallRequest.method, decoded by the replica with the user's message classes.
+RPC_CODEC = "grpc"
+
 REQUEST_ID = "request_id"
 MODEL_ID = "multiplexed_model_id"
 SESSION_ID = "session_id"
@@ -29,6 +33,17 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
     ("grpc.so_reuseport", 0),
 )
+
+
+def method_label(method: str) -> str:
+    """A call's method for span names: the method name, or an RPC path's last part."""
+    return method.rsplit("/", 1)[-1]
+
+
+def _grpc_status(exc: BaseException) -> str:
+    if isinstance(exc, exceptions.UnknownMethodError):
+        return "NOT_FOUND"
+    return getattr(exc, "grpc_status", "")
 
 
 def error_to_proto(exc: BaseException) -> replica_pb2.RemoteError:
@@ -46,6 +61,7 @@ def error_to_proto(exc: BaseException) -> replica_pb2.RemoteError:
         type_name=name,
         message=str(exc),
         traceback="".join(traceback.format_exception(exc)),
+        status=_grpc_status(exc),
     )
 
 

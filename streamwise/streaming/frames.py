@@ -38,17 +38,17 @@ async def send_frames(
     write: Callable[[replica_pb2.Frame], Awaitable[None]],
     encode: Callable[[list[Any]], bytes],
     policy: CoalesceConfig = DEFAULT_COALESCE,
-) -> None:
+) -> Exception | None:
     """Drive ``items`` to the end and ``write`` them as frames shaped by ``policy``.
 
-    An exception from ``items`` is sent as a final error frame. Cancellation (the
+    An exception from ``items`` is sent as a final error frame and returned. Cancellation (the
     caller went away) cancels the producer and closes ``items``, so the user
     generator's ``finally`` runs before this returns.
     """
     buffer: deque[Any] = deque()
     wake = asyncio.Event()
     room = asyncio.Event()
-    outcome: list[BaseException | None] = []
+    outcome: list[Exception | None] = []
     # Only a policy that holds items needs their arrival times.
     delay = policy.max_delay_s
     arrivals: deque[float] | None = deque() if delay > 0 else None
@@ -104,6 +104,7 @@ async def send_frames(
         error = outcome[0]
         if error is not None:
             await write(replica_pb2.Frame(error=_wire.error_to_proto(error)))
+        return error
     finally:
         if not producer.done():
             producer.cancel()

@@ -27,6 +27,9 @@ from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming.context import RequestContext, _CURRENT
 from streamwise.streaming.frames import send_frames
+from streamwise.streaming.payload import CodecPayload, Payload, RpcPayload
+from streamwise.streaming.schema import RpcMethod
+from streamwise.tracing import spans
 
 
 class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
@@ -42,8 +45,10 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         max_ongoing_requests: int,
         coalesce: CoalesceConfig = DEFAULT_COALESCE,
         executor: ThreadPoolExecutor,
+        rpcs: Mapping[str, RpcMethod] | None = None,
     ) -> None:
         self._obj = user_object
+        self._rpcs = dict(rpcs or {})
         self._methods = dict(methods)
         self._deployment = deployment
         self._replica_id = replica_id
@@ -89,13 +94,25 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _bind(self, request: replica_pb2.CallRequest, *leading: Any) -> tuple[MethodKind, Callable[[], Any]]:
-        kind = self._methods.get(request.method)
+    def _bind(
+        self, request: replica_pb2.CallRequest, *leading: Any
+    ) -> tuple[MethodKind, Callable[[], Any], Payload]:
+        """The method kind, a ready-to-call partial, and how to encode its results."""
+        if request.codec == _wire.RPC_CODEC:
+            rpc = self._rpcs.get(request.method)
+            if rpc is None:
+                raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
+            target = rpc.target
+            payload: Payload = RpcPayload(rpc)
+        else:
+            target = request.method
+            payload = CodecPayload(codecs.get_codec(request.codec), codecs.get_codec(request.response_codec))
+        kind = self._methods.get(target)
         if kind is None:
-            raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._methods)))
-        args, kwargs = codecs.get_codec(request.codec).loads(request.args) if request.args else ((), {})
-        fn = getattr(self._obj, request.method)
-        return kind, functools.partial(fn, *leading, *args, **kwargs)
+            raise UnknownMethodError(self._deployment, target, tuple(sorted(self._methods)))
+        args, kwargs = payload.args(request.args)
+        fn = getattr(self._obj, target)
+        return kind, functools.partial(fn, *leading, *args, **kwargs), payload
 
     def _enter_context(self, request: replica_pb2.CallRequest) -> None:
         _CURRENT.set(RequestContext.from_metadata(request.metadata, self._deployment, self._replica_id))
@@ -122,20 +139,37 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
             self._enter_context(request)
-            try:
-                kind, call = self._bind(request)
-                if kind is MethodKind.ASYNC:
-                    result = await call()
-                elif kind is MethodKind.SYNC:
-                    result = await self._in_thread(call)
-                else:
-                    result = [item async for item in self._iterate(kind, call)]
-                value = codecs.get_codec(request.response_codec).dumps(result)
-            except Exception as exc:
-                return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
-            return replica_pb2.CallReply(value=value)
+            with self._span(request, streaming=False) as span:
+                try:
+                    kind, call, payload = self._bind(request)
+                    if kind is MethodKind.ASYNC:
+                        result = await call()
+                    elif kind is MethodKind.SYNC:
+                        result = await self._in_thread(call)
+                    else:
+                        result = [item async for item in self._iterate(kind, call)]
+                    value = payload.value(result)
+                except Exception as exc:
+                    if span is not None:
+                        spans.mark_error(span, exc)
+                    return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
+                return replica_pb2.CallReply(value=value)
         finally:
             self._done()
+
+    def _span(self, request: replica_pb2.CallRequest, streaming: bool):
+        """The replica's span of one request, parented by the caller's trace context."""
+        return spans.serve(
+            f"{self._deployment}.{_wire.method_label(request.method)}",
+            request.metadata,
+            {
+                "streamwise.deployment": self._deployment,
+                "streamwise.replica_id": self._replica_id,
+                "streamwise.method": request.method,
+                "streamwise.streaming": streaming,
+                "streamwise.request_id": request.metadata.get(_wire.REQUEST_ID, ""),
+            },
+        )
 
     def _iterate(self, kind: MethodKind, call: Callable[[], Any]) -> AsyncIterator[Any]:
         if kind is MethodKind.ASYNC_GEN:
@@ -161,32 +195,45 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: channel must start with a call")
             request = first.call
             await context.send_initial_metadata(_wire.ACK_METADATA)
-            await self._serve_frames(context, request, _inputs(context, codecs.get_codec(request.codec)))
+            await self._serve_frames(context, request, with_inputs=True)
         finally:
             self._done()
 
     async def _serve_frames(
-        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, *inputs: AsyncIterator[Any]
+        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool = False
     ) -> None:
         """Run the requested method and send what it yields (or returns) as frames."""
         self._enter_context(request)
+        with self._span(request, streaming=True) as span:
+            await self._send_results(context, request, with_inputs, span)
+
+    async def _send_results(
+        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
+    ) -> None:
         try:
-            kind, call = self._bind(request, *inputs)
-            if inputs and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
+            holder: list[Payload] = []
+            leading = (_inputs(context, holder),) if with_inputs else ()
+            kind, call, payload = self._bind(request, *leading)
+            holder.append(payload)
+            if with_inputs and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
                 raise UsageError(
                     f"{self._deployment}.{request.method} takes an input stream, so it must be "
                     "`async def` (an async iterator cannot be consumed from a thread)"
                 )
-            items = self._iterate(kind, call)
-            encode = codecs.get_codec(request.response_codec).dumps
+            items = spans.counted(self._iterate(kind, call), span)
             policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
+            if span is not None:
+                spans.mark_error(span, exc)
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return
         try:
-            await send_frames(items, context.write, encode, policy)
+            error = await send_frames(items, context.write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
+            error = exc
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+        if error is not None and span is not None:
+            spans.mark_error(span, error)
 
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)
@@ -202,13 +249,16 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return replica_pb2.HealthReply()
 
 
-async def _inputs(context: grpc.aio.ServicerContext, codec: codecs.Codec) -> AsyncIterator[Any]:
-    """The caller's input items, decoded as they arrive (never buffered whole)."""
+async def _inputs(context: grpc.aio.ServicerContext, payload: list[Payload]) -> AsyncIterator[Any]:
+    """The caller's input items, decoded as they arrive (never buffered whole).
+
+    ``payload`` holds the call's Payload once the call is bound (before the first read).
+    """
     while True:
         message = await context.read()
         if message is grpc.aio.EOF:
             return
-        for item in codec.loads(message.items):
+        for item in payload[0].inputs(message.items):
             yield item
 
 

@@ -1,0 +1,483 @@
+"""The gRPC ingress against a plain grpc.aio server of the same .proto, in one run.
+
+Run from the repository root:
+
+    python benchmarks/ingress_bench.py           # full run, under a minute and a half on 2 cores
+    python benchmarks/ingress_bench.py --quick   # smoke run with small counts
+
+What is measured: an external gRPC client, in its own process, calling
+``swbench.Bench`` (``benchmarks/protos/bench.proto``) through the streamwise gRPC
+ingress (in this process, the driver) on to one replica of a deployment, beside the
+same client code calling a plain grpc.aio server (its own process) that implements
+the same service directly with the same generated code:
+
+    unary req/s, 1 and 32 concurrent calls          32 concurrent >= 0.4x plain
+    server-stream items/s, 1 and 8 concurrent       >= 0.6x plain, each
+      streams of small messages (one message per item)
+    time to first item of a server stream, p50     <= 2x plain
+      and p99 (sequential calls that take the first message and cancel)
+
+Each side has its own client process (this file run with a hidden ``--client``
+flag): it takes commands as JSON lines on stdin and answers with JSON lines on
+stdout, so both sides get the same commands, alternately, round after round.
+Throughput figures are the best of a few rounds, after a warm-up of each side; the
+first-item samples of all rounds are pooled. Code for the .proto is generated with
+grpc_tools.protoc into a temporary directory (on sys.path here, on PYTHONPATH for
+the child processes; replicas inherit sys.path) and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from time import perf_counter
+from typing import Any
+
+# gRPC core logs routine connection events (a GOAWAY from a replica that shuts down)
+# at INFO; keep the report to errors, as streamwise does for its replicas. This must
+# be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+
+import streamwise  # noqa: E402
+
+PROTO = pathlib.Path(__file__).resolve().parent / "protos" / "bench.proto"
+UNARY_DATA = bytes(range(16))  # the data of every unary request (echoed back)
+ITEM_DATA = bytes(range(8))  # the data of every stream item
+CALL_TIMEOUT_S = 60.0  # per RPC, so that a stuck server fails the run instead of hanging it
+CONCURRENCY = 32
+STREAM_CONCURRENCY = 8
+
+UNARY_RATIO_MIN = 0.4  # unary req/s at 32 concurrent
+STREAM_RATIO_MIN = 0.6  # items/s
+FIRST_ITEM_RATIO_MAX = 2.0  # time to first item p50
+
+# The generated modules; imported by _import_generated() once they exist.
+bench_pb2: Any = None
+bench_pb2_grpc: Any = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sizes:
+    warmup_calls: int
+    unary_calls: int  # sequential
+    concurrent_calls: int  # made by CONCURRENCY callers
+    stream_items: int  # items of the single stream
+    concurrent_stream_items: int  # items of each of STREAM_CONCURRENCY streams
+    first_item_calls: int  # per round and side; pooled over rounds
+    first_item_stream: int  # items the stream would have if the client did not cancel
+    rounds: int  # alternating rounds; the best throughput of each side counts
+
+
+FULL = Sizes(
+    warmup_calls=200,
+    unary_calls=2_000,
+    concurrent_calls=4_000,
+    stream_items=20_000,
+    concurrent_stream_items=20_000,
+    first_item_calls=100,
+    first_item_stream=1_000,
+    rounds=3,
+)
+QUICK = Sizes(
+    warmup_calls=30,
+    unary_calls=200,
+    concurrent_calls=400,
+    stream_items=2_000,
+    concurrent_stream_items=1_000,
+    first_item_calls=20,
+    first_item_stream=1_000,
+    rounds=1,
+)
+
+
+def _generate(out: str) -> None:
+    """bench_pb2 and bench_pb2_grpc from PROTO, into ``out``."""
+    from grpc_tools import protoc
+
+    include = pathlib.Path(protoc.__file__).parent / "_proto"
+    code = protoc.main(
+        [
+            "protoc",
+            f"-I{PROTO.parent}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(PROTO),
+        ]
+    )
+    if code != 0:
+        raise RuntimeError(f"protoc failed on {PROTO} (exit code {code})")
+
+
+def _import_generated() -> None:
+    global bench_pb2, bench_pb2_grpc
+    bench_pb2 = importlib.import_module("bench_pb2")
+    bench_pb2_grpc = importlib.import_module("bench_pb2_grpc")
+
+
+# -- the streamwise app: one deployment serving swbench.Bench through the ingress -------
+# max_ongoing_requests is raised above CONCURRENCY so that the benchmark measures the
+# data path: with the default of 5, calls beyond 5 at a time would be rejected by the
+# replica and retried by the router after a backoff. The class is pickled by value
+# (it lives in __main__); bench_pb2 travels by reference and the replica imports it
+# from the sys.path it inherits.
+
+
+@streamwise.deployment(max_ongoing_requests=64)
+class BenchService:
+    async def Unary(self, msg):
+        return bench_pb2.Msg(data=msg.data, n=msg.n + 1)
+
+    async def Stream(self, msg):
+        for i in range(msg.n):
+            yield bench_pb2.Msg(data=msg.data, n=i)
+
+
+# -- the plain grpc.aio server, run in a child process ----------------------------------
+
+
+class PlainBench:
+    """swbench.Bench implemented directly on grpc.aio, doing what BenchService does."""
+
+    async def Unary(self, request, context):
+        return bench_pb2.Msg(data=request.data, n=request.n + 1)
+
+    async def Stream(self, request, context):
+        for i in range(request.n):
+            yield bench_pb2.Msg(data=request.data, n=i)
+
+
+async def _serve_plain() -> None:
+    """Serve until stdin closes; the port bound is written to stdout first."""
+    _import_generated()
+    server = grpc.aio.server()
+    bench_pb2_grpc.add_BenchServicer_to_server(PlainBench(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    try:
+        # EOF on stdin is the parent's request to stop (it also comes if the parent dies).
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
+    finally:
+        await server.stop(0)
+
+
+# -- the client, run in a child process per side ----------------------------------------
+
+
+class Client:
+    """Calls one server with the generated stub; every command returns a JSON-able dict."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = bench_pb2_grpc.BenchStub(self.channel)
+
+    async def connect(self) -> dict[str, Any]:
+        await asyncio.wait_for(self.channel.channel_ready(), 30)
+        return {}
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _unary(self) -> None:
+        reply = await self.stub.Unary(bench_pb2.Msg(data=UNARY_DATA, n=7), timeout=CALL_TIMEOUT_S)
+        if reply.data != UNARY_DATA or reply.n != 8:
+            raise RuntimeError(f"wrong unary reply: {reply!r}")
+
+    async def _stream(self, n: int) -> int:
+        count = 0
+        async for msg in self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=n), timeout=CALL_TIMEOUT_S):
+            if msg.n != count or msg.data != ITEM_DATA:
+                raise RuntimeError(f"wrong stream item {count}: {msg!r}")
+            count += 1
+        if count != n:
+            raise RuntimeError(f"stream of {n} items ended after {count}")
+        return count
+
+    async def unary(self, calls: int, concurrency: int) -> dict[str, Any]:
+        """Requests per second of ``calls`` calls made by ``concurrency`` callers."""
+        left = calls
+
+        async def caller() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await self._unary()
+
+        start = perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(concurrency):
+                tg.create_task(caller())
+        return {"rate": calls / (perf_counter() - start)}
+
+    async def stream(self, streams: int, items: int) -> dict[str, Any]:
+        """Items per second received over ``streams`` concurrent streams of ``items`` each."""
+        start = perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(self._stream(items)) for _ in range(streams)]
+        elapsed = perf_counter() - start
+        return {"rate": sum(t.result() for t in tasks) / elapsed}
+
+    async def first_item(self, calls: int, items: int) -> dict[str, Any]:
+        """Seconds from each call to its first message; the call is then cancelled."""
+        samples = []
+        for _ in range(calls):
+            start = perf_counter()
+            call = self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=items), timeout=CALL_TIMEOUT_S)
+            msg = await call.read()
+            samples.append(perf_counter() - start)
+            call.cancel()
+            if msg is grpc.aio.EOF or msg.n != 0:
+                raise RuntimeError(f"wrong first item: {msg!r}")
+        return {"samples": samples}
+
+    async def warmup(self, calls: int, items: int) -> dict[str, Any]:
+        for _ in range(calls):
+            await self._unary()
+        await self.unary(calls, CONCURRENCY)
+        await self._stream(items)
+        await self.stream(STREAM_CONCURRENCY, items // STREAM_CONCURRENCY)
+        await self.first_item(calls // 10 + 1, 10)
+        return {}
+
+
+def _client_main(address: str) -> None:
+    """Answer each JSON command line on stdin with one JSON line on stdout, until EOF."""
+    _import_generated()
+    async def make() -> Client:  # the channel belongs to the runner's loop
+        return Client(address)
+
+    with asyncio.Runner() as runner:
+        client = runner.run(make())
+        try:
+            for line in sys.stdin:
+                command = json.loads(line)
+                op = command.pop("op")
+                try:
+                    result = runner.run(getattr(client, op)(**command))
+                except Exception as exc:  # reported to the driver, which stops the run
+                    result = {"error": f"{op}: {type(exc).__name__}: {exc}"}
+                print(json.dumps(result), flush=True)
+        finally:
+            runner.run(client.close())
+
+
+# -- the child processes, seen from the driver ------------------------------------------
+
+
+def _stop_process(process: subprocess.Popen[str]) -> None:
+    """Close its stdin (its cue to exit), then terminate and kill it if it lingers."""
+    with contextlib.suppress(OSError):
+        if process.stdin is not None:
+            process.stdin.close()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+class Child:
+    """This file run as ``--plain-server`` or ``--client ADDRESS`` in its own process."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        self.what = " ".join(args)
+
+    def read_line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.strip():
+            raise RuntimeError(f"{self.what} exited without answering (exit code {self.process.poll()})")
+        return line
+
+    def ask(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.process.stdin.flush()
+        result = json.loads(self.read_line())
+        if "error" in result:
+            raise RuntimeError(f"client of {self.what}: {result['error']}")
+        return result
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+
+
+# -- measuring and reporting ------------------------------------------------------------
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def _verdict(ok: bool) -> str:
+    return "OK" if ok else "MISS"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _compare(label: str, sw: str, plain: str, ratio: float, target: str, verdict: str) -> str:
+    return (
+        f"{label:<26}streamwise {sw:>17}   plain grpc.aio {plain:>17}   "
+        f"ratio {ratio:6.2f}  ({target})  {verdict}"
+    )
+
+
+def _rate_line(label: str, sw: float, plain: float, unit: str, minimum: float | None) -> str:
+    ratio = sw / plain
+    if minimum is None:
+        target, verdict = "no target", "-"
+    else:
+        target, verdict = f"target >= {minimum:g}", _verdict(ratio >= minimum)
+    return _compare(label, f"{sw:,.0f} {unit}", f"{plain:,.0f} {unit}", ratio, target, verdict)
+
+
+def _best(sw: Child, plain: Child, rounds: int, op: str, **kwargs: Any) -> tuple[float, float]:
+    """Best rate of each side over ``rounds`` alternating rounds."""
+    sw_best = plain_best = 0.0
+    for _ in range(rounds):
+        sw_best = max(sw_best, sw.ask(op, **kwargs)["rate"])
+        plain_best = max(plain_best, plain.ask(op, **kwargs)["rate"])
+    return sw_best, plain_best
+
+
+def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
+    for side in (sw, plain):
+        side.ask("warmup", calls=sizes.warmup_calls, items=sizes.stream_items // 10)
+
+    sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "unary", calls=sizes.unary_calls, concurrency=1)
+    _say(_rate_line("unary 1 concurrent", sw_rate, plain_rate, "req/s", None))
+    sw_rate, plain_rate = _best(
+        sw, plain, sizes.rounds, "unary", calls=sizes.concurrent_calls, concurrency=CONCURRENCY
+    )
+    _say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", UNARY_RATIO_MIN))
+
+    sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=1, items=sizes.stream_items)
+    _say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+    n = sizes.concurrent_stream_items
+    sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=STREAM_CONCURRENCY, items=n)
+    _say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+
+    sw_samples: list[float] = []
+    plain_samples: list[float] = []
+    for _ in range(sizes.rounds):
+        kwargs = dict(calls=sizes.first_item_calls, items=sizes.first_item_stream)
+        sw_samples += sw.ask("first_item", **kwargs)["samples"]
+        plain_samples += plain.ask("first_item", **kwargs)["samples"]
+    for q in (50, 99):
+        sw_ms = _percentile(sw_samples, q) * 1e3
+        plain_ms = _percentile(plain_samples, q) * 1e3
+        ratio = sw_ms / plain_ms
+        if q == 50:
+            target = f"target <= {FIRST_ITEM_RATIO_MAX:g}"
+            verdict = _verdict(ratio <= FIRST_ITEM_RATIO_MAX)
+        else:
+            target, verdict = "no target", "-"
+        _say(_compare(f"first item p{q}", f"{sw_ms:.2f} ms", f"{plain_ms:.2f} ms", ratio, target, verdict))
+    _say(
+        f"{'  for reference':<26}{len(sw_samples)} sequential calls per side, each taking the first "
+        f"item of a {sizes.first_item_stream:,}-item stream, then cancelling"
+    )
+
+
+def _check_no_children() -> None:
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    if alive:
+        print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
+        for process in alive:
+            process.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain_server:
+        asyncio.run(_serve_plain())
+        return 0
+    if args.client:
+        _client_main(args.client)
+        return 0
+
+    sizes = QUICK if args.quick else FULL
+    began = perf_counter()
+    _say(
+        f"ingress_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs, "
+        f"unary data {len(UNARY_DATA)} bytes, stream items of {len(ITEM_DATA)} bytes, one message each, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
+    _say(
+        "  streamwise: client process -> ingress (driver process) -> 1 replica process; "
+        "plain: client process -> grpc.aio server process"
+    )
+    generated = tempfile.mkdtemp(prefix="streamwise-bench-protos-")
+    children: list[Child] = []
+    try:
+        _generate(generated)
+        sys.path.insert(0, generated)
+        _import_generated()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (generated, env.get("PYTHONPATH", "")) if p)
+
+        plain_server = Child(["--plain-server"], env)
+        children.append(plain_server)
+        plain_address = f"127.0.0.1:{int(plain_server.read_line())}"
+
+        streamwise.run(
+            BenchService.bind(),
+            name="bench",
+            grpc_options=streamwise.GrpcOptions(
+                port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server]
+            ),
+        )
+        sw = Child(["--client", streamwise.ingress_address()], env)
+        children.append(sw)
+        plain = Child(["--client", plain_address], env)
+        children.append(plain)
+        for client in (sw, plain):
+            client.ask("connect")
+
+        _measure(sw, plain, sizes)
+    finally:
+        # Clients first (they hold channels to both servers), then the servers.
+        for child in reversed(children):
+            child.stop()
+        streamwise.shutdown()
+        _check_no_children()
+        if generated in sys.path:
+            sys.path.remove(generated)
+        shutil.rmtree(generated, ignore_errors=True)
+    _say(f"total {perf_counter() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

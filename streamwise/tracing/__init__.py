@@ -1,0 +1,1 @@
+"""OpenTelemetry traces across every process: spans (API only), SDK setup, the viewer."""

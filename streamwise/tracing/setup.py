@@ -1,0 +1,164 @@
+"""The OpenTelemetry SDK set up from a TracingConfig, at entry points only.
+
+``run()`` / the CLI configure the driver; each replica process configures itself from
+the same config (it travels in the replica's spec). Spans of a process are flushed
+when it shuts down gracefully; the JSON-lines exporter writes each span as it ends,
+so a replica that is killed keeps the spans of the requests it completed.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import threading
+from collections.abc import Sequence
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, TraceIdRatioBased
+
+from streamwise.config import TracingConfig
+from streamwise.tracing import spans
+
+def span_record(span: ReadableSpan) -> dict:
+    """One span as the JSON object the viewer reads."""
+    ctx = span.get_span_context()
+    parent = span.parent
+    return {
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_id": format(parent.span_id, "016x") if parent is not None else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "status": span.status.status_code.name,
+        "status_description": span.status.description,
+        "attributes": dict(span.attributes or {}),
+        "events": [
+            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in span.events
+        ],
+        "links": [
+            {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
+            for link in span.links
+        ],
+        "resource": dict(span.resource.attributes),
+    }
+
+
+class JsonLinesExporter(SpanExporter):
+    """Appends one JSON object per span to ``DIR/<service>-<pid>.jsonl``."""
+
+    def __init__(self, directory: str, service: str) -> None:
+        path = pathlib.Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self._file = open(path / f"{service}-{os.getpid()}.jsonl", "ab")  # noqa: SIM115 - closed in shutdown
+        self._lock = threading.Lock()
+
+    def export(self, batch: Sequence[ReadableSpan]) -> SpanExportResult:
+        data = b"".join(orjson.dumps(span_record(s), default=str) + b"\n" for s in batch)
+        with self._lock:
+            if self._file.closed:
+                return SpanExportResult.FAILURE
+            self._file.write(data)
+            self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def _processors(config: TracingConfig, service: str) -> list[SpanProcessor]:
+    if callable(config.exporter):
+        return list(config.exporter())
+    if config.exporter == "jsonl":
+        return [SimpleSpanProcessor(JsonLinesExporter(config.jsonl_dir, service))]
+    if config.exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return [BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True), schedule_delay_millis=500)]
+    return [BatchSpanProcessor(ConsoleSpanExporter())]
+
+
+class _Switch(SpanProcessor, Sampler):
+    """The installed provider's sampler and span processor, re-pointable per ``run()``.
+
+    OpenTelemetry lets a process set its global tracer provider once; a driver that
+    runs, shuts down and runs again with other tracing settings swaps these instead.
+    """
+
+    def __init__(self) -> None:
+        self.sampler: Sampler = ALWAYS_OFF
+        self.processors: list[SpanProcessor] = []
+
+    # Sampler
+    def should_sample(self, *args, **kwargs):  # type: ignore[override]
+        return self.sampler.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"streamwise({self.sampler.get_description()})"
+
+    # SpanProcessor
+    def on_start(self, span, parent_context=None) -> None:  # type: ignore[override]
+        for processor in self.processors:
+            processor.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        for processor in self.processors:
+            processor.on_end(span)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all(p.force_flush(timeout_millis) for p in self.processors)
+
+    def shutdown(self) -> None:
+        processors, self.processors = self.processors, []
+        self.sampler = ALWAYS_OFF
+        for processor in processors:
+            processor.shutdown()
+
+
+_switch: _Switch | None = None
+
+
+def configure(config: TracingConfig | None, service: str, **resource: str) -> None:
+    """Install the SDK for this process from ``config`` (None or disabled: no tracing)."""
+    global _switch
+    if config is None or not config.enabled:
+        return
+    if _switch is None:
+        switch = _Switch()
+        provider = TracerProvider(
+            sampler=switch,
+            resource=Resource.create({"service.name": service, "process.pid": os.getpid(), **resource}),
+            shutdown_on_exit=False,
+        )
+        provider.add_span_processor(switch)
+        trace.set_tracer_provider(provider)
+        _switch = switch
+    _switch.shutdown()
+    _switch.processors = _processors(config, service)
+    _switch.sampler = ParentBased(TraceIdRatioBased(config.sampling_ratio))
+    spans.set_enabled(True)
+
+
+def flush() -> None:
+    """Export every finished span now."""
+    if _switch is not None:
+        _switch.force_flush()
+
+
+def shutdown() -> None:
+    """Flush and stop exporting; called when the process stops serving."""
+    spans.set_enabled(False)
+    if _switch is not None:
+        _switch.shutdown()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from streamwise.batching import _trace
 from streamwise.batching._queue import MAX_BACKLOG, BatchQueue, CallEntry, StreamEntry, Taken
 from streamwise.batching.continuous import BatchRequest, BatchStep, ContinuousBatch
 from streamwise.batching.stats import BatchStats, BatchStatsLog
@@ -52,20 +53,28 @@ def _still_there(taken: Taken) -> bool:
     return bool(taken.entries)
 
 
-def _record(stats: BatchStatsLog, taken: Taken, steps: int = 0, joined: int = 0, peak: int = 0) -> None:
-    stats.record(
-        BatchStats(
-            size=len(taken.entries),
-            wait_s=taken.wait_s,
-            queue_length=taken.queue_length,
-            multiplexed_model_id=taken.model_id,
-            started_at=taken.started_at,
-            duration_s=time.monotonic() - taken.started_at,
-            steps=steps,
-            joined=joined,
-            peak_size=max(peak, len(taken.entries)),
-        )
+def _record(
+    stats: BatchStatsLog,
+    taken: Taken,
+    span: Any,
+    error: BaseException | None,
+    steps: int = 0,
+    joined: int = 0,
+    peak: int = 0,
+) -> None:
+    record = BatchStats(
+        size=len(taken.entries),
+        wait_s=taken.wait_s,
+        queue_length=taken.queue_length,
+        multiplexed_model_id=taken.model_id,
+        started_at=taken.started_at,
+        duration_s=time.monotonic() - taken.started_at,
+        steps=steps,
+        joined=joined,
+        peak_size=max(peak, len(taken.entries)),
     )
+    _trace.close_span(span, record, error)
+    stats.record(record)
 
 
 async def run_calls(call: UserCall, name: str, stats: BatchStatsLog, taken: Taken) -> None:
@@ -73,11 +82,14 @@ async def run_calls(call: UserCall, name: str, stats: BatchStatsLog, taken: Take
     if not _still_there(taken):
         return
     entries: list[CallEntry] = taken.entries  # type: ignore[assignment]
+    span = _trace.open_span(name, taken)
+    error: BaseException | None = None
     try:
         try:
             out = await call(entries[0].owner, [entry.item for entry in entries])
             results = _results(out, len(entries), name, "return")
         except Exception as exc:
+            error = exc
             for entry in entries:
                 if not entry.future.done():
                     entry.future.set_exception(exc)
@@ -88,7 +100,7 @@ async def run_calls(call: UserCall, name: str, stats: BatchStatsLog, taken: Take
     finally:
         for entry in entries:
             entry.future.cancel()  # only if still pending: the runner was cancelled
-        _record(stats, taken, steps=1)
+        _record(stats, taken, span, error, steps=1)
 
 
 async def _pace(entries: list[StreamEntry], read: asyncio.Event) -> None:
@@ -132,6 +144,7 @@ async def run_stream(call: UserCall, name: str, stats: BatchStatsLog, taken: Tak
     read = asyncio.Event()
     for entry in entries:
         entry.read = read
+    span = _trace.open_span(name, taken)
     agen = call(entries[0].owner, [entry.item for entry in entries])
     steps = 0
     error: BaseException | None = None
@@ -154,7 +167,7 @@ async def run_stream(call: UserCall, name: str, stats: BatchStatsLog, taken: Tak
         error = error or closing_error
         for entry in entries:
             entry.end(error)
-        _record(stats, taken, steps=steps)
+        _record(stats, taken, span, error, steps=steps)
 
 
 async def run_continuous(
@@ -171,6 +184,7 @@ async def run_continuous(
         return [(BatchRequest(entry.item, entry.request, entry), entry) for entry in entries]
 
     members = admit(taken.entries)
+    span = _trace.open_span(name, taken)
     requests = tuple(request for request, _ in members)
     batch = ContinuousBatch(BatchStep(0, requests, requests, ()))
     agen = call(taken.entries[0].owner, batch)
@@ -194,6 +208,7 @@ async def run_continuous(
             stayed = [(request, entry) for request, entry in members if not entry.gone]
             left = tuple(request for request, entry in members if entry.gone)
             new = admit(queue.take_joiners(taken.model_id, [entry.item for _, entry in stayed]))
+            _trace.joined(span, [entry for _, entry in new])
             members = stayed + new
             joined += len(new)
             peak = max(peak, len(members))
@@ -215,4 +230,4 @@ async def run_continuous(
         error = error or closing_error
         for _, entry in members:  # those that left before are over already
             entry.end(error)
-        _record(stats, taken, steps=steps, joined=joined, peak=peak)
+        _record(stats, taken, span, error, steps=steps, joined=joined, peak=peak)

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
 
 import streamwise
 
 HUGE_S = 3600.0
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 class Weighed:
@@ -188,17 +184,3 @@ def test_continuous_batch_sees_a_cancelled_caller_leave(serve):
     stay.close()
     assert handle.wait_finalized.remote().result(timeout_s=30)
 
-
-def test_continuous_batching_example_runs():
-    """examples/continuous_batching.py runs to completion and shows callers joining and leaving."""
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "continuous_batching.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    steps = [line for line in out.stdout.splitlines() if line.lstrip().startswith("step")]
-    assert any("joined [" in line and "'epsilon'" in line for line in steps)  # it joined a running batch
-    assert any("left [" in line for line in steps)
-    assert all(int(line.split(":")[1].split()[0]) <= 4 for line in steps)  # never above max_batch_size

@@ -25,7 +25,7 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from streamwise.batching import _runners
@@ -120,18 +120,11 @@ class _Batcher:
         self.name = name
         self.stats = stats if stats is not None else BatchStatsLog()
         self._queues = _Queues()
+        self._kind = kind
         if takes_self:
             self._call: _runners.UserCall = fn
         else:
             self._call = lambda _owner, arg: fn(arg)
-        if kind == "async":
-            run = functools.partial(_runners.run_calls, self._call, name, self.stats)
-            self._runner: Callable[[BatchQueue, Taken], Any] = lambda _queue, taken: run(taken)
-        elif config.continuous:
-            self._runner = self._run_continuous
-        else:
-            run = functools.partial(_runners.run_stream, self._call, name, self.stats)
-            self._runner = lambda _queue, taken: run(taken)
         self.wrapper = self._make_wrapper(kind, takes_self)
 
     def __reduce__(self):
@@ -139,12 +132,17 @@ class _Batcher:
         # there, keeping the stats log shared with the wrapper's ``stats`` attribute.
         return (_Batcher, (self.fn, self.config, self.stats))
 
-    def _run_continuous(self, queue: BatchQueue, taken: Taken) -> Any:
-        return _runners.run_continuous(queue, self._call, self.name, self.stats, taken)
+    def _run(self, queue: BatchQueue, taken: Taken) -> Coroutine[Any, Any, None]:
+        """The runner of one formed batch (see :mod:`streamwise.batching._runners`)."""
+        if self._kind == "async":
+            return _runners.run_calls(self._call, self.name, self.stats, taken)
+        if self.config.continuous:
+            return _runners.run_continuous(queue, self._call, self.name, self.stats, taken)
+        return _runners.run_stream(self._call, self.name, self.stats, taken)
 
     def _queue(self, owner: Any) -> BatchQueue:
         return self._queues.get(
-            owner, lambda: BatchQueue(lambda: self.config, self._runner, self.config.max_concurrent_batches)
+            owner, lambda: BatchQueue(lambda: self.config, self._run, self.config.max_concurrent_batches)
         )
 
     # -- callers ---------------------------------------------------------------------

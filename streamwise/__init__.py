@@ -23,9 +23,19 @@ from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, Rout
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
+from streamwise.batching.batch import batch  # noqa: E402
+from streamwise.batching.coalesce import CoalesceConfig, coalesce  # noqa: E402
+from streamwise.batching.continuous import BatchRequest, BatchStep, ContinuousBatch  # noqa: E402
+from streamwise.batching.stats import BatchStats, BatchStatsLog  # noqa: E402
 
 __all__ = [
     "Application",
+    "BatchRequest",
+    "BatchStats",
+    "BatchStatsLog",
+    "BatchStep",
+    "CoalesceConfig",
+    "ContinuousBatch",
     "Deployment",
     "DeploymentConfig",
     "DeploymentHandle",
@@ -36,6 +46,8 @@ __all__ = [
     "RequestContext",
     "RouterConfig",
     "TracingConfig",
+    "batch",
+    "coalesce",
     "deployment",
     "get_request_context",
     "ingress_address",

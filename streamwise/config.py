@@ -8,7 +8,9 @@ lazily the first time a router is built); nothing else in the package reads
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from streamwise.exceptions import UsageError
@@ -19,6 +21,10 @@ DEFAULT_HEALTH_CHECK_PERIOD_S = 10.0
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 30.0
 DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0
 DEFAULT_MAX_CONSTRUCTOR_ATTEMPTS = 3
+
+DEFAULT_MAX_BATCH_SIZE = 10
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+DEFAULT_MAX_CONCURRENT_BATCHES = 1
 
 DEFAULT_RETRY_INITIAL_BACKOFF_S = 0.025
 DEFAULT_RETRY_BACKOFF_MULTIPLIER = 2.0
@@ -39,6 +45,80 @@ def _check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_seconds(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Knobs of one ``@batch`` function (see :func:`streamwise.batch`)."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    max_concurrent_batches: int = DEFAULT_MAX_CONCURRENT_BATCHES
+    batch_size_fn: Callable[[list[Any]], int] | None = None
+    continuous: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.max_batch_size) and self.max_batch_size >= 1,
+            f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}",
+        )
+        _check(
+            _is_seconds(self.batch_wait_timeout_s) and self.batch_wait_timeout_s >= 0,
+            f"batch_wait_timeout_s must be a number >= 0, got {self.batch_wait_timeout_s!r}",
+        )
+        _check(
+            _is_int(self.max_concurrent_batches) and self.max_concurrent_batches >= 1,
+            f"max_concurrent_batches must be an int >= 1, got {self.max_concurrent_batches!r}",
+        )
+        _check(
+            self.batch_size_fn is None or callable(self.batch_size_fn),
+            f"batch_size_fn must be a callable taking a list of items, got {self.batch_size_fn!r}",
+        )
+        _check(isinstance(self.continuous, bool), f"continuous must be True or False, got {self.continuous!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoalesceConfig:
+    """How the items one stream yields are grouped into wire frames.
+
+    The default adds no latency: a frame leaves as soon as the transport is free and
+    carries whatever piled up meanwhile. ``max_items`` / ``max_bytes`` cap a frame
+    (a single item larger than ``max_bytes`` still travels, alone); with
+    ``max_delay_s > 0`` the sender may hold an item up to that long to fill a frame,
+    never longer.
+    """
+
+    max_items: int | None = None
+    max_delay_s: float = 0.0
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("max_items", "max_bytes"):
+            value = getattr(self, field)
+            _check(
+                value is None or (_is_int(value) and value >= 1),
+                f"{field} must be None or an int >= 1, got {value!r}",
+            )
+        _check(
+            _is_seconds(self.max_delay_s) and self.max_delay_s >= 0,
+            f"max_delay_s must be a number >= 0, got {self.max_delay_s!r}",
+        )
+
+    @property
+    def eager(self) -> bool:
+        """True for the default policy: no cap, no hold."""
+        return self.max_items is None and self.max_bytes is None and self.max_delay_s == 0
+
+
+DEFAULT_COALESCE = CoalesceConfig()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeploymentConfig:
     """Options of one deployment, set by ``@deployment(...)`` or ``.options(...)``."""
@@ -51,6 +131,7 @@ class DeploymentConfig:
     health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
     graceful_shutdown_timeout_s: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
     max_constructor_attempts: int = DEFAULT_MAX_CONSTRUCTOR_ATTEMPTS
+    coalesce: CoalesceConfig = DEFAULT_COALESCE  # stream framing of methods without @coalesce
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and isinstance(self.name, str), "deployment name must be a non-empty str")
@@ -72,6 +153,10 @@ class DeploymentConfig:
         _check(
             isinstance(self.max_constructor_attempts, int) and self.max_constructor_attempts >= 1,
             f"max_constructor_attempts of {self.name!r} must be an int >= 1",
+        )
+        _check(
+            isinstance(self.coalesce, CoalesceConfig),
+            f"coalesce of {self.name!r} must be a streamwise.CoalesceConfig, got {self.coalesce!r}",
         )
 
 

@@ -33,3 +33,15 @@ def test_fruit_market_over_grpc(serve):
     serve(fruit_market.app, grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"))
     response = asyncio.run(fruit_market_client.send_request(streamwise.ingress_address()))
     assert struct.unpack("f", response.prediction) == (29.0,)
+
+
+def test_continuous_batching_example_runs():
+    """examples/continuous_batching.py runs to completion and shows callers joining and leaving."""
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "continuous_batching.py")], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.lstrip().startswith("step")]
+    assert any("joined [" in line and "'epsilon'" in line for line in steps)  # it joined a running batch
+    assert any("left [" in line for line in steps)
+    assert all(int(line.split(":")[1].split()[0]) <= 4 for line in steps)  # never above max_batch_size

@@ -7,6 +7,11 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from streamwise.config import CoalesceConfig
+
+# Set by @streamwise.coalesce on a generator function: the frames policy of its streams.
+COALESCE_ATTR = "__streamwise_coalesce__"
+
 
 class MethodKind(enum.Enum):
     ASYNC = "async"  # async def -> awaited on the replica loop
@@ -48,3 +53,8 @@ def methods_of(target: type | Callable[..., Any]) -> Mapping[str, MethodKind]:
         if inspect.isfunction(member) or inspect.ismethod(member):
             found[name] = kind_of(member)
     return found
+
+
+def coalesce_of(fn: Callable[..., Any], default: CoalesceConfig) -> CoalesceConfig:
+    """The frames policy of a (bound) method: its ``@coalesce`` if any, else ``default``."""
+    return getattr(fn, COALESCE_ATTR, None) or default

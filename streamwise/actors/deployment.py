@@ -86,7 +86,8 @@ def deployment(_target: Any = None, **options: Any) -> Any:
 
     Options: ``name``, ``num_replicas``, ``max_ongoing_requests``, ``user_config``,
     ``health_check_period_s``, ``health_check_timeout_s``,
-    ``graceful_shutdown_timeout_s`` (see :class:`streamwise.config.DeploymentConfig`).
+    ``graceful_shutdown_timeout_s``, ``coalesce`` (a :class:`CoalesceConfig` for the
+    frames of every stream; see :class:`streamwise.config.DeploymentConfig`).
     """
 
     def wrap(target: Any) -> Deployment:

@@ -110,6 +110,7 @@ async def serve(controller_address: str, replica_id: str) -> int:
             deployment=config.name,
             replica_id=replica_id,
             max_ongoing_requests=config.max_ongoing_requests,
+            coalesce=config.coalesce,
             executor=executor,
             rpcs=rpcs,
         )

@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 
 from streamwise import codec as codecs
-from streamwise.actors._methods import MethodKind
+from streamwise.actors._methods import MethodKind, coalesce_of
+from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
@@ -42,6 +43,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         deployment: str,
         replica_id: str,
         max_ongoing_requests: int,
+        coalesce: CoalesceConfig = DEFAULT_COALESCE,
         executor: ThreadPoolExecutor,
         rpcs: Mapping[str, RpcMethod] | None = None,
     ) -> None:
@@ -51,6 +53,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self._deployment = deployment
         self._replica_id = replica_id
         self._max_ongoing = max_ongoing_requests
+        self._coalesce = coalesce  # frames of streams whose method has no @coalesce
         self._executor = executor
         self._ongoing = 0
         self._draining = False
@@ -218,13 +221,14 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     "`async def` (an async iterator cannot be consumed from a thread)"
                 )
             items = spans.counted(self._iterate(kind, call), span)
+            policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
             if span is not None:
                 spans.mark_error(span, exc)
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return
         try:
-            error = await send_frames(items, context.write, payload.items)
+            error = await send_frames(items, context.write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
             error = exc
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))

@@ -1,0 +1,1 @@
+"""Request batching (``@batch``, continuous batching) and stream coalescing (``@coalesce``)."""

@@ -1,0 +1,36 @@
+"""The batch span: one per batch, linking the span of every request in it."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+
+import streamwise
+from streamwise.tracing import viewer
+
+HUGE_S = 3600.0
+
+
+@streamwise.deployment(max_ongoing_requests=8)
+class Traced:
+    @streamwise.batch(max_batch_size=3, batch_wait_timeout_s=HUGE_S)
+    async def double(self, items):
+        with trace.get_tracer("user").start_as_current_span("model-forward"):
+            return [2 * item for item in items]
+
+
+def test_batch_span_links_every_request(serve, tmp_path):
+    """A batch of three calls makes one root span linking the three requests' spans;
+    the function's own spans are its children."""
+    handle = serve(Traced.bind(), tracing=streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path)))
+    responses = [handle.double.remote(i) for i in range(3)]
+    assert sorted(r.result(timeout_s=30) for r in responses) == [0, 2, 4]
+    streamwise.shutdown()  # flushes every process
+    spans = viewer.load(tmp_path)
+    (batch,) = [s for s in spans if s.name == "batch Traced.double"]
+    requests = [s for s in spans if s.name == "Traced.double"]
+    assert len(requests) == 3
+    assert batch.parent_id is None
+    assert {link["span_id"] for link in batch.record["links"]} == {s.span_id for s in requests}
+    assert batch.record["attributes"]["streamwise.batch.size"] == 3
+    (forward,) = [s for s in spans if s.name == "model-forward"]
+    assert forward.parent_id == batch.span_id

@@ -1,8 +1,9 @@
 """The batch span: one span per batch, linking the span of every request in it.
 
-A batch serves many requests, so it cannot be a child of one of them: its span
-starts a trace of its own and links each request's span (callers that join a
-continuous batch later are linked as they join). While the batch runs its span is
+A batch serves many requests, so its span links each request's span (callers that
+join a continuous batch later are linked as they join). When every request of the
+batch belongs to one trace, the span sits in that trace (under its first request);
+when the requests come from several traces it starts a trace of its own. While the batch runs its span is
 current in the runner task, so spans the user's function makes are its children.
 Nothing happens unless tracing is set up in this process.
 """
@@ -38,8 +39,11 @@ def open_span(name: str, taken: Taken) -> trace.Span | None:
         "streamwise.batch.queue_length": taken.queue_length,
         "streamwise.multiplexed_model_id": taken.model_id,
     }
-    # Started in an empty context, so that it is no request's child.
-    span = contextvars.Context().run(spans.start_span, f"batch {name}", links, attributes)
+    if taken.entries and len({link.context.trace_id for link in links}) == 1 and len(links) == len(taken.entries):
+        parent = taken.entries[0].context  # one trace: stay in it
+    else:
+        parent = contextvars.Context()  # several traces: no request's child
+    span = parent.run(spans.start_span, f"batch {name}", links, attributes)
     if span is not None:
         otel_context.attach(trace.set_span_in_context(span))
     return span

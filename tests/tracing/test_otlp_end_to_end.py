@@ -1,4 +1,4 @@
-"""End to end: spans of client -> ingress -> A -> B reach a real OTLP/gRPC receiver."""
+"""End to end: spans of client -> ingress -> A -> B (with a batch) reach a real OTLP/gRPC receiver."""
 
 from __future__ import annotations
 
@@ -30,11 +30,15 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-@streamwise.deployment
+@streamwise.deployment(max_ongoing_requests=8)
 class Back:
     async def words(self, text: str):
         for word in text.split():
             yield word
+
+    @streamwise.batch(max_batch_size=2, batch_wait_timeout_s=3600)
+    async def lengths(self, words: list[str]) -> list[int]:
+        return [len(w) for w in words]
 
 
 @streamwise.deployment
@@ -43,7 +47,10 @@ class Front:
         self.back = back
 
     async def __call__(self, inputs: dict) -> bytes:
-        return b"-".join([w.encode() async for w in self.back.words.remote(inputs["text"].decode())])
+        words = [w async for w in self.back.words.remote(inputs["text"].decode())]
+        # Two concurrent calls fill one batch of two (the size trigger; the timeout is huge).
+        lengths = await asyncio.gather(*(self.back.lengths.remote(w) for w in words))
+        return "-".join(f"{w}{n}" for w, n in zip(words, lengths, strict=True)).encode()
 
 
 def test_spans_reach_otlp_receiver_in_one_trace(serve):
@@ -65,17 +72,25 @@ def test_spans_reach_otlp_receiver_in_one_trace(serve):
             async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
                 stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
                 return await stub.Predict(
-                    predict_pb2.PredictRequest(input={"text": b"a b"}),
+                    predict_pb2.PredictRequest(input={"text": b"a bb"}),
                     metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),),
                 )
 
-        assert asyncio.run(call()).prediction == b"a-b"
+        assert asyncio.run(call()).prediction == b"a1-bb2"
         streamwise.shutdown()  # every process flushes its spans at graceful shutdown
     finally:
         server.stop(None)
 
-    spans = {span.name: (service, span) for service, span in receiver.spans}
     assert {span.trace_id.hex() for _, span in receiver.spans} == {trace_id}
+    batch = [span for _, span in receiver.spans if span.name == "batch Back.lengths"]
+    batched = [span for _, span in receiver.spans if span.name == "Back.lengths"]
+    # One batch span serves both requests: it links each of them, and (both being of
+    # this trace) sits in the trace under one of them.
+    assert len(batch) == 1 and len(batched) == 2
+    assert {link.span_id.hex() for link in batch[0].links} == {span.span_id.hex() for span in batched}
+    assert batch[0].parent_span_id.hex() in {span.span_id.hex() for span in batched}
+    assert [attr.value.int_value for attr in batch[0].attributes if attr.key == "streamwise.batch.size"] == [2]
+    spans = {span.name: (service, span) for service, span in receiver.spans}
     by_id = {span.span_id.hex(): name for name, (_, span) in spans.items()}
 
     def parent(name):

@@ -32,9 +32,23 @@ class RequestContext:
         )
 
 
-_CURRENT: contextvars.ContextVar[RequestContext] = contextvars.ContextVar("streamwise_request")
+# What a request's context is built from; built only when user code asks for it.
+_Source = tuple[Mapping[str, str], str, str]
+_CURRENT: contextvars.ContextVar[_Source | RequestContext] = contextvars.ContextVar("streamwise_request")
+
+
+def enter_request(metadata: Mapping[str, str], deployment: str, replica_id: str) -> None:
+    """Make this request current for the running task (and tasks/threads it starts)."""
+    _CURRENT.set((metadata, deployment, replica_id))
 
 
 def get_request_context() -> RequestContext:
     """The context of the request being served (an empty one outside a request)."""
-    return _CURRENT.get(RequestContext())
+    current = _CURRENT.get(None)
+    if current is None:
+        return RequestContext()
+    if isinstance(current, RequestContext):
+        return current
+    context = RequestContext.from_metadata(*current)
+    _CURRENT.set(context)  # later calls in this task reuse it
+    return context

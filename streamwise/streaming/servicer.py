@@ -25,7 +25,7 @@ from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
-from streamwise.streaming.context import RequestContext, _CURRENT
+from streamwise.streaming.context import enter_request
 from streamwise.streaming.frames import send_frames
 from streamwise.streaming.payload import CodecPayload, Payload, RpcPayload
 from streamwise.streaming.schema import RpcMethod
@@ -115,7 +115,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return kind, functools.partial(fn, *leading, *args, **kwargs), payload
 
     def _enter_context(self, request: replica_pb2.CallRequest) -> None:
-        _CURRENT.set(RequestContext.from_metadata(request.metadata, self._deployment, self._replica_id))
+        enter_request(request.metadata, self._deployment, self._replica_id)
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
         ctx = contextvars.copy_context()

@@ -89,6 +89,8 @@ class RouteSpan:
 
 
 class _NoRoute:
+    """Stands in for a route span (and its context manager) when nothing is recorded."""
+
     __slots__ = ()
 
     def chose(self, replica_id: str) -> None:
@@ -97,18 +99,42 @@ class _NoRoute:
     def retried(self, backoff_s: float) -> None:
         pass
 
+    def __enter__(self) -> _NoRoute:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
 
 _NO_ROUTE = _NoRoute()
 
 
-@contextlib.contextmanager
+class _NoSpan:
+    """A context manager yielding None: ``serve`` when tracing is off."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
 def route(
     deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
-) -> Iterator[RouteSpan | _NoRoute]:
+) -> contextlib.AbstractContextManager[RouteSpan | _NoRoute]:
     """A client span around routing one call; its context goes into ``metadata``."""
-    if not _enabled:
-        yield _NO_ROUTE
-        return
+    return _route(deployment, method, metadata, parent) if _enabled else _NO_ROUTE
+
+
+@contextlib.contextmanager
+def _route(
+    deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
+) -> Iterator[RouteSpan | _NoRoute]:
     if parent is None:
         parent = otel_context.get_current()
     record, root, carried = _decide(parent)
@@ -140,18 +166,21 @@ def _cancelled() -> type[BaseException]:
     return asyncio.CancelledError
 
 
-@contextlib.contextmanager
 def serve(
     name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None = None
-) -> Iterator[trace.Span | None]:
+) -> contextlib.AbstractContextManager[trace.Span | None]:
     """A server span made current for the request, parented from ``metadata``.
 
     Yields None when tracing is off or the request is not sampled (the unsampled
     context is still made current, so downstream calls carry it on).
     """
-    if not _enabled:
-        yield None
-        return
+    return _serve(name, metadata, attributes, links) if _enabled else _NO_SPAN
+
+
+@contextlib.contextmanager
+def _serve(
+    name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None
+) -> Iterator[trace.Span | None]:
     parent = propagate.extract(metadata)
     record, root, carried = _decide(parent)
     if not record:

@@ -10,6 +10,8 @@ grpc.aio server in its own process (generic handlers on raw bytes, no generated
 code), with the same payloads, and judged as a ratio against it:
 
     unary calls/s, sequential and 32 concurrent   >= 0.6x bare unary calls/s
+      (from a loop beside streamwise's core thread after run(), and again from the
+      loop that runs streamwise itself with open_app())
     items/s of one stream of 200k 8-byte items    >= 3x bare, one message per item
     time to first item of a stream, p50           <= 1.5x bare unary latency p50
     run() to ready of a 2-deployment app          <= 1.5 s (median of 3)
@@ -434,6 +436,26 @@ def _check_no_children() -> None:
             process.kill()
 
 
+async def _unary_on_own_loop(address: str, sizes: Sizes) -> None:
+    """Figure (a) again, with streamwise running on the calling loop (open_app)."""
+    async with grpc.aio.insecure_channel(address) as channel, streamwise.open_app(_app(), name="bench") as handle:
+        bare_echo = channel.unary_unary(_ECHO)
+
+        async def sw_unary() -> object:
+            return await handle.echo.remote(PAYLOAD)
+
+        async def bare_unary() -> object:
+            return await bare_echo(PAYLOAD)
+
+        for _ in range(sizes.warmup_calls):
+            _expect(await sw_unary(), PAYLOAD, "streamwise echo")
+            _expect(await bare_unary(), PAYLOAD, "bare echo")
+        sw, bare = await _best_rates(sw_unary, bare_unary, sizes.unary_calls, 1, sizes.rounds)
+        _say(_rate_line("unary seq, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
+        sw, bare = await _best_rates(sw_unary, bare_unary, sizes.concurrent_calls, CONCURRENCY, sizes.rounds)
+        _say(_rate_line(f"unary {CONCURRENCY}, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
@@ -463,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                     _replica_rss(bare.pid)
                 finally:
                     streamwise.shutdown()
+            _say(_info("open_app", "the same app run on the benchmark's own event loop: no hop to a core thread"))
+            asyncio.run(_unary_on_own_loop(bare.address, sizes))
     finally:
         streamwise.shutdown()
         _check_no_children()

@@ -17,7 +17,7 @@ import os as _os
 # first import of grpc to take effect.
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamwise.actors.api import ingress_address, run, shutdown  # noqa: E402
+from streamwise.actors.api import ingress_address, open_app, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
 from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, RouterConfig, TracingConfig  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
@@ -51,6 +51,7 @@ __all__ = [
     "deployment",
     "get_request_context",
     "ingress_address",
+    "open_app",
     "run",
     "shutdown",
 ]

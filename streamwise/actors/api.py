@@ -1,10 +1,12 @@
-"""``run()`` and ``shutdown()``: the driver side of the actor runtime."""
+"""``run()``, ``open_app()`` and ``shutdown()``: the driver side of the actor runtime."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
@@ -19,37 +21,12 @@ from streamwise.tracing import setup as tracing_setup
 _lock = threading.RLock()
 
 
-class _Driver:
-    """The core loop and what lives on it (controller, ingress), owned by this process."""
+class _Services:
+    """What the driver runs on its core loop: the controller and the gRPC ingress."""
 
     def __init__(self) -> None:
-        self.core = CoreLoop()
-        self._stop = asyncio.Event()
         self.controller = Controller()
         self.ingress: Ingress | None = None
-        started: asyncio.Future[str] = asyncio.Future(loop=self.core.loop)
-        self._main = self.core.submit(self._serve(started))
-        try:
-            self.address = self.core.run(_wait(started))
-        except BaseException:
-            self.core.stop()
-            raise
-
-    async def _serve(self, started: asyncio.Future[str]) -> None:
-        try:
-            async with self.controller:
-                started.set_result(self.controller.address)
-                try:
-                    await self._stop.wait()
-                finally:
-                    if self.ingress is not None:
-                        await self.ingress.aclose()  # drain external clients first
-                    # Close this process's channels before the replicas go away.
-                    await RUNTIME.close_routing()
-        except BaseException as exc:
-            if not started.done():
-                started.set_exception(exc)
-            raise
 
     async def start_ingress(self, options: GrpcOptions) -> None:
         if self.ingress is not None:
@@ -62,12 +39,51 @@ class _Driver:
         await ingress.start()
         self.ingress = ingress
 
+    def plan(self, app: Application, name: str, tracing: TracingConfig | None) -> AppPlan:
+        servicers = self.ingress.options.servicer_functions if self.ingress is not None else None
+        return plan_app(app, name, servicers, tracing)
+
     async def deploy(self, plan: AppPlan) -> None:
         if self.ingress is not None:
             self.ingress.remove_app(plan.name)
         await self.controller.deploy(plan)
         if self.ingress is not None:
             await self.ingress.add_app(plan.name, plan.root.config.name, plan.root.methods)
+
+    async def close_front(self) -> None:
+        """Drain external clients, then close this process's channels (before replicas go)."""
+        if self.ingress is not None:
+            await self.ingress.aclose()
+        await RUNTIME.close_routing()
+
+
+class _Driver:
+    """A core loop on a daemon thread, running the services for sync callers of run()."""
+
+    def __init__(self) -> None:
+        self.core = CoreLoop()
+        self._stop = asyncio.Event()
+        self.services = _Services()
+        started: asyncio.Future[str] = asyncio.Future(loop=self.core.loop)
+        self._main = self.core.submit(self._serve(started))
+        try:
+            self.address = self.core.run(_wait(started))
+        except BaseException:
+            self.core.stop()
+            raise
+
+    async def _serve(self, started: asyncio.Future[str]) -> None:
+        try:
+            async with self.services.controller as controller:
+                started.set_result(controller.address)
+                try:
+                    await self._stop.wait()
+                finally:
+                    await self.services.close_front()
+        except BaseException as exc:
+            if not started.done():
+                started.set_exception(exc)
+            raise
 
     def close(self) -> None:
         self.core.loop.call_soon_threadsafe(self._stop.set)
@@ -82,12 +98,16 @@ async def _wait(future: asyncio.Future[str]) -> str:
 
 
 _driver: _Driver | None = None
+_active: _Services | None = None  # the services of run() or of an open_app() block
 
 
 def _ensure_driver() -> _Driver:
-    global _driver
+    global _driver, _active
     if _driver is None:
+        if RUNTIME.core_loop is not None:
+            raise UsageError("streamwise already runs on an event loop here (open_app); run() cannot start too")
         _driver = _Driver()
+        _active = _driver.services
         RUNTIME.controller_address = _driver.address
         RUNTIME.core = _driver.core
         RUNTIME.core_loop = _driver.core.loop
@@ -115,29 +135,77 @@ def run(
     """
     tracing = tracing if tracing is not None else env_tracing_config()
     with _lock:
-        tracing_setup.configure(tracing, "driver")
         driver = _ensure_driver()
+        tracing_setup.configure(tracing, "driver")
+        services = driver.services
         if grpc_options is not None:
-            driver.core.run(driver.start_ingress(grpc_options))
-        ingress = driver.ingress
-        plan = plan_app(app, name, ingress.options.servicer_functions if ingress is not None else None, tracing)
-        driver.core.run(driver.deploy(plan))
+            driver.core.run(services.start_ingress(grpc_options))
+        plan = services.plan(app, name, tracing)
+        driver.core.run(services.deploy(plan))
     return plan.root_handle()
+
+
+@contextlib.asynccontextmanager
+async def open_app(
+    app: Application,
+    name: str = "default",
+    *,
+    grpc_options: GrpcOptions | None = None,
+    tracing: TracingConfig | None = None,
+) -> AsyncIterator[DeploymentHandle]:
+    """Run ``app`` on the running event loop for the duration of an ``async with`` block.
+
+    Like :func:`run`, but the controller, routers and ingress live on the caller's own
+    event loop instead of a background thread, so handle calls made from that loop
+    need no hop between threads. Leaving the block (normally, by an exception, or by
+    cancellation) drains the ingress and stops every replica it started.
+    """
+    tracing = tracing if tracing is not None else env_tracing_config()
+    global _active
+    with _lock:
+        if _driver is not None or RUNTIME.core_loop is not None:
+            raise UsageError("streamwise already runs in this process; shutdown() it or leave that block first")
+        RUNTIME.core_loop = asyncio.get_running_loop()
+    services = _Services()
+    try:
+        async with services.controller as controller:
+            RUNTIME.controller_address = controller.address
+            _active = services
+            try:
+                tracing_setup.configure(tracing, "driver")
+                if grpc_options is not None:
+                    await services.start_ingress(grpc_options)
+                plan = services.plan(app, name, tracing)
+                await services.deploy(plan)
+                yield plan.root_handle()
+            finally:
+                await services.close_front()
+    finally:
+        with _lock:
+            _active = None
+            RUNTIME.controller_address = None
+            RUNTIME.core_loop = None
+        tracing_setup.shutdown()
 
 
 def ingress_address() -> str:
     """``host:port`` where the gRPC ingress listens (the bound port when port=0)."""
     with _lock:
-        if _driver is None or _driver.ingress is None:
+        if _active is None or _active.ingress is None:
             raise UsageError("no gRPC ingress is running; pass grpc_options to streamwise.run()")
-        return _driver.ingress.address
+        return _active.ingress.address
 
 
 def shutdown() -> None:
-    """Stop every app, replica process and the controller; safe to call twice."""
-    global _driver
+    """Stop every app, replica process and the controller; safe to call twice.
+
+    (An ``open_app`` block stops what it started when it is left.)
+    """
+    global _driver, _active
     with _lock:
         driver, _driver = _driver, None
+        if driver is not None:
+            _active = None
         if driver is None:
             return
         try:

@@ -216,3 +216,39 @@ def test_graceful_shutdown_lets_running_calls_finish(serve):
     assert pending.result(timeout_s=30) == "finished"
     stopper.join(30)
     assert not stopper.is_alive()
+
+
+def _no_children_left() -> None:
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)
+    assert not alive, f"processes left: {alive}"
+
+
+def test_open_app_runs_on_the_callers_loop(serve):
+    """open_app serves handles on the caller's loop and stops everything on exit."""
+
+    async def main():
+        async with streamwise.open_app(Model.bind(Tokenizer.bind())) as handle:
+            words = [w async for w in handle.generate.remote("p q")]
+            count = await handle.count.remote("a b c")
+            # sync callers on other threads still reach it
+            threaded = await asyncio.to_thread(lambda: handle.count.remote("x").result())
+            assert len(psutil.Process().children()) == 3
+        return words, count, threaded
+
+    assert asyncio.run(main()) == (["P", "Q"], 3, 1)
+    _no_children_left()
+
+
+def test_open_app_cleans_up_on_error_and_refuses_run(serve):
+    """Leaving open_app by an exception stops its replicas; run() inside it is refused."""
+
+    async def main():
+        async with streamwise.open_app(shout.bind()) as handle:
+            assert await handle.remote("x") == "X!"
+            with pytest.raises(UsageError, match="already runs"):
+                streamwise.run(shout.bind(), name="other")
+            raise KeyError("user error")
+
+    with pytest.raises(KeyError):
+        asyncio.run(main())
+    _no_children_left()

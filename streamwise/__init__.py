@@ -17,7 +17,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from streamwise.actors.api import run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
-from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig  # noqa: E402
+from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig, TransportConfig  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "HandleOptions",
     "RequestContext",
     "RouterConfig",
+    "TransportConfig",
     "deployment",
     "get_request_context",
     "run",

@@ -5,7 +5,10 @@ How the parts fit: ``@deployment`` marks a class whose replicas are OS processes
 replicas and pushes their addresses to every router. A ``DeploymentHandle``
 (``routing/``) sends each call through a router (power of two choices, retry with
 backoff) over gRPC to a replica, whose servicer (``streaming/``) runs the user method
-and sends what an async generator yields back in frames as it is produced.
+and sends what an async generator yields back in frames as it is produced. Large
+arguments and results travel by reference through node-local shared memory
+(``objectstore/``: ``put``, ``get``, ``ObjectRef``) unless a handle chooses
+``by_reference=False``, which sends everything inline over gRPC.
 """
 
 import os as _os
@@ -18,6 +21,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from streamwise.actors.api import run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
 from streamwise.config import DeploymentConfig, HandleOptions, RouterConfig, TransportConfig  # noqa: E402
+from streamwise.objectstore import ObjectRef, get, put  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
@@ -30,11 +34,14 @@ __all__ = [
     "DeploymentResponse",
     "DeploymentResponseGenerator",
     "HandleOptions",
+    "ObjectRef",
     "RequestContext",
     "RouterConfig",
     "TransportConfig",
     "deployment",
+    "get",
     "get_request_context",
+    "put",
     "run",
     "shutdown",
 ]

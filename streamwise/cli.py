@@ -1,7 +1,9 @@
 """The ``streamwise`` command line. Thin: it only calls the library.
 
 ``streamwise run pkg.module:app`` runs the bound app found at that import path until
-SIGINT or SIGTERM, then shuts everything down and exits 0.
+SIGINT or SIGTERM, then shuts everything down and exits 0. ``streamwise cleanup``
+deletes the shared memory of object store sessions whose processes are all gone
+(a driver killed with SIGKILL, for instance).
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from streamwise import objectstore
+
+    removed = objectstore.cleanup_stale()
+    print(f"streamwise: removed {len(removed)} stale object store session(s)", *removed, sep="\n  ")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamwise", description="Serve Python code as streaming actors.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE")
     run.add_argument("--name", default="default", help="application name (default: %(default)s)")
     run.set_defaults(handler=_cmd_run)
+    cleanup = commands.add_parser("cleanup", help="delete shared memory left by killed streamwise processes")
+    cleanup.set_defaults(handler=_cmd_cleanup)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import threading
 
+from streamwise import objectstore
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
 from streamwise.actors.deployment import Application
@@ -85,18 +86,21 @@ def run(app: Application, name: str = "default") -> DeploymentHandle:
 
 
 def shutdown() -> None:
-    """Stop every app, replica process and the controller; safe to call twice."""
+    """Stop every app, replica process and the controller, then delete the object
+    store's shared memory; safe to call twice."""
     global _driver
     with _lock:
         driver, _driver = _driver, None
-        if driver is None:
-            return
         try:
-            driver.close()
+            if driver is not None:
+                try:
+                    driver.close()
+                finally:
+                    RUNTIME.controller_address = None
+                    RUNTIME.core = None
+                    RUNTIME.core_loop = None
         finally:
-            RUNTIME.controller_address = None
-            RUNTIME.core = None
-            RUNTIME.core_loop = None
+            objectstore.close_session()  # after the replicas: they no longer use it
 
 
 atexit.register(shutdown)

@@ -17,6 +17,7 @@ from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind
 from streamwise.config import HandleOptions
 from streamwise.exceptions import UnknownMethodError
+from streamwise.objectstore.calls import CallerWire
 from streamwise.proto import replica_pb2
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator
 from streamwise.routing.router import RouterKey, router_for
@@ -98,10 +99,12 @@ class DeploymentHandle:
         if args and hasattr(args[0], "__aiter__"):
             # An async iterable first argument streams to the replica as it is produced.
             inputs, args = args[0].__aiter__(), args[1:]
+        # By reference or by value: how arguments and results travel (objectstore/calls.py).
+        wire = CallerWire(options, request_codec, response_codec)
         pending = _has_pending(args, kwargs)
         if not pending:
             # Encode here so a value the codec cannot take raises at the call site.
-            request.args = request_codec.dumps([args, kwargs])
+            request.args = wire.encode_args(args, kwargs)
         key: RouterKey = (self._app, self._deployment)
         deployment, method = self._deployment, options.method_name
 
@@ -109,23 +112,30 @@ class DeploymentHandle:
             return _wire.error_from_proto(err, deployment, method)
 
         async def open_stream() -> FrameStream:
-            if pending:
-                await _resolve_into(request, request_codec, args, kwargs)
-            return await router_for(key).open_stream(request, inputs, request_codec.dumps)
+            try:
+                wire.begin(request.metadata)
+                if pending:
+                    request.args = await wire.encode_pending(args, kwargs)
+                return await router_for(key).open_stream(request, inputs, wire.encode_input)
+            except BaseException:
+                wire.end(complete=False)
+                raise
 
         def release(stream: FrameStream) -> None:
             router = router_for(key)
             router.release(stream.target)
             if stream.died:
                 router.mark_dead(stream.target)
+            # Whether every frame was read is not known here: clear what may be left.
+            wire.end(complete=False)
 
         if stream:
-            return DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
+            return DeploymentResponseGenerator(open_stream(), wire.decode_items, error, release)
 
         if inputs is not None:
 
             async def call() -> Any:
-                frames = DeploymentResponseGenerator(open_stream(), response_codec.loads, error, release)
+                frames = DeploymentResponseGenerator(open_stream(), wire.decode_items, error, release)
                 items = [item async for item in frames]
                 if len(items) != 1:
                     raise error(replica_pb2.RemoteError(type_name="ProtocolError", message=f"{len(items)} results"))
@@ -134,14 +144,22 @@ class DeploymentHandle:
         else:
 
             async def call() -> Any:
-                if pending:
-                    await _resolve_into(request, request_codec, args, kwargs)
-                reply = await router_for(key).unary(request)
-                if reply.HasField("error"):
-                    raise error(reply.error)
-                return response_codec.loads(reply.value)
+                complete = False
+                try:
+                    wire.begin(request.metadata)
+                    if pending:
+                        request.args = await wire.encode_pending(args, kwargs)
+                    reply = await router_for(key).unary(request)
+                    if reply.HasField("error"):
+                        complete = True
+                        raise error(reply.error)
+                    result = wire.receive(reply.value)
+                    complete = True  # the reply carried all of the call's results
+                    return result
+                finally:
+                    wire.end(complete)
 
-        return DeploymentResponse(call())
+        return DeploymentResponse(call(), wire.by_reference)
 
 
 def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -152,12 +170,3 @@ def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if isinstance(value, DeploymentResponse):
             return True
     return False
-
-
-async def _resolve_into(
-    request: replica_pb2.CallRequest, codec: codecs.Codec, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
-    """Resolve DeploymentResponse arguments (already running) and encode the call's args."""
-    resolved_args = [await a if isinstance(a, DeploymentResponse) else a for a in args]
-    resolved_kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
-    request.args = codec.dumps([resolved_args, resolved_kwargs])

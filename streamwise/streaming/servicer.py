@@ -22,6 +22,7 @@ import grpc
 from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
+from streamwise.objectstore.calls import ServerWire
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming.context import RequestContext, _CURRENT
@@ -86,11 +87,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _bind(self, request: replica_pb2.CallRequest, *leading: Any) -> tuple[MethodKind, Callable[[], Any]]:
+    def _bind(
+        self, request: replica_pb2.CallRequest, wire: ServerWire, *leading: Any
+    ) -> tuple[MethodKind, Callable[[], Any]]:
         kind = self._methods.get(request.method)
         if kind is None:
             raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._methods)))
-        args, kwargs = codecs.get_codec(request.codec).loads(request.args) if request.args else ((), {})
+        args, kwargs = wire.loads_args(request.args)
         fn = getattr(self._obj, request.method)
         return kind, functools.partial(fn, *leading, *args, **kwargs)
 
@@ -116,22 +119,24 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
         await self._admit(context)
+        wire = ServerWire(request.metadata, request.codec, request.response_codec)
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
             self._enter_context(request)
             try:
-                kind, call = self._bind(request)
+                kind, call = self._bind(request, wire)
                 if kind is MethodKind.ASYNC:
                     result = await call()
                 elif kind is MethodKind.SYNC:
                     result = await self._in_thread(call)
                 else:
                     result = [item async for item in self._iterate(kind, call)]
-                value = codecs.get_codec(request.response_codec).dumps(result)
+                value = wire.dumps_result(result)
             except Exception as exc:
                 return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
             return replica_pb2.CallReply(value=value)
         finally:
+            wire.close()
             self._done()
 
     def _iterate(self, kind: MethodKind, call: Callable[[], Any]) -> AsyncIterator[Any]:
@@ -167,15 +172,28 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     ) -> None:
         """Run the requested method and send what it yields (or returns) as frames."""
         self._enter_context(request)
+        wire = ServerWire(request.metadata, request.codec, request.response_codec)
         try:
-            kind, call = self._bind(request, *inputs)
+            await self._send_frames(context, request, wire, *inputs)
+        finally:
+            wire.close()
+
+    async def _send_frames(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: replica_pb2.CallRequest,
+        wire: ServerWire,
+        *inputs: AsyncIterator[Any],
+    ) -> None:
+        try:
+            kind, call = self._bind(request, wire, *inputs)
             if inputs and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
                 raise UsageError(
                     f"{self._deployment}.{request.method} takes an input stream, so it must be "
                     "`async def` (an async iterator cannot be consumed from a thread)"
                 )
             items = self._iterate(kind, call)
-            encode = codecs.get_codec(request.response_codec).dumps
+            encode = wire.dumps_items
         except Exception as exc:
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return

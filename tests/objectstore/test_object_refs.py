@@ -136,6 +136,28 @@ class Keeper:
         return streamwise.put(bytes(n))
 
 
+def test_refs_resolve_in_any_process(serve):
+    """A ref passed to a replica resolves there; a ref made in a replica resolves here."""
+    np = pytest.importorskip("numpy")
+    handle = serve(Keeper.bind())
+    ref = streamwise.put(np.ones(MB, dtype=np.uint8))
+    assert handle.total.remote(ref).result() == MB
+    made = handle.make.remote(MB).result()
+    assert isinstance(made, streamwise.ObjectRef)
+    assert streamwise.get(made) == bytes(MB)
+
+
+def test_a_ref_held_elsewhere_keeps_the_value(serve):
+    """Dropping our ref does not free a value a replica still holds; its drop does."""
+    handle = serve(Keeper.bind())
+    ref = streamwise.put(b"k" * MB)
+    handle.keep.remote(ref).result()
+    del ref
+    assert segments()
+    handle.drop.remote().result()
+    assert segments() == []
+
+
 def test_by_value_handle_refuses_refs(serve):
     """A ref cannot travel through a by_reference=False handle: clear error at the call site."""
     handle = serve(Keeper.bind()).options(by_reference=False)

@@ -67,6 +67,32 @@ class Producer:
         return os.getpid()
 
 
+def test_stream_items_freed_once_consumed(serve):
+    """Each large stream item occupies shared memory only until the consumer drops it."""
+    handle = serve(Producer.bind())
+    stream = handle.gated.remote(MB)
+    first = next(stream)
+    assert bytes(first[:1]) == b"1" and len(segments()) == 1 and pins() == []
+    del first
+    assert segments() == []
+    handle.open_gate.remote().result()
+    second = next(stream)
+    assert bytes(second[:1]) == b"2" and len(segments()) == 1
+    del second
+    assert list(stream) == [] and segments() == []
+
+
+def test_cancelled_stream_leaves_nothing(serve):
+    """Closing a stream early leaves no segment or pin once its items are dropped."""
+    handle = serve(Producer.bind())
+    stream = handle.gated.remote(MB)
+    first = next(stream)
+    stream.close()
+    assert handle.wait_finalized.remote().result()
+    del first
+    assert segments() == [] and pins() == []
+
+
 def test_killed_replica_memory_is_reclaimed(serve):
     """What only a SIGKILLed replica held is freed before its replacement serves."""
     handle = serve(Producer.bind())
@@ -74,6 +100,17 @@ def test_killed_replica_memory_is_reclaimed(serve):
     assert segments()
     os.kill(pid, signal.SIGKILL)
     assert handle.pid.remote().result() != pid  # served by the replacement
+    assert segments() == []
+
+
+def test_result_outlives_the_replica_that_made_it(serve):
+    """A result stays readable after its producer dies, and is freed when dropped."""
+    handle = serve(Producer.bind())
+    value = handle.make.remote(MB).result()
+    os.kill(handle.pid.remote().result(), signal.SIGKILL)
+    assert handle.pid.remote().result()  # the replacement is up: reclaim has run
+    assert isinstance(value, memoryview) and value == b"m" * MB and segments()
+    del value
     assert segments() == []
 
 

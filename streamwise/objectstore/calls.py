@@ -38,7 +38,10 @@ from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
 from streamwise.objectstore.ref import ObjectRef, ref_of
 
-REF_KEY = "sw-ref"  # request metadata of a by-reference call: "<threshold>:<anchor>:<call>"
+# Request metadata of a by-reference call: "<threshold>:<anchor>:<call>". Set only by
+# CallerWire: a request carrying it is decoded as an envelope and then unpickled, so
+# nothing may copy external (client) metadata into a CallRequest under this key.
+REF_KEY = "sw-ref"
 
 
 def _check_size(data: bytes, what: str, limit: int) -> bytes:

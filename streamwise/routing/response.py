@@ -138,8 +138,8 @@ class DeploymentResponse(Generic[T]):
 
     def _to_object_ref(self) -> Awaitable[ObjectRef]:
         """``await response._to_object_ref()``: the ObjectRef of the result, without
-        decoding it. By-reference handles only. Cancelling the await leaves the call
-        running."""
+        decoding it. By-reference handles only. Cancelling this await does what
+        cancelling ``await response`` does."""
         self._require_by_reference()
         return self._object_ref()
 

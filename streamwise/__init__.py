@@ -7,7 +7,11 @@ replicas and pushes their addresses to every router. A ``DeploymentHandle``
 backoff) over gRPC to a replica, whose servicer (``streaming/``) runs the user method
 and sends what an async generator yields back in frames as it is produced. The
 gRPC ingress (``streaming/ingress.py``) forwards external clients' RPCs, undecoded,
-to an app's root deployment through the same routers.
+to an app's root deployment through the same routers. Large arguments and results
+travel by reference through node-local shared memory (``objectstore/``: ``put``,
+``get``, ``ObjectRef``) unless a handle chooses ``by_reference=False``, which sends
+everything inline over gRPC. ``batching/`` groups calls and stream items;
+``tracing/`` follows each request across processes.
 """
 
 import os as _os
@@ -19,7 +23,15 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from streamwise.actors.api import ingress_address, open_app, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
-from streamwise.config import DeploymentConfig, GrpcOptions, HandleOptions, RouterConfig, TracingConfig  # noqa: E402
+from streamwise.config import (  # noqa: E402
+    DeploymentConfig,
+    GrpcOptions,
+    HandleOptions,
+    RouterConfig,
+    TracingConfig,
+    TransportConfig,
+)
+from streamwise.objectstore import ObjectRef, get, put  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
 from streamwise.streaming.context import RequestContext, get_request_context  # noqa: E402
@@ -43,15 +55,19 @@ __all__ = [
     "DeploymentResponseGenerator",
     "GrpcOptions",
     "HandleOptions",
+    "ObjectRef",
     "RequestContext",
     "RouterConfig",
     "TracingConfig",
+    "TransportConfig",
     "batch",
     "coalesce",
     "deployment",
+    "get",
     "get_request_context",
     "ingress_address",
     "open_app",
+    "put",
     "run",
     "shutdown",
 ]

@@ -3,7 +3,9 @@
 ``streamwise run pkg.module:app`` runs the bound app found at that import path until
 SIGINT or SIGTERM, then drains, shuts everything down and exits 0. With
 ``--grpc-port`` (and ``--servicer pkg.mod:add_FooServicer_to_server``, repeatable) the
-app is also served to external gRPC clients.
+app is also served to external gRPC clients. ``streamwise cleanup``
+deletes the shared memory of object store sessions whose processes are all gone
+(a driver killed with SIGKILL, for instance).
 """
 
 from __future__ import annotations
@@ -91,6 +93,14 @@ def _trace_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-duration-ms", type=float, default=0.0, help="only traces at least this long")
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from streamwise import objectstore
+
+    removed = objectstore.cleanup_stale()
+    print(f"streamwise: removed {len(removed)} stale object store session(s)", *removed, sep="\n  ")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamwise", description="Serve Python code as streaming actors.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=["chrome"], default="chrome")
     export.add_argument("-o", "--output", required=True)
     export.set_defaults(handler=_cmd_trace_export)
+    cleanup = commands.add_parser("cleanup", help="delete shared memory left by killed streamwise processes")
+    cleanup.set_defaults(handler=_cmd_cleanup)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

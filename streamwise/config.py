@@ -1,7 +1,8 @@
 """Every option streamwise takes, as frozen keyword-only dataclasses.
 
 Environment variables are read here, once, by :func:`env_router_config` (called
-lazily the first time a router is built); nothing else in the package reads
+lazily the first time a router is built) and :func:`env_transport_config` (the first
+time a handle call or the object store needs it); nothing else in the package reads
 ``os.environ`` for user-facing settings.
 """
 
@@ -38,6 +39,15 @@ DEFAULT_GRPC_HOST = "0.0.0.0"
 DEFAULT_MAX_MESSAGE_LENGTH = 4 * 1024 * 1024
 DEFAULT_REPLICA_WAIT_TIMEOUT_S = 5.0
 DEFAULT_INGRESS_DRAIN_TIMEOUT_S = 20.0
+
+# Payloads (arguments, results, stream items) of at least this many bytes travel
+# through the shared-memory object store. Around 100 KiB one hop costs about the same
+# either way: below, the file operations a stored part needs cost more than the
+# copies gRPC makes of an inline payload; above, the store wins fast (about 3x at
+# 1 MB). benchmarks/objectstore_bench.py prints this sweep. Ray inlines objects up
+# to the same size for the same trade-off (max_direct_call_object_size).
+DEFAULT_BY_REFERENCE_THRESHOLD_BYTES = 100 * 1024
+DEFAULT_GRPC_MAX_MESSAGE_LENGTH = 4 * 1024 * 1024
 
 
 def _check(condition: bool, message: str) -> None:
@@ -213,6 +223,75 @@ def env_router_config() -> RouterConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TransportConfig:
+    """How handle calls carry payloads between processes (``STREAMWISE_*`` env vars).
+
+    ``by_reference``: the default of handles that do not choose (False when
+    ``STREAMWISE_USE_GRPC_BY_DEFAULT=1``). ``by_reference_threshold_bytes``: smallest
+    payload sent through the object store (``STREAMWISE_BY_REFERENCE_THRESHOLD_BYTES``).
+    ``grpc_max_message_length``: largest payload sent inline over gRPC
+    (``STREAMWISE_GRPC_MAX_MESSAGE_LENGTH``). ``object_store_memory``: bytes the store
+    of one driver may hold (``STREAMWISE_OBJECT_STORE_MEMORY``); None means 30% of
+    physical memory, at most the size of /dev/shm.
+    """
+
+    by_reference: bool = True
+    by_reference_threshold_bytes: int = DEFAULT_BY_REFERENCE_THRESHOLD_BYTES
+    grpc_max_message_length: int = DEFAULT_GRPC_MAX_MESSAGE_LENGTH
+    object_store_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.by_reference, bool), "by_reference must be True or False")
+        for field in ("by_reference_threshold_bytes", "grpc_max_message_length"):
+            value = getattr(self, field)
+            _check(isinstance(value, int) and value >= 1, f"{field} must be an int >= 1, got {value!r}")
+        _check(
+            self.object_store_memory is None
+            or (isinstance(self.object_store_memory, int) and self.object_store_memory >= 1),
+            f"object_store_memory must be None or an int >= 1, got {self.object_store_memory!r}",
+        )
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise UsageError(f"environment variable {name}={raw!r} must be 0 or 1")
+
+
+_transport_config: TransportConfig | None = None
+
+
+def env_transport_config() -> TransportConfig:
+    """The transport config from ``STREAMWISE_*`` env vars (read once)."""
+    global _transport_config
+    if _transport_config is None:
+        _transport_config = TransportConfig(
+            by_reference=not _env_flag("STREAMWISE_USE_GRPC_BY_DEFAULT"),
+            by_reference_threshold_bytes=_env_int(
+                "STREAMWISE_BY_REFERENCE_THRESHOLD_BYTES", DEFAULT_BY_REFERENCE_THRESHOLD_BYTES
+            ),
+            grpc_max_message_length=_env_int(
+                "STREAMWISE_GRPC_MAX_MESSAGE_LENGTH", DEFAULT_GRPC_MAX_MESSAGE_LENGTH
+            ),
+            object_store_memory=_env_int("STREAMWISE_OBJECT_STORE_MEMORY", None),
+        )
+    return _transport_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HandleOptions:
     """Per-handle call options; ``handle.options(...)`` returns a handle with a replaced copy."""
 
@@ -222,6 +301,9 @@ class HandleOptions:
     response_serialization: str = DEFAULT_CODEC
     multiplexed_model_id: str = ""  # passed to the replica in the request metadata
     session_id: str = ""  # likewise
+    # None: TransportConfig decides (by reference unless STREAMWISE_USE_GRPC_BY_DEFAULT=1).
+    by_reference: bool | None = None
+    by_reference_threshold_bytes: int | None = None  # None: TransportConfig's
 
     def __post_init__(self) -> None:
         from streamwise import codec  # local: codec imports nothing from config
@@ -230,6 +312,12 @@ class HandleOptions:
         _check(self.stream in (None, True, False), "stream must be True, False or None")
         codec.get_codec(self.request_serialization)
         codec.get_codec(self.response_serialization)
+        _check(self.by_reference in (None, True, False), "by_reference must be True, False or None")
+        _check(
+            self.by_reference_threshold_bytes is None
+            or (isinstance(self.by_reference_threshold_bytes, int) and self.by_reference_threshold_bytes >= 1),
+            "by_reference_threshold_bytes must be None or an int >= 1",
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,13 +5,16 @@ Every exception derives from one root, split by who must act::
     StreamwiseError
     ├── UsageError                  the caller misused the API (fix the calling code)
     │   ├── UnknownMethodError      the deployment has no such method
-    │   └── SerializationError      a value the chosen codec cannot encode or decode
+    │   ├── SerializationError      a value the chosen codec cannot encode or decode
+    │   ├── MessageTooLargeError    an inline (by value) payload exceeds the gRPC message limit
+    │   └── ObjectLostError         an ObjectRef whose value no longer exists (its session ended)
     ├── RemoteError                 user code raised in a replica (type, message, traceback)
     │   └── DeploymentStartupError  a replica's constructor kept failing; run() gives up
     ├── UnavailableError            no replica could take the call
     │   ├── ReplicaDiedError        the replica serving the call went away mid-call
     │   └── DeploymentNotFoundError the deployment does not exist (or was shut down)
     ├── BackPressureError           every replica stayed full for longer than allowed
+    ├── ObjectStoreFullError        the object store has no room for a value (object_store_memory)
     └── RequestTimeoutError         the call passed its deadline
 
 Cancellation is never reported as one of these: a cancelled call raises
@@ -27,6 +30,9 @@ __all__ = [
     "BackPressureError",
     "DeploymentNotFoundError",
     "DeploymentStartupError",
+    "MessageTooLargeError",
+    "ObjectLostError",
+    "ObjectStoreFullError",
     "RemoteError",
     "ReplicaDiedError",
     "RequestTimeoutError",
@@ -73,6 +79,37 @@ class SerializationError(UsageError):
 
     def __str__(self) -> str:
         return f"codec {self.codec!r} cannot handle this value: {self.detail}"
+
+
+class MessageTooLargeError(UsageError):
+    """A payload sent inline over gRPC is larger than the configured message limit."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(what, size, limit)
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"{self.what} of {self.size} bytes exceed the inline gRPC message limit of "
+            f"{self.limit} bytes (STREAMWISE_GRPC_MAX_MESSAGE_LENGTH); send large values by "
+            "reference (handle.options(by_reference=True), the default) or raise the limit"
+        )
+
+
+class ObjectLostError(UsageError):
+    """An ObjectRef names a value that no longer exists: its store session ended
+    (shutdown, or the driver died) or the ref was revived from stale bytes."""
+
+    def __init__(self, object_id: str, detail: str = "") -> None:
+        super().__init__(object_id, detail)
+        self.object_id = object_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        extra = f": {self.detail}" if self.detail else ""
+        return f"object {self.object_id} no longer exists{extra}"
 
 
 class RemoteError(StreamwiseError):
@@ -152,6 +189,29 @@ class DeploymentNotFoundError(UnavailableError):
 
 class BackPressureError(StreamwiseError):
     """Every replica of a deployment stayed at max_ongoing_requests too long."""
+
+
+class ObjectStoreFullError(StreamwiseError):
+    """A value does not fit in the object store's capacity (``object_store_memory``).
+
+    Free memory by dropping ObjectRefs (and views of stored values), or raise
+    ``STREAMWISE_OBJECT_STORE_MEMORY``.
+    """
+
+    def __init__(self, requested: int, used: int, capacity: int, detail: str = "") -> None:
+        super().__init__(requested, used, capacity, detail)
+        self.requested = requested
+        self.used = used
+        self.capacity = capacity
+        self.detail = detail
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return (
+            f"object store full: {self.requested} bytes do not fit, {self.used} of "
+            f"{self.capacity} bytes in use{extra}; drop ObjectRefs or raise "
+            "STREAMWISE_OBJECT_STORE_MEMORY"
+        )
 
 
 class RequestTimeoutError(StreamwiseError, TimeoutError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import psutil
@@ -14,6 +15,12 @@ def _streamwise_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("streamwise")}
 
 
+def _streamwise_shm() -> list[str]:
+    """Shared-memory files of object store sessions this process started."""
+    mine = f"streamwise-{os.getpid()}-"
+    return [name for name in os.listdir("/dev/shm") if name.startswith(mine)]
+
+
 @pytest.fixture
 def serve():
     """Yield ``streamwise.run``; afterwards shut down and assert nothing is left behind."""
@@ -24,3 +31,4 @@ def serve():
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes left after shutdown: {alive}"
     assert not _streamwise_threads(), f"threads left after shutdown: {_streamwise_threads()}"
+    assert not _streamwise_shm(), f"shared memory left after shutdown: {_streamwise_shm()}"

@@ -69,3 +69,31 @@ def test_backoff_sequence():
     c = streamwise.RouterConfig(initial_backoff_s=0.025, backoff_multiplier=2, max_backoff_s=0.1)
     gen = c.backoffs()
     assert [next(gen) for _ in range(5)] == [0.025, 0.05, 0.1, 0.1, 0.1]
+
+
+def test_transport_from_environment():
+    """STREAMWISE_* transport env vars set the handle default, threshold, limits and capacity."""
+    code = (
+        "import json; from streamwise.config import env_transport_config as e; c = e();"
+        "print(json.dumps([c.by_reference, c.by_reference_threshold_bytes, c.grpc_max_message_length,"
+        " c.object_store_memory]))"
+    )
+    env = dict(
+        os.environ,
+        STREAMWISE_USE_GRPC_BY_DEFAULT="1",
+        STREAMWISE_BY_REFERENCE_THRESHOLD_BYTES="2048",
+        STREAMWISE_GRPC_MAX_MESSAGE_LENGTH="1000000",
+        STREAMWISE_OBJECT_STORE_MEMORY="123456789",
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [False, 2048, 1000000, 123456789]
+
+
+def test_transport_defaults_and_validation():
+    """By reference above 100 KiB and a 4 MiB inline limit by default; bad values fail early."""
+    c = streamwise.TransportConfig()
+    assert (c.by_reference, c.by_reference_threshold_bytes, c.grpc_max_message_length) == (True, 102400, 4194304)
+    with pytest.raises(UsageError, match="grpc_max_message_length"):
+        streamwise.TransportConfig(grpc_max_message_length=0)
+    with pytest.raises(UsageError, match="by_reference"):
+        streamwise.HandleOptions(by_reference="yes")

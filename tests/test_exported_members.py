@@ -4,6 +4,9 @@ import streamwise
 def test_all_is_exactly_the_public_api():
     """__all__ lists exactly the public names the package exports, nothing more."""
     public = {name for name in dir(streamwise) if not name.startswith("_")}
-    submodules = {"actors", "batching", "codec", "config", "exceptions", "proto", "routing", "streaming", "tracing"}
+    submodules = {
+        "actors", "batching", "codec", "config", "exceptions", "objectstore", "proto", "routing", "streaming",
+        "tracing",
+    }
     assert set(streamwise.__all__) == public - submodules
-    assert {"run", "shutdown", "deployment", "DeploymentHandle", "get_request_context"} <= set(streamwise.__all__)
+    assert {"run", "shutdown", "deployment", "DeploymentHandle", "get_request_context", "put", "get", "ObjectRef"} <= set(streamwise.__all__)

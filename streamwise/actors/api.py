@@ -8,6 +8,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator
 
+from streamwise import objectstore
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
 from streamwise.actors.deployment import Application
@@ -186,6 +187,7 @@ async def open_app(
             RUNTIME.controller_address = None
             RUNTIME.core_loop = None
         tracing_setup.shutdown()
+        objectstore.close_session()
 
 
 def ingress_address() -> str:
@@ -197,24 +199,28 @@ def ingress_address() -> str:
 
 
 def shutdown() -> None:
-    """Stop every app, replica process and the controller; safe to call twice.
+    """Stop every app, replica process and the controller, then delete the object
+    store's shared memory; safe to call twice.
 
     (An ``open_app`` block stops what it started when it is left.)
     """
     global _driver, _active
     with _lock:
         driver, _driver = _driver, None
-        if driver is not None:
-            _active = None
-        if driver is None:
-            return
+        if driver is None and _active is not None:
+            return  # an open_app block owns the runtime; leaving it stops everything
         try:
-            driver.close()
+            if driver is not None:
+                _active = None
+                try:
+                    driver.close()
+                finally:
+                    RUNTIME.controller_address = None
+                    RUNTIME.core = None
+                    RUNTIME.core_loop = None
+                    tracing_setup.shutdown()
         finally:
-            RUNTIME.controller_address = None
-            RUNTIME.core = None
-            RUNTIME.core_loop = None
-            tracing_setup.shutdown()
+            objectstore.close_session()  # after the replicas: they no longer use it
 
 
 atexit.register(shutdown)

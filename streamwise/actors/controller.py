@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 import cloudpickle
 import grpc
 
+from streamwise import objectstore
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
 from streamwise.exceptions import DeploymentStartupError
@@ -282,6 +283,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     def _forget(self, dep: _Deployment, replica: _Replica) -> None:
         replica.state = ReplicaState.STOPPED
         replica.released.set()
+        # The process has exited: free the shared memory only it still held, before a
+        # replacement starts (so its readiness also means the memory is back).
+        objectstore.reclaim()
         if dep.replicas.pop(replica.replica_id, None) is not None:
             dep.publish()
         self._replicas.pop(replica.replica_id, None)

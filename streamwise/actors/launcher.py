@@ -14,6 +14,7 @@ import sys
 from typing import Protocol
 
 import streamwise
+from streamwise import objectstore
 
 
 class ReplicaProcess(Protocol):
@@ -76,6 +77,8 @@ class LocalProcessLauncher:
             replica_id,
             "--parent-pid",
             str(os.getpid()),
+            "--store-session",
+            objectstore.session_name(),  # the replica's object store is the driver's
             env=self._env,
             stdin=asyncio.subprocess.DEVNULL,
         )

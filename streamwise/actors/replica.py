@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cloudpickle
 import grpc
 
+from streamwise import objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
@@ -31,17 +32,26 @@ from streamwise.streaming.servicer import ReplicaServicer
 from streamwise.tracing import setup as tracing
 
 _PR_SET_PDEATHSIG = 1
+# Sent by the kernel when the driver dies; distinct from SIGTERM (the controller's
+# stop) so the replica knows its driver is gone and may clean its object store.
+_DRIVER_DIED = signal.SIGHUP
+_driver_gone = False
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """Set the signal the kernel sends when the parent thread dies (0: none); Linux only."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGTERM this process when the driver dies (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    """Ask the kernel to signal this process when the driver dies."""
+    if _parent_death_signal(_DRIVER_DIED) and os.getppid() != parent_pid:
+        os.kill(os.getpid(), _DRIVER_DIED)  # the parent died before prctl took effect
 
 
 async def _maybe_await(value: object) -> None:
@@ -73,6 +83,16 @@ async def serve(controller_address: str, replica_id: str) -> int:
     RUNTIME.replica_id = replica_id
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def driver_died() -> None:
+        global _driver_gone
+        _driver_gone = True
+        # The kernel signals again each time this process is handed to another of the
+        # dying driver's threads; once is enough (later ones would find no handler).
+        _parent_death_signal(0)
+        stop.set()
+
+    loop.add_signal_handler(_DRIVER_DIED, driver_died)
 
     channel = grpc.aio.insecure_channel(controller_address, options=_wire.GRPC_OPTIONS)
     stub = controller_pb2_grpc.ControllerStub(channel)
@@ -141,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controller", required=True)
     parser.add_argument("--replica-id", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--store-session", required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _die_with_parent(args.parent_pid)
-    return asyncio.run(serve(args.controller, args.replica_id))
+    objectstore.join_session(args.store_session)
+    try:
+        return asyncio.run(serve(args.controller, args.replica_id))
+    finally:
+        # The last process of a dead driver's session deletes its shared memory.
+        objectstore.close_session(driver_gone=_driver_gone)
 
 
 if __name__ == "__main__":

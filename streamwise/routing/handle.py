@@ -17,6 +17,7 @@ from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind
 from streamwise.config import HandleOptions
 from streamwise.exceptions import UnknownMethodError
+from streamwise.objectstore.calls import CallerWire
 from streamwise.proto import replica_pb2
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator
 from streamwise.routing.router import RouterKey, router_for
@@ -99,10 +100,12 @@ class DeploymentHandle:
         if args and hasattr(args[0], "__aiter__"):
             # An async iterable first argument streams to the replica as it is produced.
             inputs, args = args[0].__aiter__(), args[1:]
+        # By reference or by value: how arguments and results travel (objectstore/calls.py).
+        wire = CallerWire(options, request_codec, response_codec)
         pending = _has_pending(args, kwargs)
         if not pending:
             # Encode here so a value the codec cannot take raises at the call site.
-            request.args = request_codec.dumps([args, kwargs])
+            request.args = wire.encode_args(args, kwargs)
         key: RouterKey = (self._app, self._deployment)
         deployment, method = self._deployment, options.method_name
         parent = spans.capture()
@@ -110,14 +113,17 @@ class DeploymentHandle:
         def error(err: replica_pb2.RemoteError) -> Exception:
             return _wire.error_from_proto(err, deployment, method)
 
-        async def resolve() -> None:
+        async def begin() -> None:
+            wire.begin(request.metadata)
             if pending:
-                await _resolve_into(request, request_codec, args, kwargs)
+                request.args = await wire.encode_pending(args, kwargs)
 
         def frames() -> DeploymentResponseGenerator:
             return open_frames(
-                key, request, decode=response_codec.loads, error=error,
-                inputs=inputs, encode_inputs=request_codec.dumps, before=resolve, parent=parent,
+                key, request, decode=wire.decode_items, error=error,
+                inputs=inputs, encode_inputs=wire.encode_input, before=begin,
+                # Whether every frame was read is not known here: clear what may be left.
+                after=lambda: wire.end(complete=False), parent=parent,
             )
 
         if stream:
@@ -134,14 +140,22 @@ class DeploymentHandle:
         else:
 
             async def call() -> Any:
-                if pending:
-                    await _resolve_into(request, request_codec, args, kwargs)
-                reply = await router_for(key).unary(request, parent=parent)
-                if reply.HasField("error"):
-                    raise error(reply.error)
-                return response_codec.loads(reply.value)
+                complete = False
+                try:
+                    wire.begin(request.metadata)
+                    if pending:
+                        request.args = await wire.encode_pending(args, kwargs)
+                    reply = await router_for(key).unary(request, parent=parent)
+                    if reply.HasField("error"):
+                        complete = True
+                        raise error(reply.error)
+                    result = wire.receive(reply.value)
+                    complete = True  # the reply carried all of the call's results
+                    return result
+                finally:
+                    wire.end(complete)
 
-        return DeploymentResponse(call())
+        return DeploymentResponse(call(), wire.by_reference)
 
 
 def open_frames(
@@ -153,26 +167,35 @@ def open_frames(
     inputs: AsyncIterator[Any] | None = None,
     encode_inputs: Callable[[list[Any]], bytes] | None = None,
     before: Callable[[], Awaitable[None]] | None = None,
+    after: Callable[[], None] | None = None,
     wait_s: float | None = None,
     parent: Any = None,
 ) -> DeploymentResponseGenerator:
     """Start a streaming call of an encoded ``request`` on deployment ``key``.
 
-    ``before`` runs first (e.g. to finish encoding the request); ``wait_s`` bounds the
-    wait for a live replica; ``parent`` is the caller's trace context. Items come from ``decode(frame.items)``, errors from
-    ``error(remote_error)``.
+    ``before`` runs first (e.g. to finish encoding the request) and ``after`` once the
+    call is over, whether or not it opened; ``wait_s`` bounds the wait for a live
+    replica; ``parent`` is the caller's trace context. Items come from
+    ``decode(frame.items)``, errors from ``error(remote_error)``.
     """
 
     async def open_stream() -> FrameStream:
-        if before is not None:
-            await before()
-        return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s, parent=parent)
+        try:
+            if before is not None:
+                await before()
+            return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s, parent=parent)
+        except BaseException:
+            if after is not None:
+                after()
+            raise
 
     def release(stream: FrameStream) -> None:
         router = router_for(key)
         router.release(stream.target)
         if stream.died:
             router.mark_dead(stream.target)
+        if after is not None:
+            after()
 
     return DeploymentResponseGenerator(open_stream(), decode, error, release)
 
@@ -185,12 +208,3 @@ def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if isinstance(value, DeploymentResponse):
             return True
     return False
-
-
-async def _resolve_into(
-    request: replica_pb2.CallRequest, codec: codecs.Codec, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> None:
-    """Resolve DeploymentResponse arguments (already running) and encode the call's args."""
-    resolved_args = [await a if isinstance(a, DeploymentResponse) else a for a in args]
-    resolved_kwargs = {k: (await v if isinstance(v, DeploymentResponse) else v) for k, v in kwargs.items()}
-    request.args = codec.dumps([resolved_args, resolved_kwargs])

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from streamwise.actors._runtime import RUNTIME
 from streamwise.exceptions import RequestTimeoutError, UsageError
+from streamwise.objectstore import calls
+from streamwise.objectstore.ref import ObjectRef
 from streamwise.routing.transport import FrameStream
 
 T = TypeVar("T")
@@ -93,25 +95,67 @@ async def _await(task: asyncio.Task[T]) -> T:
     return await asyncio.shield(task)
 
 
+_UNSET: Any = object()
+
+
 class DeploymentResponse(Generic[T]):
     """The pending result of a unary call.
 
     ``await response`` in async code, ``response.result()`` in sync code. Cancelling
     the awaiting task, or calling :meth:`cancel`, cancels the call on the replica.
+    A by-reference call's result is decoded where it is awaited, not before: passed
+    to another handle call, it travels on as a ref without being decoded here.
     """
 
-    __slots__ = ("_started",)
+    __slots__ = ("_started", "_by_reference", "_value")
 
-    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], by_reference: bool = False) -> None:
         self._started = _Started(coro)
+        self._by_reference = by_reference
+        self._value: Any = _UNSET
+
+    def _decoded(self, raw: Any) -> T:
+        if self._value is _UNSET:
+            self._value = calls.decode_result(raw) if self._by_reference else raw
+        return self._value
+
+    async def _raw(self) -> Any:
+        """The call's result as received (a by-reference call's undecoded envelope)."""
+        return await self._started.wait()
+
+    async def _wait(self) -> T:
+        return self._decoded(await self._started.wait())
 
     def __await__(self):
-        return self._started.wait().__await__()
+        return self._wait().__await__()
 
     def result(self, timeout_s: float | None = None) -> T:
         """Block until the result is in. Raises RequestTimeoutError after ``timeout_s``
         (the call keeps running; cancel it with :meth:`cancel`)."""
-        return self._started.block(timeout_s)
+        return self._decoded(self._started.block(timeout_s))
+
+    def _to_object_ref(self) -> Awaitable[ObjectRef]:
+        """``await response._to_object_ref()``: the ObjectRef of the result, without
+        decoding it. By-reference handles only. Cancelling this await does what
+        cancelling ``await response`` does."""
+        self._require_by_reference()
+        return self._object_ref()
+
+    def _to_object_ref_sync(self, timeout_s: float | None = None) -> ObjectRef:
+        """:meth:`_to_object_ref` for sync code; RequestTimeoutError after ``timeout_s``."""
+        self._require_by_reference()
+        return calls.object_ref_of(self._started.block(timeout_s))
+
+    async def _object_ref(self) -> ObjectRef:
+        return calls.object_ref_of(await self._started.wait())
+
+    def _require_by_reference(self) -> None:
+        if not self._by_reference:
+            raise UsageError(
+                "_to_object_ref() needs a by-reference handle; this call was made by value "
+                "(by_reference=False or STREAMWISE_USE_GRPC_BY_DEFAULT=1): use "
+                "handle.options(by_reference=True)"
+            )
 
     def cancel(self) -> None:
         """Cancel the call; awaiting it afterwards raises ``asyncio.CancelledError``."""

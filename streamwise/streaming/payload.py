@@ -1,9 +1,10 @@
 """How the bytes of one call become Python values in a replica, and results bytes again.
 
-Calls between streamwise processes carry codec-encoded values (``CodecPayload``).
-Calls forwarded by the ingress carry the external client's protobuf bytes untouched
-(``RpcPayload``): they are decoded with the user's generated message classes, never
-unpickled, and the lists that group them into frames are msgpack.
+Calls between streamwise processes carry codec-encoded values, by reference or by
+value (``streamwise.objectstore.calls.ServerWire``). Calls forwarded by the ingress
+carry the external client's protobuf bytes untouched (``RpcPayload``): they are
+decoded with the user's generated message classes, never unpickled, and the lists
+that group them into frames are msgpack.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any, Protocol
 
 import msgpack
 
-from streamwise.codec import Codec
 from streamwise.exceptions import UsageError
 from streamwise.streaming.schema import RpcMethod
 
@@ -32,28 +32,7 @@ class Payload(Protocol):
 
     def items(self, batch: list[Any]) -> bytes: ...
 
-
-class CodecPayload:
-    __slots__ = ("_request", "_response")
-
-    def __init__(self, request: Codec, response: Codec) -> None:
-        self._request = request
-        self._response = response
-
-    def args(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if not raw:
-            return (), {}
-        args, kwargs = self._request.loads(raw)
-        return tuple(args), kwargs
-
-    def inputs(self, raw: bytes) -> list[Any]:
-        return self._request.loads(raw)
-
-    def value(self, result: Any) -> bytes:
-        return self._response.dumps(result)
-
-    def items(self, batch: list[Any]) -> bytes:
-        return self._response.dumps(batch)
+    def close(self) -> None: ...
 
 
 class RpcPayload:
@@ -61,6 +40,11 @@ class RpcPayload:
 
     def __init__(self, rpc: RpcMethod) -> None:
         self._rpc = rpc
+
+    @property
+    def target(self) -> str:
+        """The deployment method that serves this RPC."""
+        return self._rpc.target
 
     def _decode(self, raw: bytes) -> Any:
         try:
@@ -81,6 +65,9 @@ class RpcPayload:
 
     def items(self, batch: list[Any]) -> bytes:
         return pack_messages([self._rpc.encode(item) for item in batch])
+
+    def close(self) -> None:
+        pass
 
 
 def pack_messages(messages: list[bytes]) -> bytes:

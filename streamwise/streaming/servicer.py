@@ -19,15 +19,15 @@ from typing import Any
 
 import grpc
 
-from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind, coalesce_of
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
+from streamwise.objectstore.calls import ServerWire
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming.context import enter_request
 from streamwise.streaming.frames import send_frames
-from streamwise.streaming.payload import CodecPayload, Payload, RpcPayload
+from streamwise.streaming.payload import Payload, RpcPayload
 from streamwise.streaming.schema import RpcMethod
 from streamwise.tracing import spans
 
@@ -94,25 +94,31 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _bind(
-        self, request: replica_pb2.CallRequest, *leading: Any
-    ) -> tuple[MethodKind, Callable[[], Any], Payload]:
-        """The method kind, a ready-to-call partial, and how to encode its results."""
+    def _payload(self, request: replica_pb2.CallRequest) -> Payload:
+        """How this call's bytes become values and back; closed when the call ends.
+
+        Calls from the ingress carry protobuf bytes, decoded with the RPC's message
+        classes (never unpickled); calls between deployments carry codec-encoded
+        values, by reference or by value (the object store's ServerWire).
+        """
         if request.codec == _wire.RPC_CODEC:
             rpc = self._rpcs.get(request.method)
             if rpc is None:
                 raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
-            target = rpc.target
-            payload: Payload = RpcPayload(rpc)
-        else:
-            target = request.method
-            payload = CodecPayload(codecs.get_codec(request.codec), codecs.get_codec(request.response_codec))
+            return RpcPayload(rpc)
+        return ServerWire(request.metadata, request.codec, request.response_codec)
+
+    def _bind(
+        self, request: replica_pb2.CallRequest, payload: Payload, *leading: Any
+    ) -> tuple[MethodKind, Callable[[], Any]]:
+        """The method kind and a ready-to-call partial."""
+        target = payload.target if isinstance(payload, RpcPayload) else request.method
         kind = self._methods.get(target)
         if kind is None:
             raise UnknownMethodError(self._deployment, target, tuple(sorted(self._methods)))
         args, kwargs = payload.args(request.args)
         fn = getattr(self._obj, target)
-        return kind, functools.partial(fn, *leading, *args, **kwargs), payload
+        return kind, functools.partial(fn, *leading, *args, **kwargs)
 
     def _enter_context(self, request: replica_pb2.CallRequest) -> None:
         enter_request(request.metadata, self._deployment, self._replica_id)
@@ -136,12 +142,14 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
         await self._admit(context)
+        payload: Payload | None = None
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
             self._enter_context(request)
             with self._span(request, streaming=False) as span:
                 try:
-                    kind, call, payload = self._bind(request)
+                    payload = self._payload(request)
+                    kind, call = self._bind(request, payload)
                     if kind is MethodKind.ASYNC:
                         result = await call()
                     elif kind is MethodKind.SYNC:
@@ -155,6 +163,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
                 return replica_pb2.CallReply(value=value)
         finally:
+            if payload is not None:
+                payload.close()
             self._done()
 
     def _span(self, request: replica_pb2.CallRequest, streaming: bool):
@@ -211,10 +221,26 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
     ) -> None:
         try:
-            holder: list[Payload] = []
-            leading = (_inputs(context, holder),) if with_inputs else ()
-            kind, call, payload = self._bind(request, *leading)
-            holder.append(payload)
+            payload = self._payload(request)
+        except Exception as exc:
+            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
+            return
+        try:
+            await self._send_items(context, request, payload, with_inputs, span)
+        finally:
+            payload.close()
+
+    async def _send_items(
+        self,
+        context: grpc.aio.ServicerContext,
+        request: replica_pb2.CallRequest,
+        payload: Payload,
+        with_inputs: bool,
+        span: Any,
+    ) -> None:
+        try:
+            leading = (_inputs(context, payload),) if with_inputs else ()
+            kind, call = self._bind(request, payload, *leading)
             if with_inputs and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
                 raise UsageError(
                     f"{self._deployment}.{request.method} takes an input stream, so it must be "
@@ -249,16 +275,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return replica_pb2.HealthReply()
 
 
-async def _inputs(context: grpc.aio.ServicerContext, payload: list[Payload]) -> AsyncIterator[Any]:
-    """The caller's input items, decoded as they arrive (never buffered whole).
-
-    ``payload`` holds the call's Payload once the call is bound (before the first read).
-    """
+async def _inputs(context: grpc.aio.ServicerContext, payload: Payload) -> AsyncIterator[Any]:
+    """The caller's input items, decoded as they arrive (never buffered whole)."""
     while True:
         message = await context.read()
         if message is grpc.aio.EOF:
             return
-        for item in payload[0].inputs(message.items):
+        for item in payload.inputs(message.items):
             yield item
 
 

@@ -1,0 +1,273 @@
+"""The two transports of a handle call: by reference (object store) and by value (gRPC).
+
+*By value* (``handle.options(by_reference=False)``): arguments, results and stream
+items are encoded with the chosen codec and sent inline, each at most
+``grpc_max_message_length`` bytes (MessageTooLargeError otherwise). A
+DeploymentResponse argument is awaited, and its value encoded, in the caller.
+
+*By reference* (the default): the request carries the ``sw-ref`` metadata entry and
+every payload is an envelope (see ``_payload``): parts of at least the threshold live
+in shared memory, smaller payloads stay inline. A DeploymentResponse argument is
+passed on as its result's envelope (a ref), never decoded in the caller; the callee
+decodes it. With msgpack or orjson a large payload still travels as one stored part,
+but refs inside values and zero-copy buffers need a pickle codec.
+
+Input streams (items sent *to* a replica) travel by value on both transports.
+
+Lifetime of what travels: the caller holds the segments of its arguments until the
+call ends, and the callee takes its own holds while decoding them, before any user
+code runs. For results, the caller names its call in the request (an *anchor*: a
+byte of the session lock it keeps read-locked while the call runs, shared by up to 64
+calls, and a call number); the callee pins every segment of a result (a hard link
+named after the call) before sending it, and the caller drops each pin once it holds
+the segment. A call that ends early (cancelled, failed, replica died) removes its
+remaining pins; a callee that finishes after its caller's anchor was released removes
+the pins it made; releasing an anchor sweeps pins any of its calls left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from streamwise import codec as codecs
+from streamwise.config import HandleOptions, TransportConfig, env_transport_config
+from streamwise.exceptions import MessageTooLargeError, SerializationError
+from streamwise.objectstore._payload import PICKLE_CODECS, Payload, encode
+from streamwise.objectstore._process import current_store
+from streamwise.objectstore._store import Store
+from streamwise.objectstore.ref import ObjectRef, ref_of
+
+# Request metadata of a by-reference call: "<threshold>:<anchor>:<call>". Set only by
+# CallerWire: a request carrying it is decoded as an envelope and then unpickled, so
+# nothing may copy external (client) metadata into a CallRequest under this key.
+REF_KEY = "sw-ref"
+
+
+def _check_size(data: bytes, what: str, limit: int) -> bytes:
+    if len(data) > limit:
+        raise MessageTooLargeError(what, len(data), limit)
+    return data
+
+
+class _Resolved:
+    """A DeploymentResponse argument, passed on as its result's ref: the callee
+    decodes the value before the user method runs."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: ObjectRef) -> None:
+        self.ref = ref
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _value_of_ref, (self.ref,)
+
+
+def _value_of_ref(ref: ObjectRef) -> Any:
+    return ref._payload.value()
+
+
+class CallerWire:
+    """The caller's side of one handle call: encodes arguments, decodes results.
+
+    ``begin`` and ``end`` bracket the call on the core loop; everything the call
+    carries stays alive in between.
+    """
+
+    __slots__ = ("by_reference", "threshold", "_limit", "_request", "_response", "_sent", "_call", "_store")
+
+    def __init__(
+        self,
+        options: HandleOptions,
+        request_codec: codecs.Codec,
+        response_codec: codecs.Codec,
+        config: TransportConfig | None = None,
+    ) -> None:
+        config = config or env_transport_config()
+        self.by_reference = config.by_reference if options.by_reference is None else options.by_reference
+        self.threshold = options.by_reference_threshold_bytes or config.by_reference_threshold_bytes
+        self._limit = config.grpc_max_message_length
+        self._request = request_codec
+        self._response = response_codec
+        self._sent: list[Payload] = []
+        self._call = (0, 0)  # (anchor, call number) while the call runs
+        self._store: Store | None = None
+
+    # -- arguments -----------------------------------------------------------------
+
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        if not self.by_reference:
+            return _check_size(self._request.dumps([args, kwargs]), "call arguments", self._limit)
+        payload = encode(current_store(), [args, kwargs], self._request.name, self.threshold)
+        self._sent.append(payload)
+        return _check_size(payload.to_wire(), "call arguments", self._limit)
+
+    async def encode_pending(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """Encode arguments that include DeploymentResponses (already running).
+
+        By reference with a pickle codec, each is passed on as a ref to its result;
+        otherwise its value is awaited here. Cancelling cancels nothing upstream.
+        """
+        passed_on = self.by_reference and self._request.name in PICKLE_CODECS
+
+        async def resolve(value: Any) -> Any:
+            if not _is_response(value):
+                return value
+            if passed_on:
+                raw = await value._raw()
+                return _Resolved(ref_of(raw)) if isinstance(raw, Payload) else raw
+            return await value
+
+        resolved_args = tuple([await resolve(a) for a in args])
+        resolved_kwargs = {k: await resolve(v) for k, v in kwargs.items()}
+        return self.encode_args(resolved_args, resolved_kwargs)
+
+    def encode_input(self, items: list[Any]) -> bytes:
+        return _check_size(self._request.dumps(items), "a streamed input item", self._limit)
+
+    # -- the call ------------------------------------------------------------------
+
+    def begin(self, metadata: Any) -> None:
+        if self.by_reference:
+            self._store = store = current_store()
+            self._call = anchor, call = store.open_call()
+            metadata[REF_KEY] = f"{self.threshold}:{anchor}:{call}"
+
+    def end(self, complete: bool) -> None:
+        """The call is over; ``complete``: every result it sent was decoded here."""
+        (anchor, call), self._call = self._call, (0, 0)
+        if anchor and self._store is not None:
+            self._store.close_call(anchor, call, complete)
+        self._sent.clear()
+
+    # -- results -------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> Any:
+        """A unary result: its held envelope (by reference, decoded on demand, so it
+        can be passed on undecoded) or its value (by value)."""
+        if not self.by_reference:
+            return self._response.loads(data)
+        return Payload.from_wire(current_store(), data, self._call)
+
+    def decode_items(self, data: bytes) -> list[Any]:
+        """The items of one stream frame."""
+        if not self.by_reference:
+            return self._response.loads(data)
+        return Payload.from_wire(current_store(), data, self._call).value()
+
+
+def decode_result(raw: Any) -> Any:
+    """The value of what ``CallerWire.receive`` returned."""
+    return raw.value() if isinstance(raw, Payload) else raw
+
+
+def object_ref_of(raw: Any) -> ObjectRef:
+    """The ObjectRef of a by-reference call's result."""
+    if isinstance(raw, Payload):
+        return ref_of(raw)
+    from streamwise.objectstore.ref import put  # a result that arrived as a value
+
+    return put(raw)
+
+
+def _is_response(value: Any) -> bool:
+    from streamwise.routing.response import DeploymentResponse  # routing imports this module
+
+    return isinstance(value, DeploymentResponse)
+
+
+# -- the replica's side ----------------------------------------------------------------
+
+
+class ServerWire:
+    """The replica's side of one call; ``close()`` when the call is over.
+
+    Building one never fails: a bad codec name or metadata entry raises from the
+    first encode or decode, inside the servicer's error handling.
+    """
+
+    def __init__(self, metadata: Mapping[str, str], request_codec: str, response_codec: str) -> None:
+        self._codec_names = (request_codec, response_codec)
+        self._spec = metadata.get(REF_KEY)
+        self.by_reference = self._spec is not None
+        self._limit = env_transport_config().grpc_max_message_length
+        self._pins = 0
+        self._call = (0, 0)
+
+    @property
+    def _request(self) -> codecs.Codec:
+        return codecs.get_codec(self._codec_names[0])
+
+    @property
+    def _response(self) -> codecs.Codec:
+        return codecs.get_codec(self._codec_names[1])
+
+    def _parse_spec(self) -> tuple[int, tuple[int, int]]:
+        try:
+            threshold, anchor, call = (int(x) for x in (self._spec or "").split(":"))
+        except ValueError:
+            raise SerializationError("streamwise", f"bad {REF_KEY} metadata {self._spec!r}") from None
+        return threshold, (anchor, call)
+
+    def loads_args(self, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not data:
+            return (), {}
+        if not self.by_reference:
+            args, kwargs = self._request.loads(data)
+        else:
+            # Holds are taken here, before user code runs; the caller keeps its own
+            # until the call ends, so the arguments never lack a holder.
+            args, kwargs = Payload.from_wire(current_store(), data).value()
+        return tuple(args), kwargs
+
+    def dumps_result(self, value: Any) -> bytes:
+        return self._dumps(value, "a call result")
+
+    def dumps_items(self, items: list[Any]) -> bytes:
+        """One frame of stream items. By value, only a single item over the limit is
+        an error: frames that merely gather many small items may be larger."""
+        if self.by_reference:
+            return self._dumps(items, "")
+        data = self._response.dumps(items)
+        if len(data) > self._limit:
+            for item in items:
+                _check_size(self._response.dumps([item]), "a stream item", self._limit)
+        return data
+
+    def _dumps(self, value: Any, what: str) -> bytes:
+        if not self.by_reference:
+            return _check_size(self._response.dumps(value), what, self._limit)
+        store = current_store()
+        threshold, self._call = self._parse_spec()
+        payload = encode(store, value, self._response.name, threshold)
+        if not payload.main and not payload.buffers and not payload.extra:
+            return payload.to_wire()  # inline: nothing to pin
+        # Our holds end with `payload` (when this returns); the pins keep each segment
+        # alive until the caller holds it.
+        pins: list[int] = []
+        try:
+            for _, held in payload.parts():
+                self._pins += 1
+                store.pin(held, *self._call, self._pins)
+                pins.append(self._pins)
+            return payload.to_wire(pins)
+        except BaseException:
+            for seq, (part, _) in zip(pins, payload.parts()):
+                store.session.unpin(*self._call, seq, part.segid, part.size)
+            raise
+
+    # The replica servicer's Payload protocol (streamwise.streaming.payload).
+    args = loads_args
+    value = dumps_result
+    items = dumps_items
+
+    def inputs(self, data: bytes) -> list[Any]:
+        """Items of an input stream: they always travel by value."""
+        return self._request.loads(data)
+
+    def close(self) -> None:
+        """If the caller's anchor is already released, remove the pins it will never read."""
+        if self._pins:
+            store = current_store()
+            if not store.anchor_alive(self._call[0]):
+                store.session.clear_pins(*self._call)

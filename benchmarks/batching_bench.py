@@ -38,7 +38,6 @@ import asyncio
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 import time
 from time import perf_counter
@@ -48,6 +47,16 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+from _common import (
+    BARE_ITEMS,
+    BareServer,
+    check_no_children,
+    expect,
+    percentile,
+    say,
+    serve_bare,
+    verdict,
+)
 
 import streamwise  # noqa: E402
 
@@ -199,98 +208,18 @@ class Streamer:
             yield time.monotonic()
 
 
-# -- the bare grpc.aio server (one message per item), in a child process -------------
-
-_ITEMS = "/bench.Bench/Items"
-
-
-async def _bare_items(request: bytes, context: grpc.aio.ServicerContext):
-    for i in range(int.from_bytes(request, "little")):
-        yield _item(i)
-
-
-async def _serve_bare() -> None:
-    """Serve until stdin closes; the port bound is written to stdout first."""
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Bench", {"Items": grpc.unary_stream_rpc_method_handler(_bare_items)}
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-    finally:
-        await server.stop(0)
-
-
-class BareServer:
-    """The bare server process; a context manager that always stops it."""
-
-    def __init__(self) -> None:
-        self._process: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    def __enter__(self) -> BareServer:
-        self._process = subprocess.Popen(
-            [sys.executable, __file__, "--bare-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        try:
-            assert self._process.stdout is not None
-            line = self._process.stdout.readline()
-            if not line.strip():
-                raise RuntimeError(f"bare server exited before reporting its port (code {self._process.poll()})")
-            self.address = f"127.0.0.1:{int(line)}"
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.close()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-
-
 # -- reporting ------------------------------------------------------------------------
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-def _verdict(ok: bool) -> str:
-    return "OK" if ok else "MISS"
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
-def _expect(got: object, want: object, what: str) -> None:
-    if got != want:
-        raise RuntimeError(f"{what}: got {got!r}, expected {want!r}")
-
-
 # -- (a) --------------------------------------------------------------------------------
 
 
 def _batching(clients: streamwise.DeploymentHandle, model: streamwise.DeploymentHandle, sizes: Sizes) -> None:
-    _say(
+    say(
         f"(a) {CALLERS} callers, cost {FIXED_COST_S * 1e3:g} ms + {PER_ITEM_COST_S * 1e3:g} ms/item "
         f"(asyncio.sleep under a device lock), @batch(max_batch_size={MAX_BATCH_SIZE}, "
         f"batch_wait_timeout_s={BATCH_WAIT_S:g})"
@@ -317,27 +246,27 @@ def _batching(clients: streamwise.DeploymentHandle, model: streamwise.Deployment
     plain_rate, plain_lat = best["predict"]
     batched_rate, batched_lat = best["predict_batched"]
     ratio = batched_rate / plain_rate
-    _say(
+    say(
         f"    throughput        batched {batched_rate:8,.0f} calls/s   unbatched {plain_rate:8,.0f} calls/s   "
-        f"ratio {ratio:5.2f}  (target >= {THROUGHPUT_RATIO_MIN:g})  {_verdict(ratio >= THROUGHPUT_RATIO_MIN)}"
+        f"ratio {ratio:5.2f}  (target >= {THROUGHPUT_RATIO_MIN:g})  {verdict(ratio >= THROUGHPUT_RATIO_MIN)}"
     )
-    _say(
-        f"    latency p50/p99   batched {_ms(_percentile(batched_lat, 50))} / {_ms(_percentile(batched_lat, 99))}"
-        f"   unbatched {_ms(_percentile(plain_lat, 50))} / {_ms(_percentile(plain_lat, 99))}"
+    say(
+        f"    latency p50/p99   batched {_ms(percentile(batched_lat, 50))} / {_ms(percentile(batched_lat, 99))}"
+        f"   unbatched {_ms(percentile(plain_lat, 50))} / {_ms(percentile(plain_lat, 99))}"
     )
     bound = BATCH_WAIT_S + 2 * batch_s
-    p99 = _percentile(batched_lat, 99)
-    _say(
+    p99 = percentile(batched_lat, 99)
+    say(
         f"    batched p99       {_ms(p99)}   bound {_ms(bound)} = {_ms(BATCH_WAIT_S)} wait + 2 x {_ms(batch_s)} "
-        f"(median of {batches} batches, mean size {mean_size:.1f})  {_verdict(p99 <= bound)}"
+        f"(median of {batches} batches, mean size {mean_size:.1f})  {verdict(p99 <= bound)}"
     )
-    _say(
+    say(
         f"      for reference   batched p99 inside the replica (queued + batch run) "
-        f"{_ms(_percentile(in_replica, 99))}, p50 {_ms(_percentile(in_replica, 50))}"
+        f"{_ms(percentile(in_replica, 99))}, p50 {_ms(percentile(in_replica, 50))}"
     )
-    _say(
-        f"      for reference   no-op method, same {CALLERS} callers: p50 {_ms(_percentile(noop_latencies, 50))}, "
-        f"p99 {_ms(_percentile(noop_latencies, 99))}, {len(noop_latencies) / sizes.load_s:,.0f} calls/s"
+    say(
+        f"      for reference   no-op method, same {CALLERS} callers: p50 {_ms(percentile(noop_latencies, 50))}, "
+        f"p99 {_ms(percentile(noop_latencies, 99))}, {len(noop_latencies) / sizes.load_s:,.0f} calls/s"
     )
 
 
@@ -354,7 +283,7 @@ async def _count(stream: streamwise.DeploymentResponseGenerator) -> int:
 
 async def _streams(handle: streamwise.DeploymentHandle, address: str, sizes: Sizes) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
-        bare_items = channel.unary_stream(_ITEMS)
+        bare_items = channel.unary_stream(BARE_ITEMS)
 
         async def bare(n: int) -> int:
             count = 0
@@ -364,7 +293,7 @@ async def _streams(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
 
         async def rate(read, n: int) -> float:
             start = perf_counter()
-            _expect(await read(n), n, "items received")
+            expect(await read(n), n, "items received")
             return n / (perf_counter() - start)
 
         # warm up all three paths
@@ -383,15 +312,15 @@ async def _streams(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
 
         chunks = await rate(chunked, n)
         ratio = default / floor
-        _say("(b) one stream of small items (8 bytes), read with async for")
-        _say(
+        say("(b) one stream of small items (8 bytes), read with async for")
+        say(
             f"    default coalescing {default:12,.0f} items/s   ({n:,} items)\n"
             f"    max_items=1        {one:12,.0f} items/s   ({m:,} items)\n"
             f"    bare grpc.aio      {floor:12,.0f} items/s   ({m:,} items, one message per item)\n"
             f"    default / bare     ratio {ratio:7.1f}  (target >= {STREAM_RATIO_MIN:g})  "
-            f"{_verdict(ratio >= STREAM_RATIO_MIN)};  default / max_items=1 ratio {default / one:.1f}"
+            f"{verdict(ratio >= STREAM_RATIO_MIN)};  default / max_items=1 ratio {default / one:.1f}"
         )
-        _say(f"      for reference   read with chunks(): {chunks:,.0f} items/s ({n:,} items)")
+        say(f"      for reference   read with chunks(): {chunks:,.0f} items/s ({n:,} items)")
 
         # (c)
         firsts: dict[str, list[float]] = {"default": [], "max_items=1": []}
@@ -400,14 +329,14 @@ async def _streams(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
             for label, method in methods.items():
                 start = perf_counter()
                 async with method.remote(b"x") as stream:
-                    _expect(await anext(stream), b"x", "first item")
+                    expect(await anext(stream), b"x", "first item")
                     firsts[label].append(perf_counter() - start)
-        p50 = {label: _percentile(samples, 50) for label, samples in firsts.items()}
+        p50 = {label: percentile(samples, 50) for label, samples in firsts.items()}
         ratio = p50["default"] / p50["max_items=1"]
-        _say(f"(c) time to first item, p50 of {sizes.first_item_calls} alternating calls each")
-        _say(
+        say(f"(c) time to first item, p50 of {sizes.first_item_calls} alternating calls each")
+        say(
             f"    default {_ms(p50['default'])}   max_items=1 {_ms(p50['max_items=1'])}   ratio {ratio:5.2f}  "
-            f"(target <= {FIRST_ITEM_RATIO_MAX:g})  {_verdict(ratio <= FIRST_ITEM_RATIO_MAX)}"
+            f"(target <= {FIRST_ITEM_RATIO_MAX:g})  {verdict(ratio <= FIRST_ITEM_RATIO_MAX)}"
         )
 
         # (d)
@@ -417,40 +346,31 @@ async def _streams(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
                 now = time.monotonic()
                 frames += 1
                 latencies.extend(now - stamp for stamp in chunk)
-            _expect(len(latencies), sizes.ticks, "ticks received")
+            expect(len(latencies), sizes.ticks, "ticks received")
             return frames, latencies
 
         plain_frames, plain_lat = await ticks(handle.ticks)
         held_frames, held_lat = await ticks(handle.ticks_held)
         per_frame = sizes.ticks / held_frames
         extra = max(held_lat) - max(plain_lat)
-        _say(f"(d) {sizes.ticks:,} items, one per {TICK_S * 1e3:g} ms, @coalesce(max_delay_s={HOLD_S:g})")
-        _say(
+        say(f"(d) {sizes.ticks:,} items, one per {TICK_S * 1e3:g} ms, @coalesce(max_delay_s={HOLD_S:g})")
+        say(
             f"    items per frame   held {per_frame:5.2f}   default {sizes.ticks / plain_frames:5.2f}   "
-            f"(target held >= {ITEMS_PER_FRAME_MIN:g})  {_verdict(per_frame >= ITEMS_PER_FRAME_MIN)}"
+            f"(target held >= {ITEMS_PER_FRAME_MIN:g})  {verdict(per_frame >= ITEMS_PER_FRAME_MIN)}"
         )
-        _say(
-            f"    latency p50/p99/max   held {_ms(_percentile(held_lat, 50))} / {_ms(_percentile(held_lat, 99))} / "
-            f"{_ms(max(held_lat))}   default {_ms(_percentile(plain_lat, 50))} / "
-            f"{_ms(_percentile(plain_lat, 99))} / {_ms(max(plain_lat))}"
+        say(
+            f"    latency p50/p99/max   held {_ms(percentile(held_lat, 50))} / {_ms(percentile(held_lat, 99))} / "
+            f"{_ms(max(held_lat))}   default {_ms(percentile(plain_lat, 50))} / "
+            f"{_ms(percentile(plain_lat, 99))} / {_ms(max(plain_lat))}"
         )
-        _say(
+        say(
             f"    worst extra delay {_ms(extra)} over the default run's worst (target <= {_ms(HOLD_S)})  "
-            f"{_verdict(extra <= HOLD_S)}"
+            f"{verdict(extra <= HOLD_S)}"
         )
-        _say(
-            f"      for reference   p99 extra delay {_ms(_percentile(held_lat, 99) - _percentile(plain_lat, 99))} "
+        say(
+            f"      for reference   p99 extra delay {_ms(percentile(held_lat, 99) - percentile(plain_lat, 99))} "
             "over the default run's p99"
         )
-
-
-def _check_no_children() -> None:
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=10)
-    if alive:
-        print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
-        for process in alive:
-            process.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,16 +380,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
-        asyncio.run(_serve_bare())
+        asyncio.run(serve_bare(("Items",)))
         return 0
 
     sizes = QUICK if args.quick else FULL
     if args.baseline_items:
         sizes = dataclasses.replace(sizes, baseline_items=args.baseline_items)
     began = perf_counter()
-    _say(f"batching_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs")
+    say(f"batching_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs")
     try:
-        with BareServer() as bare:
+        with BareServer(__file__) as bare:
             clients = streamwise.run(Clients.bind(Model.bind()), name="batching")
             model = streamwise.DeploymentHandle("Model", "batching", Model.methods)
             _batching(clients, model, sizes)
@@ -481,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     streamwise.shutdown()
     finally:
         streamwise.shutdown()
-        _check_no_children()
-    _say(f"total {perf_counter() - began:.1f} s")
+        check_no_children()
+    say(f"total {perf_counter() - began:.1f} s")
     return 0
 
 

@@ -29,7 +29,6 @@ import asyncio
 import dataclasses
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -41,6 +40,20 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+from _common import (
+    BARE_ECHO,
+    BARE_ITEMS,
+    BareServer,
+    call_rate,
+    check_no_children,
+    expect,
+    first_item_lines,
+    percentile,
+    rate_line,
+    say,
+    serve_bare,
+    verdict,
+)
 
 import streamwise  # noqa: E402
 
@@ -129,167 +142,33 @@ def _app() -> streamwise.Application:
     return Frontend.bind(Backend.bind())
 
 
-# -- the bare grpc.aio server, run in a child process ---------------------------------
-
-_ECHO = "/bench.Bench/Echo"
-_ITEMS = "/bench.Bench/Items"
-
-
-async def _bare_echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    return request
-
-
-async def _bare_items(request: bytes, context: grpc.aio.ServicerContext):
-    for i in range(int.from_bytes(request, "little")):
-        yield _item(i)
-
-
-async def _serve_bare() -> None:
-    """Serve until stdin closes; the port bound is written to stdout first."""
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Bench",
-        {
-            "Echo": grpc.unary_unary_rpc_method_handler(_bare_echo),
-            "Items": grpc.unary_stream_rpc_method_handler(_bare_items),
-        },
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    try:
-        # EOF on stdin is the parent's request to stop (it also comes if the parent dies).
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-    finally:
-        await server.stop(0)
-
-
-class BareServer:
-    """The bare grpc.aio server process; a context manager that always stops it."""
-
-    def __init__(self) -> None:
-        self._process: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def __enter__(self) -> BareServer:
-        self._process = subprocess.Popen(
-            [sys.executable, __file__, "--bare-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        try:
-            assert self._process.stdout is not None
-            line = self._process.stdout.readline()
-            if not line.strip():
-                raise RuntimeError(f"bare server exited before reporting its port (code {self._process.poll()})")
-            self.address = f"127.0.0.1:{int(line)}"
-        except BaseException:
-            self._stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.close()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.stdout.close()
-
-
 # -- measuring ------------------------------------------------------------------------
 
 Call = Callable[[], Awaitable[object]]
-
-
-async def _rate(call: Call, n: int, concurrency: int = 1) -> float:
-    """Calls per second of ``n`` calls made by ``concurrency`` callers."""
-    left = n
-
-    async def caller() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await call()
-
-    start = perf_counter()
-    if concurrency == 1:
-        await caller()
-    else:
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(concurrency):
-                tg.create_task(caller())
-    return n / (perf_counter() - start)
 
 
 async def _best_rates(sw: Call, bare: Call, n: int, concurrency: int, rounds: int) -> tuple[float, float]:
     """Best calls/s of each side over ``rounds`` alternating rounds."""
     sw_best = bare_best = 0.0
     for _ in range(rounds):
-        sw_best = max(sw_best, await _rate(sw, n, concurrency))
-        bare_best = max(bare_best, await _rate(bare, n, concurrency))
+        sw_best = max(sw_best, await call_rate(sw, n, concurrency))
+        bare_best = max(bare_best, await call_rate(bare, n, concurrency))
     return sw_best, bare_best
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def _expect(got: object, want: object, what: str) -> None:
-    """Check a result even under ``python -O`` (which strips asserts)."""
-    if got != want:
-        raise RuntimeError(f"{what}: got {got!r}, expected {want!r}")
-
-
-def _verdict(ok: bool) -> str:
-    return "OK" if ok else "MISS"
-
-
-def _compare(label: str, sw: str, bare_label: str, bare: str, ratio: float, target: str, verdict: str) -> str:
-    return (
-        f"{label:<22}streamwise {sw:>17}   {bare_label:<23}{bare:>15}   "
-        f"ratio {ratio:6.2f}  ({target})  {verdict}"
-    )
-
-
 def _rate_line(label: str, sw: float, bare: float, unit: str, minimum: float) -> str:
-    ratio = sw / bare
-    return _compare(
-        label, f"{sw:,.0f} {unit}", "bare grpc.aio", f"{bare:,.0f} {unit}", ratio,
-        f"target >= {minimum:g}", _verdict(ratio >= minimum),
-    )
+    return rate_line(label, sw, bare, unit, minimum, base_label="bare grpc.aio")
 
 
 def _info(label: str, text: str) -> str:
     return f"{label:<22}{text}"
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 async def _traffic(handle: streamwise.DeploymentHandle, address: str, sizes: Sizes) -> None:
     """Figures (a), (b) and (c): the same traffic through streamwise and bare grpc.aio."""
     async with grpc.aio.insecure_channel(address) as channel:
-        bare_echo = channel.unary_unary(_ECHO)
-        bare_items = channel.unary_stream(_ITEMS)
+        bare_echo = channel.unary_unary(BARE_ECHO)
+        bare_items = channel.unary_stream(BARE_ITEMS)
 
         async def sw_unary() -> object:
             return await handle.echo.remote(PAYLOAD)
@@ -313,31 +192,31 @@ async def _traffic(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
         # Warm up both sides (channels, routers, the replica's handle to Backend)
         # and check that both sides really echo the payload.
         for _ in range(sizes.warmup_calls):
-            _expect(await sw_unary(), PAYLOAD, "streamwise echo")
-            _expect(await bare_unary(), PAYLOAD, "bare echo")
-        _expect(await handle.echo_via_backend.remote(PAYLOAD), PAYLOAD, "streamwise echo via Backend")
-        await _rate(sw_unary, sizes.warmup_calls, CONCURRENCY)
-        await _rate(bare_unary, sizes.warmup_calls, CONCURRENCY)
-        _expect(await sw_stream(1_000), 1_000, "streamwise stream items")
-        _expect(await bare_stream(1_000), 1_000, "bare stream items")
+            expect(await sw_unary(), PAYLOAD, "streamwise echo")
+            expect(await bare_unary(), PAYLOAD, "bare echo")
+        expect(await handle.echo_via_backend.remote(PAYLOAD), PAYLOAD, "streamwise echo via Backend")
+        await call_rate(sw_unary, sizes.warmup_calls, CONCURRENCY)
+        await call_rate(bare_unary, sizes.warmup_calls, CONCURRENCY)
+        expect(await sw_stream(1_000), 1_000, "streamwise stream items")
+        expect(await bare_stream(1_000), 1_000, "bare stream items")
 
         # (a) unary calls/s
         sw, bare = await _best_rates(sw_unary, bare_unary, sizes.unary_calls, 1, sizes.rounds)
-        _say(_rate_line("unary sequential", sw, bare, "calls/s", UNARY_RATIO_MIN))
+        say(_rate_line("unary sequential", sw, bare, "calls/s", UNARY_RATIO_MIN))
         sw, bare = await _best_rates(sw_unary, bare_unary, sizes.concurrent_calls, CONCURRENCY, sizes.rounds)
-        _say(_rate_line(f"unary {CONCURRENCY} concurrent", sw, bare, "calls/s", UNARY_RATIO_MIN))
+        say(_rate_line(f"unary {CONCURRENCY} concurrent", sw, bare, "calls/s", UNARY_RATIO_MIN))
 
         # (b) items/s of one long stream
         n = sizes.stream_items
         start = perf_counter()
         got = await sw_stream(n)
         sw = got / (perf_counter() - start)
-        _expect(got, n, "streamwise stream items")
+        expect(got, n, "streamwise stream items")
         start = perf_counter()
         got = await bare_stream(n)
         bare = got / (perf_counter() - start)
-        _expect(got, n, "bare stream items")
-        _say(_rate_line(f"stream {n:,} items", sw, bare, "items/s", STREAM_RATIO_MIN))
+        expect(got, n, "bare stream items")
+        say(_rate_line(f"stream {n:,} items", sw, bare, "items/s", STREAM_RATIO_MIN))
 
         # (c) time to first item of a stream vs bare unary latency, calls alternating
         first_item: list[float] = []
@@ -348,33 +227,22 @@ async def _traffic(handle: streamwise.DeploymentHandle, address: str, sizes: Siz
             async with handle.first_then_wait.remote(PAYLOAD) as stream:
                 item = await anext(stream)
                 first_item.append(perf_counter() - start)
-            _expect(item, PAYLOAD, "streamwise first item")
+            expect(item, PAYLOAD, "streamwise first item")
             start = perf_counter()
             await bare_unary()
             bare_latency.append(perf_counter() - start)
             start = perf_counter()
             await sw_unary()
             sw_latency.append(perf_counter() - start)
-        for q in (50, 99):
-            sw_ms = _percentile(first_item, q) * 1e3
-            bare_ms = _percentile(bare_latency, q) * 1e3
-            ratio = sw_ms / bare_ms
-            if q == 50:
-                target = f"target <= {FIRST_ITEM_RATIO_MAX:g}"
-                verdict = _verdict(ratio <= FIRST_ITEM_RATIO_MAX)
-            else:
-                target, verdict = "no target", "-"
-            _say(
-                _compare(
-                    f"first item p{q}", f"{sw_ms:.2f} ms", f"bare grpc.aio unary p{q}", f"{bare_ms:.2f} ms",
-                    ratio, target, verdict,
-                )
-            )
-        _say(
+        for line in first_item_lines(
+            first_item, bare_latency, FIRST_ITEM_RATIO_MAX, base_label="bare grpc.aio unary p{q}"
+        ):
+            say(line)
+        say(
             _info(
                 "  for reference",
-                f"streamwise unary p50 {_percentile(sw_latency, 50) * 1e3:.2f} ms, "
-                f"p99 {_percentile(sw_latency, 99) * 1e3:.2f} ms ({sizes.first_item_calls} calls)",
+                f"streamwise unary p50 {percentile(sw_latency, 50) * 1e3:.2f} ms, "
+                f"p99 {percentile(sw_latency, 99) * 1e3:.2f} ms ({sizes.first_item_calls} calls)",
             )
         )
 
@@ -388,18 +256,18 @@ def _run_to_ready(repeats: int) -> None:
         handle = streamwise.run(_app(), name="startup")
         ready.append(perf_counter() - start)
         try:
-            _expect(handle.echo_via_backend.remote(PAYLOAD).result(30), PAYLOAD, "echo via Backend")
+            expect(handle.echo_via_backend.remote(PAYLOAD).result(30), PAYLOAD, "echo via Backend")
         finally:
             start = perf_counter()
             streamwise.shutdown()
             stopped.append(perf_counter() - start)
     median = statistics.median(ready)
-    _say(
+    say(
         f"{'run() to ready':<22}median {median:.2f} s   min {min(ready):.2f} s   "
         f"({repeats} runs of a 2-deployment app)  (target <= {RUN_TO_READY_MAX_S:g} s)  "
-        f"{_verdict(median <= RUN_TO_READY_MAX_S)}"
+        f"{verdict(median <= RUN_TO_READY_MAX_S)}"
     )
-    _say(_info("  for reference", f"shutdown() median {statistics.median(stopped):.2f} s"))
+    say(_info("  for reference", f"shutdown() median {statistics.median(stopped):.2f} s"))
 
 
 def _replica_rss(bare_pid: int) -> None:
@@ -415,31 +283,22 @@ def _replica_rss(bare_pid: int) -> None:
             continue
         replica_id = cmdline[cmdline.index("--replica-id") + 1]
         found += 1
-        _say(
+        say(
             f"{f'RSS {replica_id}':<22}{rss_mb:6.1f} MB   (target <= {REPLICA_RSS_MAX_MB:g} MB)  "
-            f"{_verdict(rss_mb <= REPLICA_RSS_MAX_MB)}"
+            f"{verdict(rss_mb <= REPLICA_RSS_MAX_MB)}"
         )
     if not found:
-        _say(f"{'RSS':<22}no replica process found  MISS")
+        say(f"{'RSS':<22}no replica process found  MISS")
     bare_mb = psutil.Process(bare_pid).memory_info().rss / MB
-    _say(
+    say(
         _info("  for reference", f"bare server process {bare_mb:.1f} MB (it imports this file, so streamwise too)")
     )
-
-
-def _check_no_children() -> None:
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=10)
-    if alive:
-        print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
-        for process in alive:
-            process.kill()
 
 
 async def _unary_on_own_loop(address: str, sizes: Sizes) -> None:
     """Figure (a) again, with streamwise running on the calling loop (open_app)."""
     async with grpc.aio.insecure_channel(address) as channel, streamwise.open_app(_app(), name="bench") as handle:
-        bare_echo = channel.unary_unary(_ECHO)
+        bare_echo = channel.unary_unary(BARE_ECHO)
 
         async def sw_unary() -> object:
             return await handle.echo.remote(PAYLOAD)
@@ -448,12 +307,12 @@ async def _unary_on_own_loop(address: str, sizes: Sizes) -> None:
             return await bare_echo(PAYLOAD)
 
         for _ in range(sizes.warmup_calls):
-            _expect(await sw_unary(), PAYLOAD, "streamwise echo")
-            _expect(await bare_unary(), PAYLOAD, "bare echo")
+            expect(await sw_unary(), PAYLOAD, "streamwise echo")
+            expect(await bare_unary(), PAYLOAD, "bare echo")
         sw, bare = await _best_rates(sw_unary, bare_unary, sizes.unary_calls, 1, sizes.rounds)
-        _say(_rate_line("unary seq, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
+        say(_rate_line("unary seq, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
         sw, bare = await _best_rates(sw_unary, bare_unary, sizes.concurrent_calls, CONCURRENCY, sizes.rounds)
-        _say(_rate_line(f"unary {CONCURRENCY}, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
+        say(_rate_line(f"unary {CONCURRENCY}, open_app", sw, bare, "calls/s", UNARY_RATIO_MIN))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,17 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
-        asyncio.run(_serve_bare())
+        asyncio.run(serve_bare())
         return 0
 
     sizes = QUICK if args.quick else FULL
     began = perf_counter()
-    _say(
+    say(
         f"handle_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs, "
         f"payload {len(PAYLOAD)} bytes, stream items 8 bytes"
     )
     try:
-        with BareServer() as bare:
+        with BareServer(__file__) as bare:
             _run_to_ready(sizes.run_repeats)
             handle = streamwise.run(_app(), name="bench")
             # What asyncio.run() does, except that the loop is closed only after
@@ -485,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
                     _replica_rss(bare.pid)
                 finally:
                     streamwise.shutdown()
-            _say(_info("open_app", "the same app run on the benchmark's own event loop: no hop to a core thread"))
+            say(_info("open_app", "the same app run on the benchmark's own event loop: no hop to a core thread"))
             asyncio.run(_unary_on_own_loop(bare.address, sizes))
     finally:
         streamwise.shutdown()
-        _check_no_children()
-    _say(f"total {perf_counter() - began:.1f} s")
+        check_no_children()
+    say(f"total {perf_counter() - began:.1f} s")
     return 0
 
 

@@ -30,16 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import importlib
 import json
 import os
-import pathlib
-import shutil
-import subprocess
 import sys
-import tempfile
 from time import perf_counter
 from typing import Any
 
@@ -50,10 +44,20 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
+from _common import (
+    Child,
+    check_no_children,
+    first_item_lines,
+    generated_code,
+    import_generated,
+    rate_line,
+    say,
+    serve_until_stdin_closes,
+    with_pythonpath,
+)
 
 import streamwise  # noqa: E402
 
-PROTO = pathlib.Path(__file__).resolve().parent / "protos" / "bench.proto"
 UNARY_DATA = bytes(range(16))  # the data of every unary request (echoed back)
 ITEM_DATA = bytes(range(8))  # the data of every stream item
 CALL_TIMEOUT_S = 60.0  # per RPC, so that a stuck server fails the run instead of hanging it
@@ -103,29 +107,9 @@ QUICK = Sizes(
 )
 
 
-def _generate(out: str) -> None:
-    """bench_pb2 and bench_pb2_grpc from PROTO, into ``out``."""
-    from grpc_tools import protoc
-
-    include = pathlib.Path(protoc.__file__).parent / "_proto"
-    code = protoc.main(
-        [
-            "protoc",
-            f"-I{PROTO.parent}",
-            f"-I{include}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO),
-        ]
-    )
-    if code != 0:
-        raise RuntimeError(f"protoc failed on {PROTO} (exit code {code})")
-
-
 def _import_generated() -> None:
     global bench_pb2, bench_pb2_grpc
-    bench_pb2 = importlib.import_module("bench_pb2")
-    bench_pb2_grpc = importlib.import_module("bench_pb2_grpc")
+    bench_pb2, bench_pb2_grpc = import_generated()
 
 
 # -- the streamwise app: one deployment serving swbench.Bench through the ingress -------
@@ -165,14 +149,7 @@ async def _serve_plain() -> None:
     _import_generated()
     server = grpc.aio.server()
     bench_pb2_grpc.add_BenchServicer_to_server(PlainBench(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(port, flush=True)
-    try:
-        # EOF on stdin is the parent's request to stop (it also comes if the parent dies).
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
-    finally:
-        await server.stop(0)
+    await serve_until_stdin_closes(server)
 
 
 # -- the client, run in a child process per side ----------------------------------------
@@ -275,86 +252,17 @@ def _client_main(address: str) -> None:
             runner.run(client.close())
 
 
-# -- the child processes, seen from the driver ------------------------------------------
-
-
-def _stop_process(process: subprocess.Popen[str]) -> None:
-    """Close its stdin (its cue to exit), then terminate and kill it if it lingers."""
-    with contextlib.suppress(OSError):
-        if process.stdin is not None:
-            process.stdin.close()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-
-
-class Child:
-    """This file run as ``--plain-server`` or ``--client ADDRESS`` in its own process."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
-        )
-        self.what = " ".join(args)
-
-    def read_line(self) -> str:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.strip():
-            raise RuntimeError(f"{self.what} exited without answering (exit code {self.process.poll()})")
-        return line
-
-    def ask(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
-        self.process.stdin.flush()
-        result = json.loads(self.read_line())
-        if "error" in result:
-            raise RuntimeError(f"client of {self.what}: {result['error']}")
-        return result
-
-    def stop(self) -> None:
-        _stop_process(self.process)
-
-
 # -- measuring and reporting ------------------------------------------------------------
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def _verdict(ok: bool) -> str:
-    return "OK" if ok else "MISS"
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-def _compare(label: str, sw: str, plain: str, ratio: float, target: str, verdict: str) -> str:
-    return (
-        f"{label:<26}streamwise {sw:>17}   plain grpc.aio {plain:>17}   "
-        f"ratio {ratio:6.2f}  ({target})  {verdict}"
-    )
+# The layout of this report's lines: wider labels, the baseline named once.
+_PLAIN: dict[str, Any] = {
+    "base_label": "plain grpc.aio", "label_width": 26, "base_label_width": 15, "base_width": 17
+}
 
 
 def _rate_line(label: str, sw: float, plain: float, unit: str, minimum: float | None) -> str:
-    ratio = sw / plain
-    if minimum is None:
-        target, verdict = "no target", "-"
-    else:
-        target, verdict = f"target >= {minimum:g}", _verdict(ratio >= minimum)
-    return _compare(label, f"{sw:,.0f} {unit}", f"{plain:,.0f} {unit}", ratio, target, verdict)
+    return rate_line(label, sw, plain, unit, minimum, **_PLAIN)
 
 
 def _best(sw: Child, plain: Child, rounds: int, op: str, **kwargs: Any) -> tuple[float, float]:
@@ -371,17 +279,17 @@ def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
         side.ask("warmup", calls=sizes.warmup_calls, items=sizes.stream_items // 10)
 
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "unary", calls=sizes.unary_calls, concurrency=1)
-    _say(_rate_line("unary 1 concurrent", sw_rate, plain_rate, "req/s", None))
+    say(_rate_line("unary 1 concurrent", sw_rate, plain_rate, "req/s", None))
     sw_rate, plain_rate = _best(
         sw, plain, sizes.rounds, "unary", calls=sizes.concurrent_calls, concurrency=CONCURRENCY
     )
-    _say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", UNARY_RATIO_MIN))
+    say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", UNARY_RATIO_MIN))
 
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=1, items=sizes.stream_items)
-    _say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+    say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
     n = sizes.concurrent_stream_items
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=STREAM_CONCURRENCY, items=n)
-    _say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+    say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
 
     sw_samples: list[float] = []
     plain_samples: list[float] = []
@@ -389,29 +297,12 @@ def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
         kwargs = dict(calls=sizes.first_item_calls, items=sizes.first_item_stream)
         sw_samples += sw.ask("first_item", **kwargs)["samples"]
         plain_samples += plain.ask("first_item", **kwargs)["samples"]
-    for q in (50, 99):
-        sw_ms = _percentile(sw_samples, q) * 1e3
-        plain_ms = _percentile(plain_samples, q) * 1e3
-        ratio = sw_ms / plain_ms
-        if q == 50:
-            target = f"target <= {FIRST_ITEM_RATIO_MAX:g}"
-            verdict = _verdict(ratio <= FIRST_ITEM_RATIO_MAX)
-        else:
-            target, verdict = "no target", "-"
-        _say(_compare(f"first item p{q}", f"{sw_ms:.2f} ms", f"{plain_ms:.2f} ms", ratio, target, verdict))
-    _say(
+    for line in first_item_lines(sw_samples, plain_samples, FIRST_ITEM_RATIO_MAX, **_PLAIN):
+        say(line)
+    say(
         f"{'  for reference':<26}{len(sw_samples)} sequential calls per side, each taking the first "
         f"item of a {sizes.first_item_stream:,}-item stream, then cancelling"
     )
-
-
-def _check_no_children() -> None:
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=10)
-    if alive:
-        print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
-        for process in alive:
-            process.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,53 +320,50 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = QUICK if args.quick else FULL
     began = perf_counter()
-    _say(
+    say(
         f"ingress_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs, "
         f"unary data {len(UNARY_DATA)} bytes, stream items of {len(ITEM_DATA)} bytes, one message each, "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
-    _say(
+    say(
         "  streamwise: client process -> ingress (driver process) -> 1 replica process; "
         "plain: client process -> grpc.aio server process"
     )
-    generated = tempfile.mkdtemp(prefix="streamwise-bench-protos-")
     children: list[Child] = []
-    try:
-        _generate(generated)
-        sys.path.insert(0, generated)
-        _import_generated()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (generated, env.get("PYTHONPATH", "")) if p)
+    with generated_code() as generated:
+        try:
+            sys.path.insert(0, generated)
+            _import_generated()
+            env = with_pythonpath(dict(os.environ), generated)
 
-        plain_server = Child(["--plain-server"], env)
-        children.append(plain_server)
-        plain_address = f"127.0.0.1:{int(plain_server.read_line())}"
+            plain_server = Child(__file__, ["--plain-server"], env)
+            children.append(plain_server)
+            plain_address = f"127.0.0.1:{int(plain_server.read_line())}"
 
-        streamwise.run(
-            BenchService.bind(),
-            name="bench",
-            grpc_options=streamwise.GrpcOptions(
-                port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server]
-            ),
-        )
-        sw = Child(["--client", streamwise.ingress_address()], env)
-        children.append(sw)
-        plain = Child(["--client", plain_address], env)
-        children.append(plain)
-        for client in (sw, plain):
-            client.ask("connect")
+            streamwise.run(
+                BenchService.bind(),
+                name="bench",
+                grpc_options=streamwise.GrpcOptions(
+                    port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server]
+                ),
+            )
+            sw = Child(__file__, ["--client", streamwise.ingress_address()], env)
+            children.append(sw)
+            plain = Child(__file__, ["--client", plain_address], env)
+            children.append(plain)
+            for client in (sw, plain):
+                client.ask("connect")
 
-        _measure(sw, plain, sizes)
-    finally:
-        # Clients first (they hold channels to both servers), then the servers.
-        for child in reversed(children):
-            child.stop()
-        streamwise.shutdown()
-        _check_no_children()
-        if generated in sys.path:
-            sys.path.remove(generated)
-        shutil.rmtree(generated, ignore_errors=True)
-    _say(f"total {perf_counter() - began:.1f} s")
+            _measure(sw, plain, sizes)
+        finally:
+            # Clients first (they hold channels to both servers), then the servers.
+            for child in reversed(children):
+                child.stop()
+            streamwise.shutdown()
+            check_no_children()
+            if generated in sys.path:
+                sys.path.remove(generated)
+    say(f"total {perf_counter() - began:.1f} s")
     return 0
 
 

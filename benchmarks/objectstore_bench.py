@@ -43,6 +43,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from _common import check_no_children, expect, say, verdict
 
 import streamwise  # noqa: E402
 
@@ -107,7 +108,7 @@ async def _paired(
 
 async def _timed(call: Call, payload: object) -> float:
     began = perf_counter()
-    _expect(await call(payload), len(payload))  # type: ignore[arg-type]
+    expect(await call(payload), len(payload))  # type: ignore[arg-type]
     return perf_counter() - began
 
 
@@ -124,22 +125,8 @@ def _memcpy(payload: object, repeats: int = 9) -> float:
     return statistics.median(samples)
 
 
-def _expect(got: object, want: object) -> None:
-    """Check a result even under ``python -O`` (which strips asserts)."""
-    if got != want:
-        raise RuntimeError(f"got {got!r}, expected {want!r}")
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.3f} ms" if seconds < 0.01 else f"{seconds * 1e3:,.1f} ms"
-
-
-def _verdict(ok: bool) -> str:
-    return "OK" if ok else "MISS"
-
-
-def _say(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def _label(size: int) -> str:
@@ -159,7 +146,7 @@ async def _chains(front: streamwise.DeploymentHandle, sizes: Sizes) -> list[str]
     rng = np.random.default_rng(0)
     verdicts = []
     header = f"{'2-deployment chain':<22}{'by reference':>14}{'by value':>14}{'memcpy':>12}"
-    _say(f"{header}{'ref/memcpy':>12}{'value/ref':>11}")
+    say(f"{header}{'ref/memcpy':>12}{'value/ref':>11}")
     plan = [(100, sizes.small_calls, 50), (MB, sizes.mb_calls, 5), (sizes.big, sizes.big_value_calls, 1)]
     for size, n, warmup in plan:
         for kind in ("numpy", "bytes"):
@@ -170,7 +157,7 @@ async def _chains(front: streamwise.DeploymentHandle, sizes: Sizes) -> list[str]
             ref_s, value_s = await _paired(ref, value, payload, n, warmup, ref_only)
             copy_s = _memcpy(payload)
             name = f"{kind} {_label(size)}"
-            _say(
+            say(
                 f"{name:<22}{_ms(ref_s):>14}{_ms(value_s):>14}{_ms(copy_s):>12}"
                 f"{ref_s / copy_s:>11.1f}x{value_s / ref_s:>10.1f}x"
             )
@@ -178,18 +165,18 @@ async def _chains(front: streamwise.DeploymentHandle, sizes: Sizes) -> list[str]
                 ratio = ref_s / copy_s
                 verdicts.append(
                     f"{name} by reference through the chain: {_ms(ref_s)} = {ratio:.2f}x one memcpy "
-                    f"({_ms(copy_s)}), target <= {CHAIN_TO_MEMCPY_MAX:g}x  {_verdict(ratio <= CHAIN_TO_MEMCPY_MAX)}"
+                    f"({_ms(copy_s)}), target <= {CHAIN_TO_MEMCPY_MAX:g}x  {verdict(ratio <= CHAIN_TO_MEMCPY_MAX)}"
                 )
                 speedup = value_s / ref_s
                 verdicts.append(
                     f"{name} by reference vs by value: {_ms(ref_s)} vs {_ms(value_s)} = {speedup:.0f}x faster, "
-                    f"target >= {REF_SPEEDUP_MIN:g}x  {_verdict(speedup >= REF_SPEEDUP_MIN)}"
+                    f"target >= {REF_SPEEDUP_MIN:g}x  {verdict(speedup >= REF_SPEEDUP_MIN)}"
                 )
             elif size == 100:
                 ratio = ref_s / value_s
                 verdicts.append(
                     f"{name} by reference vs by value: {_ms(ref_s)} vs {_ms(value_s)} = {ratio:.3f}x the "
-                    f"by-value time, target <= {SMALL_RATIO_MAX:.2f}x  {_verdict(ratio <= SMALL_RATIO_MAX)}"
+                    f"by-value time, target <= {SMALL_RATIO_MAX:.2f}x  {verdict(ratio <= SMALL_RATIO_MAX)}"
                 )
     return verdicts
 
@@ -203,7 +190,7 @@ async def _sweep(back: streamwise.DeploymentHandle, sizes: Sizes) -> None:
     async def value(payload: object) -> int:
         return await inline.consume.remote(payload)
 
-    _say(f"{'one hop, numpy':<22}{'shared memory':>14}{'inline':>14}{'stored/inline':>15}")
+    say(f"{'one hop, numpy':<22}{'shared memory':>14}{'inline':>14}{'stored/inline':>15}")
     for size in (16 * KIB, 64 * KIB, 100 * KIB, 256 * KIB, 1024 * KIB):
         stored = back.options(by_reference=True, by_reference_threshold_bytes=size)
 
@@ -212,16 +199,11 @@ async def _sweep(back: streamwise.DeploymentHandle, sizes: Sizes) -> None:
 
         payload = np.ones(size, dtype=np.uint8)
         ref_s, value_s = await _paired(ref, value, payload, sizes.sweep_calls, 20)
-        _say(f"{f'{size // KIB} KiB':<22}{_ms(ref_s):>14}{_ms(value_s):>14}{ref_s / value_s:>14.2f}x")
+        say(f"{f'{size // KIB} KiB':<22}{_ms(ref_s):>14}{_ms(value_s):>14}{ref_s / value_s:>14.2f}x")
 
 
 def _check_clean() -> None:
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=10)
-    if alive:
-        print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
-        for process in alive:
-            process.kill()
+    check_no_children()
     mine = f"streamwise-{os.getpid()}-"
     left = [n for n in os.listdir("/dev/shm") if n.startswith(mine)]
     if left:
@@ -235,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     began = perf_counter()
     run = "quick" if args.quick else "full"
-    _say(f"objectstore_bench: {run} run, {psutil.cpu_count()} CPUs, 1 MB = 10**6 bytes")
+    say(f"objectstore_bench: {run} run, {psutil.cpu_count()} CPUs, 1 MB = 10**6 bytes")
     try:
         front = streamwise.run(Front.bind(Back.bind()), name="bench")
         back_handle = streamwise.run(Back.bind(), name="sweep")  # called directly: one hop
@@ -244,18 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         with asyncio.Runner() as runner:
             try:
                 verdicts = runner.run(_chains(front, sizes))
-                _say()
+                say()
                 runner.run(_sweep(back_handle, sizes))
             finally:
                 streamwise.shutdown()
     finally:
         streamwise.shutdown()
         _check_clean()
-    _say()
-    _say("targets:")
+    say()
+    say("targets:")
     for line in verdicts:
-        _say(f"  {line}")
-    _say(f"total {perf_counter() - began:.1f} s")
+        say(f"  {line}")
+    say(f"total {perf_counter() - began:.1f} s")
     return 0
 
 

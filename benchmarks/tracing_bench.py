@@ -43,7 +43,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import pathlib
@@ -61,17 +60,25 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import psutil
-
-# The other benchmarks, importable because this file's directory is sys.path[0]:
-# handle_bench's call-rate loop, ingress_bench's code generation and its external
-# client process (``ingress_bench.py --client ADDRESS``, driven by JSON lines).
-from handle_bench import PAYLOAD, _expect, _rate
-from ingress_bench import Child, _check_no_children, _generate, _verdict
+from _common import (
+    Child,
+    call_rate,
+    check_no_children,
+    expect,
+    generated_code,
+    import_generated,
+    say,
+    verdict,
+    with_pythonpath,
+)
 
 import streamwise
 from streamwise.tracing import viewer
 
+PAYLOAD = bytes(range(16))  # the argument and result of every unary handle call, as in handle_bench
 CONCURRENCY = 32  # as in handle_bench and ingress_bench
+# ingress_bench.py --client ADDRESS: its external client process, driven by JSON lines.
+INGRESS_BENCH = str(pathlib.Path(__file__).resolve().with_name("ingress_bench.py"))
 MODES = ("off", "0.01", "1.0")
 LOSS_MAX_PERCENT = {"0.01": 3.0, "1.0": 15.0}
 DRIVER_TIMEOUT_S = 180.0  # one driver run; a stuck run fails the benchmark instead of hanging it
@@ -99,8 +106,7 @@ WARMUP_STREAM_ITEMS = 1_000
 
 def _import_generated() -> None:
     global bench_pb2, bench_pb2_grpc
-    bench_pb2 = importlib.import_module("bench_pb2")
-    bench_pb2_grpc = importlib.import_module("bench_pb2_grpc")
+    bench_pb2, bench_pb2_grpc = import_generated()
 
 
 # -- the app: one deployment, called through handles and served through the ingress ----
@@ -146,7 +152,7 @@ async def _stream(handle: streamwise.DeploymentHandle, n: int, counts: Counts) -
     rate = got / (perf_counter() - start)
     counts.items += 1
     counts.streams.append(n)
-    _expect(got, n, "stream items")
+    expect(got, n, "stream items")
     return rate
 
 
@@ -154,14 +160,14 @@ async def _unary_rate(handle: streamwise.DeploymentHandle, n: int, concurrency: 
     async def call() -> object:
         return await handle.echo.remote(PAYLOAD)
 
-    rate = await _rate(call, n, concurrency)
+    rate = await call_rate(call, n, concurrency)
     counts.echo += n
     return rate
 
 
 async def _warm_handle(handle: streamwise.DeploymentHandle, sizes: Sizes, counts: Counts) -> None:
     for _ in range(sizes.warmup_calls):
-        _expect(await handle.echo.remote(PAYLOAD), PAYLOAD, "echo")
+        expect(await handle.echo.remote(PAYLOAD), PAYLOAD, "echo")
     counts.echo += sizes.warmup_calls
     await _unary_rate(handle, sizes.warmup_calls, CONCURRENCY, counts)
     await _stream(handle, WARMUP_STREAM_ITEMS, counts)
@@ -218,7 +224,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
             ),
             tracing=tracing,
         )
-        client = Child(["--client", streamwise.ingress_address()], dict(os.environ))
+        client = Child(INGRESS_BENCH, ["--client", streamwise.ingress_address()], dict(os.environ))
         client.ask("connect")
         # What asyncio.run() does, except that the loop is closed only after
         # shutdown() (see handle_bench). The ingress client's commands block this
@@ -244,7 +250,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
         if client is not None:
             client.stop()
         streamwise.shutdown()
-        _check_no_children()
+        check_no_children()
     spans = _span_stats(traces_dir, counts)
     shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
     return {"mode": mode, "load": load, "seconds": perf_counter() - began, **best, "trace": spans}
@@ -297,10 +303,6 @@ def _run_driver(mode: str, traces_root: str, index: int, env: dict[str, str], qu
         _stop_driver(process, descendants)
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 def _fmt(rate: float, unit: str) -> str:
     return f"{rate:,.0f} {unit}"
 
@@ -318,7 +320,7 @@ def _figure_line(label: str, best: dict[str, dict[str, float]], key: str, unit: 
         target = LOSS_MAX_PERCENT[mode]
         parts.append(
             f"{mode:>4} {_fmt(rate, unit):>17} ratio {rate / off:4.2f} loss {loss:5.1f}% "
-            f"(target <= {target:g}%) {_verdict(loss <= target):<4}"
+            f"(target <= {target:g}%) {verdict(loss <= target):<4}"
         )
     return "   ".join(parts).rstrip()
 
@@ -344,10 +346,10 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     for mode in MODES:
         mine = [r for r in runs if r["mode"] == mode]
         best[mode] = {key: max(r[key] for r in mine) for key in ("handle_unary", "stream", "ingress_unary")}
-    _say(f"best of {sizes.rounds} round(s) x {sizes.reps} measurement(s) per mode; loss = (off - mode) / off")
-    _say(_figure_line(f"handle unary {CONCURRENCY} concurrent", best, "handle_unary", "calls/s"))
-    _say(_figure_line(f"handle stream {sizes.stream_items:,} items", best, "stream", "items/s"))
-    _say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", best, "ingress_unary", "req/s"))
+    say(f"best of {sizes.rounds} round(s) x {sizes.reps} measurement(s) per mode; loss = (off - mode) / off")
+    say(_figure_line(f"handle unary {CONCURRENCY} concurrent", best, "handle_unary", "calls/s"))
+    say(_figure_line(f"handle stream {sizes.stream_items:,} items", best, "stream", "items/s"))
+    say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", best, "ingress_unary", "req/s"))
 
     # Per call, not per item: every call at 1.0 writes the same spans, whatever it streams.
     full = [r["trace"] for r in runs if r["mode"] == "1.0"]
@@ -361,12 +363,12 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     ok = stream_calls > 0 and per_stream == per_unary == 2.0 and items_ok
     stream_extra_ms = (1 / best["1.0"]["stream"] - 1 / best["off"]["stream"]) * sizes.stream_items * 1e3
     unary_extra_us = (1 / best["1.0"]["handle_unary"] - 1 / best["off"]["handle_unary"]) * 1e6
-    _say(
+    say(
         f"{'per call, not per item':<30}at 1.0: {per_stream:.3g} spans per stream ({stream_calls} streams, of up to "
         f"{sizes.stream_items:,} items), {per_unary:.3g} per unary handle call (route + replica); every replica "
-        f"span counted its stream's items: {'yes' if items_ok else 'NO'}  {_verdict(ok)}"
+        f"span counted its stream's items: {'yes' if items_ok else 'NO'}  {verdict(ok)}"
     )
-    _say(
+    say(
         f"{'  for reference':<30}time added at 1.0 (best vs best): {stream_extra_ms:+.1f} ms per "
         f"{sizes.stream_items:,}-item stream ({stream_extra_ms * 1e6 / sizes.stream_items:+.0f} ns/item); "
         f"{unary_extra_us:+.1f} us per unary handle call, amortized over {CONCURRENCY} concurrent"
@@ -374,7 +376,7 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     for mode in MODES[1:]:
         traces = [r["trace"] for r in runs if r["mode"] == mode]
         n = len(traces)
-        _say(
+        say(
             f"{f'  exporter at {mode}':<30}jsonl: {sum(t['spans'] for t in traces) / n:,.0f} spans, "
             f"{sum(t['bytes'] for t in traces) / n / 1e6:.1f} MB per driver run; handle unary "
             f"{_per_call(traces[0], 'echo')}, ingress unary {_per_call(traces[0], 'Unary')} (first run)"
@@ -384,38 +386,36 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
 def _orchestrate(quick: bool) -> None:
     sizes = QUICK if quick else FULL
     began = perf_counter()
-    _say(
+    say(
         f"tracing_bench: {'quick' if quick else 'full'} run, {psutil.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} at start; modes off / sampling_ratio 0.01 / 1.0, "
         f"interleaved over {sizes.rounds} round(s), one driver process (app with 1 replica) each"
     )
-    _say(
+    say(
         "  exporter: TracingConfig(exporter='jsonl') into a temporary directory, every sampled span "
         "written to a file as it ends (driver and replica); deleted afterwards"
     )
-    _say(
+    say(
         f"  handle: {CONCURRENCY} concurrent `await handle.echo.remote(16 bytes)` and one stream of "
         f"{sizes.stream_items:,} 8-byte items, from the driver; ingress: external client process "
         f"(ingress_bench.py --client) -> ingress (driver) -> replica, {CONCURRENCY} concurrent unary"
     )
-    generated = tempfile.mkdtemp(prefix="streamwise-bench-protos-")
     traces_root = tempfile.mkdtemp(prefix="streamwise-bench-traces-")
     try:
-        _generate(generated)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMWISE_TRACING")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (generated, env.get("PYTHONPATH", "")) if p)
-        runs: list[dict[str, Any]] = []
-        for round_no in range(1, sizes.rounds + 1):
-            for mode in MODES:
-                result = _run_driver(mode, traces_root, len(runs), env, quick)
-                runs.append(result)
-                _say(_progress(round_no, sizes.rounds, result))
-        _report(sizes, runs)
+        with generated_code() as generated:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMWISE_TRACING")}
+            with_pythonpath(env, generated)
+            runs: list[dict[str, Any]] = []
+            for round_no in range(1, sizes.rounds + 1):
+                for mode in MODES:
+                    result = _run_driver(mode, traces_root, len(runs), env, quick)
+                    runs.append(result)
+                    say(_progress(round_no, sizes.rounds, result))
+            _report(sizes, runs)
     finally:
-        _check_no_children()
-        shutil.rmtree(generated, ignore_errors=True)
+        check_no_children()
         shutil.rmtree(traces_root, ignore_errors=True)
-    _say(f"load average {os.getloadavg()[0]:.2f} at end; total {perf_counter() - began:.1f} s")
+    say(f"load average {os.getloadavg()[0]:.2f} at end; total {perf_counter() - began:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

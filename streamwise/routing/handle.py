@@ -142,9 +142,7 @@ class DeploymentHandle:
             async def call() -> Any:
                 complete = False
                 try:
-                    wire.begin(request.metadata)
-                    if pending:
-                        request.args = await wire.encode_pending(args, kwargs)
+                    await begin()
                     reply = await router_for(key).unary(request, parent=parent)
                     if reply.HasField("error"):
                         complete = True

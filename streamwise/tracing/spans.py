@@ -15,10 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableM
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 _TRACER = trace.get_tracer("streamwise")
+# W3C trace context (traceparent/tracestate) is what crosses every hop, external
+# clients' included; the global composite propagator would add a baggage pass per hop.
+_W3C = TraceContextTextMapPropagator()
 _enabled = False
 _ratio = 1.0
 
@@ -43,7 +47,7 @@ def capture() -> otel_context.Context | None:
 
 
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
-    return propagate.extract(metadata)
+    return _W3C.extract(metadata)
 
 
 def _decide(parent: otel_context.Context) -> tuple[bool, bool, otel_context.Context]:
@@ -139,7 +143,7 @@ def _route(
         parent = otel_context.get_current()
     record, root, carried = _decide(parent)
     if not record:
-        propagate.inject(metadata, context=carried)
+        _W3C.inject(metadata, context=carried)
         yield _NO_ROUTE
         return
     attributes: dict[str, Any] = {"streamwise.deployment": deployment, "streamwise.method": method}
@@ -147,7 +151,7 @@ def _route(
         attributes[SAMPLED_ROOT] = True
     span = _TRACER.start_span(f"route {deployment}.{method}", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
     record = RouteSpan(span)
-    propagate.inject(metadata, context=trace.set_span_in_context(span, parent))
+    _W3C.inject(metadata, context=trace.set_span_in_context(span, parent))
     try:
         yield record
     except BaseException as exc:
@@ -155,8 +159,9 @@ def _route(
             mark_error(span, exc)
         raise
     finally:
-        span.set_attribute("streamwise.retries", record.retries)
-        span.set_attribute("streamwise.backoff_s", record.backoff_s)
+        if record.retries:  # rare: spare the common case two attribute writes
+            span.set_attribute("streamwise.retries", record.retries)
+            span.set_attribute("streamwise.backoff_s", record.backoff_s)
         span.end()
 
 
@@ -181,7 +186,7 @@ def serve(
 def _serve(
     name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None
 ) -> Iterator[trace.Span | None]:
-    parent = propagate.extract(metadata)
+    parent = _W3C.extract(metadata)
     record, root, carried = _decide(parent)
     if not record:
         token = otel_context.attach(carried)
@@ -193,21 +198,19 @@ def _serve(
     values = attributes()
     if root:
         values[SAMPLED_ROOT] = True
-    with _TRACER.start_as_current_span(
-        name,
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=values,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            yield span
-        except BaseException as exc:
-            if not isinstance(exc, _cancelled() | GeneratorExit):
-                mark_error(span, exc)
-            raise
+    # start_span + attach rather than start_as_current_span: the same span, without
+    # the SDK's three nested context managers on every request.
+    span = _TRACER.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=values, links=links)
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    try:
+        yield span
+    except BaseException as exc:
+        if not isinstance(exc, _cancelled() | GeneratorExit):
+            mark_error(span, exc)
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
 
 
 def counted(items: AsyncIterator[Any], span: trace.Span | None) -> AsyncIterator[Any]:

@@ -246,20 +246,23 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     f"{self._deployment}.{request.method} takes an input stream, so it must be "
                     "`async def` (an async iterator cannot be consumed from a thread)"
                 )
-            items = spans.counted(self._iterate(kind, call), span)
+            items = self._iterate(kind, call)
             policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
             if span is not None:
                 spans.mark_error(span, exc)
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
             return
+        write = context.write if span is None else spans.FrameCounter(context.write, span)
         try:
-            error = await send_frames(items, context.write, payload.items, policy)
+            error = await send_frames(items, write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
             error = exc
             await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
-        if error is not None and span is not None:
-            spans.mark_error(span, error)
+        if span is not None:
+            write.finish()
+            if error is not None:
+                spans.mark_error(span, error)
 
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -213,27 +213,29 @@ def _serve(
         span.end()
 
 
-def counted(items: AsyncIterator[Any], span: trace.Span | None) -> AsyncIterator[Any]:
-    """``items``, recording on ``span`` (if any) how many were yielded and when the first was."""
-    return items if span is None else _counted(items, span)
+class FrameCounter:
+    """Wraps a stream's frame writer to record, per frame (not per item), how many
+    items were sent and when the first one left."""
 
+    __slots__ = ("_write", "_span", "_count", "_started")
 
-async def _counted(items: AsyncIterator[Any], span: trace.Span) -> AsyncIterator[Any]:
-    count = 0
-    started = time.monotonic()
-    try:
-        async for item in items:
-            if count == 0:
-                span.add_event(
-                    "first_item", {"streamwise.time_to_first_item_s": time.monotonic() - started}
+    def __init__(self, write: Callable[[Any], Awaitable[None]], span: trace.Span) -> None:
+        self._write = write
+        self._span = span
+        self._count = 0
+        self._started = time.monotonic()
+
+    async def __call__(self, frame: Any) -> None:
+        if frame.count:
+            if self._count == 0:
+                self._span.add_event(
+                    "first_item", {"streamwise.time_to_first_item_s": time.monotonic() - self._started}
                 )
-            count += 1
-            yield item
-    finally:
-        span.set_attribute("streamwise.items", count)
-        aclose = getattr(items, "aclose", None)
-        if aclose is not None:
-            await aclose()
+            self._count += frame.count
+        await self._write(frame)
+
+    def finish(self) -> None:
+        self._span.set_attribute("streamwise.items", self._count)
 
 
 def current_link() -> Link | None:

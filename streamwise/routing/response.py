@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
@@ -52,8 +53,23 @@ class _Started(Generic[T]):
             self.task: asyncio.Task[T] | None = self.loop.create_task(coro)
             self.future: concurrent.futures.Future[T] | None = None
         else:
+            # Started from another thread or loop: the task is made on the core loop and
+            # kept (so a cancel on that loop can see whether it already finished), and its
+            # outcome is copied to a thread-safe future.
             self.task = None
-            self.future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self.future = concurrent.futures.Future()
+            self.loop.call_soon_threadsafe(self._start, coro)
+
+    def _start(self, coro: Coroutine[Any, Any, T]) -> None:
+        future = self.future
+        assert future is not None
+        if future.cancelled():
+            coro.close()
+            return
+        task = self.task = self.loop.create_task(coro)
+        # Callbacks that do not reference self: no cycle keeps a result alive.
+        task.add_done_callback(functools.partial(_settle, future))
+        future.add_done_callback(functools.partial(_cancel_task, self.loop, task))
 
     async def wait(self) -> T:
         loop = asyncio.get_running_loop()
@@ -91,8 +107,31 @@ class _Started(Generic[T]):
         return (self.future or self.task).done()  # type: ignore[union-attr]
 
 
+def _settle(future: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    """Copy ``task``'s outcome to ``future`` (unless it was cancelled meanwhile)."""
+    try:
+        if task.cancelled():
+            future.cancel()
+        elif (error := task.exception()) is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(task.result())
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _cancel_task(loop: asyncio.AbstractEventLoop, task: asyncio.Task[T], future: concurrent.futures.Future[T]) -> None:
+    if future.cancelled() and not task.done():
+        loop.call_soon_threadsafe(task.cancel)
+
+
 async def _await(task: asyncio.Task[T]) -> T:
-    return await asyncio.shield(task)
+    """Await ``task`` from a helper task; cancelling the helper cancels ``task`` too."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 _UNSET: Any = object()
@@ -229,16 +268,27 @@ class DeploymentResponseGenerator(Generic[T]):
         if self._finished:
             return
         stream = self._stream
-        if stream is None and self._opening.done():
-            task = self._opening.task or self._opening.future
-            if not task.cancelled() and task.exception() is None:  # type: ignore[union-attr]
-                stream = self._stream = task.result()  # type: ignore[union-attr]
+        task = self._opening.task
+        if stream is None and task is not None and task.done():
+            if not task.cancelled() and task.exception() is None:
+                stream = self._stream = task.result()
         if stream is not None:
             stream.cancel()
             self._finish()
+            return
+        self._finished = True
+        if task is None:
+            self._opening.cancel()  # not started yet: it never will be
         else:
-            self._finished = True
-            self._opening.cancel()
+            task.cancel()
+            # It may still finish opening in this loop iteration: close what it opened.
+            task.add_done_callback(self._close_late)
+
+    def _close_late(self, task: asyncio.Task[FrameStream]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            stream = task.result()
+            stream.cancel()
+            self._release(stream)
 
     def _take(self) -> T:
         if not self._items:

@@ -73,6 +73,10 @@ class Router:
         self._ready.set()
         self._notify()
 
+    @property
+    def deleted(self) -> bool:
+        return self._deleted is not None
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -242,6 +246,10 @@ def router_for(key: RouterKey) -> Router:
     from streamwise.config import env_router_config
 
     router = RUNTIME.routers.get(key)
+    if router is not None and router.deleted:
+        # The app was shut down or replaced (run() under the same name): start over
+        # with a fresh watch; the old router's watch has already ended.
+        router = None
     if router is None:
         address = RUNTIME.require_controller(key[1])
         if RUNTIME.transport is None:

@@ -83,7 +83,7 @@ class FrameStream:
     replica while frames are read; it ends with the call.
     """
 
-    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "target", "died")
+    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "_cancelled", "target", "died")
 
     def __init__(
         self,
@@ -99,6 +99,7 @@ class FrameStream:
         self._writer: asyncio.Task[None] | None = None
         self._input_error: BaseException | None = None
         self.died = False  # the replica went away mid-stream
+        self._cancelled = False  # cancel() was called (from any reader)
 
     def _start_writer(self, inputs: AsyncIterator[Any], encode: Callable[[list[Any]], bytes]) -> None:
         call = self._call
@@ -127,13 +128,18 @@ class FrameStream:
             frame = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             self._end()
+            if self._cancelled:
+                return None  # closed by its consumer: the stream simply ends
             error = _map_error(exc.code(), exc.details(), True, self.target)
             self.died = isinstance(error, exceptions.ReplicaDiedError)
             raise error from exc
         except asyncio.CancelledError:
+            closed = self._cancelled
             self.cancel()
             if _cancelled_by_caller():
                 raise
+            if closed:
+                return None  # closed by its consumer (e.g. from another thread): the stream ends
             if self._input_error is not None:
                 raise self._input_error from None
             self.died = True
@@ -151,6 +157,7 @@ class FrameStream:
             self._transport._release(self.target.address, conn)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
         self._end()
 

@@ -74,7 +74,13 @@ async def send_frames(
             outcome.append(None)
         except Exception as exc:
             outcome.append(exc)
+        except asyncio.CancelledError as exc:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the stream itself is being cancelled
+            outcome.append(exc)  # user code raised CancelledError: an error like any other
         finally:
+            if not outcome:
+                outcome.append(None)  # never leave the sender waiting
             wake.set()
             aclose = getattr(items, "aclose", None)
             if aclose is not None:

@@ -11,6 +11,7 @@ can tell "never ran" (safe to retry, e.g. sent to a replica that just died) from
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -128,15 +129,25 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return await asyncio.get_running_loop().run_in_executor(self._executor, ctx.run, fn)
 
     async def _sync_gen(self, gen: Any) -> AsyncIterator[Any]:
+        """A sync generator driven from the thread pool, one ``next()`` at a time."""
         sentinel = object()
+        pending: concurrent.futures.Future[Any] | None = None
         try:
             while True:
-                item = await self._in_thread(functools.partial(next, gen, sentinel))
+                pending = self._executor.submit(contextvars.copy_context().run, next, gen, sentinel)
+                item = await asyncio.wrap_future(pending)
+                pending = None
                 if item is sentinel:
                     return
                 yield item
         finally:
-            await self._in_thread(gen.close)
+            # A generator cannot be closed while a next() still runs in a worker: close
+            # it in a worker once that next() returns (its finally runs then), without
+            # holding up the cancellation of this call.
+            try:
+                self._executor.submit(_close_when_idle, pending, gen)
+            except RuntimeError:  # the pool is shut down (replica stopping)
+                pass
 
     # -- RPCs ------------------------------------------------------------------------
 
@@ -157,7 +168,9 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                     else:
                         result = [item async for item in self._iterate(kind, call)]
                     value = payload.value(result)
-                except Exception as exc:
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                        raise  # the caller went away
                     if span is not None:
                         spans.mark_error(span, exc)
                     return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
@@ -276,6 +289,22 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         except Exception as exc:
             return replica_pb2.HealthReply(error=_wire.error_to_proto(exc))
         return replica_pb2.HealthReply()
+
+
+def _close_when_idle(pending: concurrent.futures.Future[Any] | None, gen: Any) -> None:
+    if pending is not None:
+        try:
+            pending.result()
+        except BaseException:
+            pass
+    gen.close()
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task is being cancelled (rather than user code having raised
+    CancelledError itself, which is reported to the caller like any other error)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _inputs(context: grpc.aio.ServicerContext, payload: Payload) -> AsyncIterator[Any]:

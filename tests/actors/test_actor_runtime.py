@@ -252,3 +252,11 @@ def test_open_app_cleans_up_on_error_and_refuses_run(serve):
     with pytest.raises(KeyError):
         asyncio.run(main())
     _no_children_left()
+
+
+def test_run_again_under_the_same_name_replaces_the_app(serve):
+    """run() with a name in use replaces that app, and the new handle works."""
+    first = serve(shout.bind(), name="same")
+    assert first.remote("a").result() == "A!"
+    second = serve(shout.bind(), name="same")
+    assert second.remote("b").result(timeout_s=30) == "B!"

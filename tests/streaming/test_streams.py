@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 
 import pytest
 
@@ -269,3 +270,93 @@ def test_bidirectional_is_interactive(serve):
         return out
 
     assert asyncio.run(main()) == ["a", "b", "c"]
+
+
+@streamwise.deployment(max_ongoing_requests=1)
+class Quirky:
+    def __init__(self):
+        self.release = threading.Event()
+        self.finalized = threading.Event()
+
+    async def raises_cancelled(self):
+        yield 1
+        raise asyncio.CancelledError()
+
+    async def unary_cancelled(self):
+        raise asyncio.CancelledError()
+
+    async def ok(self) -> str:
+        return "ok"
+
+    async def numbers(self):
+        i = 0
+        while True:
+            yield i
+            i += 1
+            await asyncio.sleep(0.001)
+
+    def blocking_gen(self):
+        try:
+            yield "first"
+            self.release.wait(30)  # blocks inside next() until released
+            yield "second"
+        finally:
+            self.finalized.set()
+
+    def let_go(self) -> None:
+        self.release.set()
+
+    def sync_finalized(self) -> bool:
+        return self.finalized.wait(10)
+
+
+def test_user_cancelled_error_is_an_error_not_a_hang(serve):
+    """User code raising CancelledError ends its call with RemoteError and frees the slot."""
+    handle = serve(Quirky.bind())
+    with pytest.raises(RemoteError, match="CancelledError"):
+        list(handle.raises_cancelled.remote())
+    with pytest.raises(RemoteError, match="CancelledError"):
+        handle.unary_cancelled.remote().result(timeout_s=30)
+    assert handle.ok.remote().result(timeout_s=30) == "ok"  # max_ongoing_requests=1: slot freed
+
+
+def test_close_from_another_thread_ends_iteration(serve):
+    """Closing a stream while another thread iterates it ends that iteration cleanly."""
+    handle = serve(Quirky.bind())
+    stream = handle.numbers.remote()
+    assert next(stream) == 0
+    seen = []
+    errors = []
+
+    def consume():
+        try:
+            for item in stream:
+                seen.append(item)
+        except Exception as exc:  # the invariant is that none is raised
+            errors.append(exc)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    stream.close()
+    reader.join(30)
+    assert not reader.is_alive() and errors == []
+    assert handle.ok.remote().result(timeout_s=30) == "ok"
+
+
+def test_open_then_close_leaks_nothing(serve):
+    """Closing streams right after starting them leaves no call counted against the replica."""
+    handle = serve(Quirky.bind())
+    for _ in range(100):
+        handle.numbers.remote().close()
+    # max_ongoing_requests=1: a leaked in-flight count would make this wait forever
+    assert handle.ok.remote().result(timeout_s=30) == "ok"
+
+
+def test_sync_generator_cancelled_inside_next_still_finalizes(serve):
+    """A sync generator closed while blocked in next() runs its finally once next() returns."""
+    handle = serve(Quirky.options(max_ongoing_requests=4).bind())
+    stream = handle.blocking_gen.remote()
+    assert next(stream) == "first"
+    stream.close()  # the generator is now blocked inside next()
+    handle.let_go.remote().result(timeout_s=30)
+    assert handle.sync_finalized.remote().result(timeout_s=30)

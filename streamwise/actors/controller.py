@@ -167,6 +167,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def _stop_replica(self, dep: _Deployment, replica: _Replica) -> None:
         replica.state = ReplicaState.DRAINING
+        dep.publish()  # routers stop choosing it before it starts refusing calls
         replica.process.terminate()
         try:
             await asyncio.wait_for(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -269,6 +270,19 @@ def _env_flag(name: str) -> bool:
     if raw in ("1", "true", "yes"):
         return True
     raise UsageError(f"environment variable {name}={raw!r} must be 0 or 1")
+
+
+def env_local_transport() -> bool:
+    """Whether calls to replicas on this machine use their Unix socket instead of gRPC.
+
+    ``STREAMWISE_LOCAL_TRANSPORT=0`` sends every call over gRPC; set in the driver's
+    environment, it holds for its replicas too (they inherit it). Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if os.environ.get("STREAMWISE_LOCAL_TRANSPORT", "").strip() == "":
+        return True
+    return _env_flag("STREAMWISE_LOCAL_TRANSPORT")
 
 
 _transport_config: TransportConfig | None = None

@@ -21,8 +21,22 @@ def _streamwise_shm() -> list[str]:
     return [name for name in os.listdir("/dev/shm") if name.startswith(mine)]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests marked both_transports run once per data-path transport.
+    if "transport" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_transports"):
+        metafunc.parametrize("transport", ["local", "grpc"], indirect=True)
+
+
 @pytest.fixture
-def serve():
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The data path between processes: same-node sockets (the default here) or gRPC."""
+    name = getattr(request, "param", "local")
+    monkeypatch.setenv("STREAMWISE_LOCAL_TRANSPORT", "1" if name == "local" else "0")
+    return name
+
+
+@pytest.fixture
+def serve(transport):
     """Yield ``streamwise.run``; afterwards shut down and assert nothing is left behind."""
     yield streamwise.run
     streamwise.shutdown()

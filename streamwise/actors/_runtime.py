@@ -19,7 +19,7 @@ from streamwise.exceptions import DeploymentNotFoundError, UsageError
 
 if TYPE_CHECKING:
     from streamwise.routing.router import Router, RouterKey
-    from streamwise.routing.transport import GrpcTransport
+    from streamwise.routing.transport import Transport
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ class ProcessRuntime:
         self.replica_id: str | None = None  # set in replica processes
         # Live only on the core loop:
         self.routers: dict[RouterKey, Router] = {}
-        self.transport: GrpcTransport | None = None
+        self.transport: Transport | None = None
 
     def require_controller(self, what: str) -> str:
         if self.controller_address is None:

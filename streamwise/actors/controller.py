@@ -46,6 +46,8 @@ class _Replica:
     process: ReplicaProcess
     state: ReplicaState = ReplicaState.STARTING
     address: str = ""
+    local_address: str = ""
+    node: str = ""
     attached: asyncio.Future[replica_pb2.RemoteError | None] = dataclasses.field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -77,7 +79,9 @@ class _Deployment:
             deleted=self.deleted,
             max_ongoing_requests=self.config.max_ongoing_requests,
             replicas=[
-                controller_pb2.ReplicaInfo(replica_id=r.replica_id, address=r.address)
+                controller_pb2.ReplicaInfo(
+                    replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node
+                )
                 for r in self.replicas.values()
                 if r.state is ReplicaState.RUNNING
             ],
@@ -310,6 +314,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 replica.attached.set_result(request.error)
             return
         replica.address = request.address
+        replica.local_address = request.local_address
+        replica.node = request.node
         if not replica.attached.done():
             replica.attached.set_result(None)
         await replica.released.wait()  # the open stream tells the replica we are alive

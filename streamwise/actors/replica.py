@@ -25,8 +25,10 @@ import grpc
 from streamwise import objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
+from streamwise.config import env_local_transport
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
-from streamwise.streaming import _wire
+from streamwise.streaming import _local_wire, _wire
+from streamwise.streaming.local_server import LocalServer
 from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
 from streamwise.tracing import setup as tracing
@@ -137,8 +139,14 @@ async def serve(controller_address: str, replica_id: str) -> int:
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        local = LocalServer(servicer) if env_local_transport() else None
         attach = stub.Attach(
-            controller_pb2.AttachRequest(replica_id=replica_id, address=f"127.0.0.1:{port}")
+            controller_pb2.AttachRequest(
+                replica_id=replica_id,
+                address=f"127.0.0.1:{port}",
+                local_address=await local.start() if local is not None else "",
+                node=_local_wire.node_id(),
+            )
         )
         follower = loop.create_task(_follow_controller(attach, user_object, stop))
         try:
@@ -146,6 +154,8 @@ async def serve(controller_address: str, replica_id: str) -> int:
             await servicer.drain(config.graceful_shutdown_timeout_s)
         finally:
             attach.cancel()
+            if local is not None:
+                await local.aclose()
             await server.stop(0)
             await asyncio.gather(follower, return_exceptions=True)
             await RUNTIME.close_routing()

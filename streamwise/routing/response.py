@@ -246,6 +246,7 @@ class DeploymentResponseGenerator(Generic[T]):
                 if frame.count:
                     self._items.extend(self._decode(frame.items))
                 if frame.HasField("error"):
+                    self._stream.cancel()  # an error frame is the last: end the call now
                     self._finish()
                     if self._items:
                         # deliver items sent before the error, then the error

@@ -22,8 +22,8 @@ from opentelemetry import context as otel_context
 from streamwise.config import RouterConfig
 from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
-from streamwise.routing.transport import FrameStream, GrpcTransport, NotAccepted, ReplicaTarget
-from streamwise.streaming import _wire
+from streamwise.routing.transport import FrameStream, NotAccepted, ReplicaTarget, Transport
+from streamwise.streaming import _local_wire, _wire
 from streamwise.tracing import spans
 
 RouterKey: TypeAlias = tuple[str, str]  # (application, deployment)
@@ -33,7 +33,7 @@ class Router:
     """Routes calls of one deployment from one event loop."""
 
     def __init__(
-        self, key: RouterKey, controller_address: str, transport: GrpcTransport, config: RouterConfig
+        self, key: RouterKey, controller_address: str, transport: Transport, config: RouterConfig
     ) -> None:
         self.key = key
         self._name = key[1]
@@ -88,8 +88,9 @@ class Router:
         if snapshot.max_ongoing_requests:
             self._max_ongoing = snapshot.max_ongoing_requests
         old = {r.address for r in self._replicas}
+        here = _local_wire.node_id()
         self._replicas = [
-            ReplicaTarget(self._name, r.replica_id, r.address)
+            ReplicaTarget(self._name, r.replica_id, r.address, r.local_address if r.node == here else "")
             for r in snapshot.replicas
             if r.replica_id not in self._dead
         ]
@@ -216,7 +217,7 @@ class Router:
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
-        ``inputs`` makes it a bidirectional call (see GrpcTransport.open_stream).
+        ``inputs`` makes it a bidirectional call (see Transport.open_stream).
         Cancelling the awaiting task cancels the call on the replica.
         """
         backoffs = self._config.backoffs()
@@ -243,7 +244,7 @@ class Router:
 def router_for(key: RouterKey) -> Router:
     """The router of deployment ``key`` (made on first use); call on the core loop."""
     from streamwise.actors._runtime import RUNTIME
-    from streamwise.config import env_router_config
+    from streamwise.config import env_local_transport, env_router_config
 
     router = RUNTIME.routers.get(key)
     if router is not None and router.deleted:
@@ -253,6 +254,6 @@ def router_for(key: RouterKey) -> Router:
     if router is None:
         address = RUNTIME.require_controller(key[1])
         if RUNTIME.transport is None:
-            RUNTIME.transport = GrpcTransport()
+            RUNTIME.transport = Transport(local=env_local_transport())
         router = RUNTIME.routers[key] = Router(key, address, RUNTIME.transport, env_router_config())
     return router

@@ -1,207 +1,44 @@
-"""The data-path transport between a caller and a replica: gRPC on loopback or network.
+"""The data path between a caller and a replica: one interface, two transports.
 
-This is the one place where gRPC errors become streamwise errors on the calling side.
-A call that fails before the replica acknowledged it was never run, and comes back as
-:class:`NotAccepted` so the router can retry it elsewhere; a call that fails after the
-acknowledgement surfaces as :class:`~streamwise.exceptions.ReplicaDiedError` (or the
-matching error), because its outcome is unknown.
+A replica on the caller's machine is called over its same-node Unix socket
+(``local_transport``); any other replica, or every replica when
+``STREAMWISE_LOCAL_TRANSPORT=0``, over gRPC (``grpc_transport``). Both speak the
+same protocol and fail the same way (``target``), so routers, handles and replicas
+do not know which one carried a call.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
+from streamwise.proto import replica_pb2
+from streamwise.routing.grpc_transport import GrpcTransport
+from streamwise.routing.local_transport import LocalTransport, Unreachable
+from streamwise.routing.target import FrameStream, NotAccepted, ReplicaTarget
 
-from streamwise import exceptions
-from streamwise.proto import replica_pb2, replica_pb2_grpc
-from streamwise.streaming import _wire
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaTarget:
-    deployment: str
-    replica_id: str
-    address: str
+__all__ = ["FrameStream", "NotAccepted", "ReplicaTarget", "Transport"]
 
 
-class NotAccepted(Exception):
-    """The replica did not run the call: it was full (``full``) or unreachable/draining."""
+class Transport:
+    """Every connection of one event loop to replicas, on the transport each one allows."""
 
-    def __init__(self, target: ReplicaTarget, full: bool, detail: str) -> None:
-        super().__init__(target, full, detail)
-        self.target = target
-        self.full = full
-        self.detail = detail
+    def __init__(self, local: bool) -> None:
+        self._grpc = GrpcTransport()
+        self._local = LocalTransport() if local else None
 
-
-def _acked(metadata: grpc.aio.Metadata | None) -> bool:
-    return metadata is not None and _wire.ACK_KEY in metadata
-
-
-def _map_error(
-    code: grpc.StatusCode, details: str | None, acked: bool, target: ReplicaTarget
-) -> Exception:
-    details = details or ""
-    if not acked:
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_wire.REJECT_FULL):
-            return NotAccepted(target, True, details)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return NotAccepted(target, False, details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return exceptions.RequestTimeoutError(f"call to {target.deployment} passed its deadline")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-        return exceptions.ReplicaDiedError(target.deployment, target.replica_id, f"{code.name}: {details}")
-    return exceptions.RemoteError(f"grpc.{code.name}", details, "", target.deployment, "")
-
-
-def _cancelled_by_caller() -> bool:
-    """True when the running task itself is being cancelled (not just the RPC)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-class _Connection:
-    """One channel to one replica address, closed once retired and idle."""
-
-    __slots__ = ("channel", "stub", "active", "retired")
-
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS)
-        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
-        self.active = 0
-        self.retired = False
-
-
-class FrameStream:
-    """An open stream of frames from a replica; ``cancel()`` ends the RPC.
-
-    For a call with an input stream, a writer task sends the caller's items to the
-    replica while frames are read; it ends with the call.
-    """
-
-    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "_cancelled", "target", "died")
-
-    def __init__(
-        self,
-        call: grpc.aio.UnaryStreamCall,
-        target: ReplicaTarget,
-        transport: GrpcTransport,
-        conn: _Connection,
-    ) -> None:
-        self._call = call
-        self.target = target
-        self._transport = transport
-        self._conn: _Connection | None = conn
-        self._writer: asyncio.Task[None] | None = None
-        self._input_error: BaseException | None = None
-        self.died = False  # the replica went away mid-stream
-        self._cancelled = False  # cancel() was called (from any reader)
-
-    def _start_writer(self, inputs: AsyncIterator[Any], encode: Callable[[list[Any]], bytes]) -> None:
-        call = self._call
-
-        async def write() -> None:
-            try:
-                async for item in inputs:
-                    await call.write(replica_pb2.StreamInput(items=encode([item])))
-                await call.done_writing()
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError:
-                pass  # the call ended; read() reports why
-            except BaseException as exc:  # the caller's input iterator failed
-                self._input_error = exc
-                call.cancel()
-
-        self._writer = asyncio.get_running_loop().create_task(write())
-
-    async def read(self) -> replica_pb2.Frame | None:
-        """The next frame, or None at the end of the stream.
-
-        Cancelling the awaiting task cancels the RPC (and so the remote generator).
-        """
-        try:
-            frame = await self._call.read()
-        except grpc.aio.AioRpcError as exc:
-            self._end()
-            if self._cancelled:
-                return None  # closed by its consumer: the stream simply ends
-            error = _map_error(exc.code(), exc.details(), True, self.target)
-            self.died = isinstance(error, exceptions.ReplicaDiedError)
-            raise error from exc
-        except asyncio.CancelledError:
-            closed = self._cancelled
-            self.cancel()
-            if _cancelled_by_caller():
-                raise
-            if closed:
-                return None  # closed by its consumer (e.g. from another thread): the stream ends
-            if self._input_error is not None:
-                raise self._input_error from None
-            self.died = True
-            raise exceptions.ReplicaDiedError(self.target.deployment, self.target.replica_id, "call cancelled") from None
-        if frame is grpc.aio.EOF:
-            self._end()
-            return None
-        return frame
-
-    def _end(self) -> None:
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._transport._release(self.target.address, conn)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-        self._end()
-
-
-class GrpcTransport:
-    """Channels to replicas, shared by every router on one event loop."""
-
-    def __init__(self) -> None:
-        self._conns: dict[str, _Connection] = {}
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def _acquire(self, address: str) -> _Connection:
-        conn = self._conns.get(address)
-        if conn is None or conn.retired:
-            conn = self._conns[address] = _Connection(address)
-        conn.active += 1
-        return conn
-
-    def _release(self, address: str, conn: _Connection) -> None:
-        conn.active -= 1
-        if conn.retired and conn.active == 0:
-            self._close_later(conn)
-
-    def _close_later(self, conn: _Connection) -> None:
-        task = asyncio.get_running_loop().create_task(conn.channel.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _same_node(self, target: ReplicaTarget) -> bool:
+        local = self._local
+        return local is not None and target.local_address != "" and target.local_address not in local.unreachable
 
     async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
-        """Run a unary call. Cancelling the awaiting task cancels the RPC."""
-        conn = self._acquire(target.address)
-        call = conn.stub.Call(request)
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            acked = _acked(await call.initial_metadata())
-            raise _map_error(exc.code(), exc.details(), acked, target) from exc
-        except asyncio.CancelledError:
-            call.cancel()
-            if _cancelled_by_caller():
-                raise
-            raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
-        finally:
-            self._release(target.address, conn)
+        """Run a unary call. Cancelling the awaiting task cancels it in the replica."""
+        if self._same_node(target):
+            try:
+                return await self._local.unary(target, request)  # type: ignore[union-attr]
+            except Unreachable:
+                pass  # not reachable from here after all: over gRPC from now on
+        return await self._grpc.unary(target, request)
 
     async def open_stream(
         self,
@@ -214,42 +51,22 @@ class GrpcTransport:
 
         With ``inputs`` the call is bidirectional: the caller's items are sent (after
         admission, so a rejected call consumed none of them) while frames come back.
-        Cancelling the awaiting task cancels the RPC.
+        Cancelling the awaiting task cancels the call.
         """
-        conn = self._acquire(target.address)
-        if inputs is None:
-            call = conn.stub.Stream(request)
-        else:
-            call = conn.stub.Channel()
-        try:
-            if inputs is not None:
-                await call.write(replica_pb2.StreamInput(call=request))
-            metadata = await call.initial_metadata()
-            if not _acked(metadata):
-                raise _map_error(await call.code(), await call.details(), False, target)
-        except BaseException as exc:
-            call.cancel()
-            self._release(target.address, conn)
-            if isinstance(exc, grpc.aio.AioRpcError):
-                raise _map_error(exc.code(), exc.details(), False, target) from exc
-            if isinstance(exc, asyncio.CancelledError) and not _cancelled_by_caller():
-                raise NotAccepted(target, False, "call cancelled before it was accepted") from None
-            raise
-        stream = FrameStream(call, target, self, conn)
-        if inputs is not None:
-            assert encode is not None
-            stream._start_writer(inputs, encode)
-        return stream
+        if self._same_node(target):
+            try:
+                return await self._local.open_stream(target, request, inputs, encode)  # type: ignore[union-attr]
+            except Unreachable:
+                pass  # not reachable from here after all: over gRPC from now on
+        return await self._grpc.open_stream(target, request, inputs, encode)
 
     def forget(self, address: str) -> None:
-        """The replica at ``address`` is gone: close its channel once no call uses it."""
-        conn = self._conns.pop(address, None)
-        if conn is not None:
-            conn.retired = True
-            if conn.active == 0:
-                self._close_later(conn)
+        """The replica at ``address`` is gone: close its connections once unused."""
+        self._grpc.forget(address)
+        if self._local is not None:
+            self._local.forget(address)
 
     async def aclose(self) -> None:
-        for address in list(self._conns):
-            self.forget(address)
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._local is not None:
+            await self._local.aclose()
+        await self._grpc.aclose()

@@ -140,6 +140,7 @@ def test_calls_after_shutdown_fail_clearly(serve):
         handle.remote("x")
 
 
+@pytest.mark.both_transports
 def test_killed_replica_is_restarted(serve):
     """A replica killed with SIGKILL is replaced, and calls keep succeeding."""
     handle = serve(Model.bind(Tokenizer.bind()))

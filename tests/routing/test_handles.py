@@ -17,6 +17,8 @@ from streamwise.exceptions import (
     UsageError,
 )
 
+pytestmark = pytest.mark.both_transports
+
 
 @streamwise.deployment(num_replicas=2, max_ongoing_requests=2)
 class Echo:

@@ -12,6 +12,8 @@ import pytest
 import streamwise
 from streamwise.exceptions import RemoteError, ReplicaDiedError
 
+pytestmark = pytest.mark.both_transports
+
 
 @streamwise.deployment(max_ongoing_requests=8)
 class Producer:

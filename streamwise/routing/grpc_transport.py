@@ -1,0 +1,212 @@
+"""Calls to a replica over gRPC: on loopback, or across machines.
+
+The errors of a call map to streamwise errors as ``target`` describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from streamwise import exceptions
+from streamwise.proto import replica_pb2, replica_pb2_grpc
+from streamwise.routing.target import ReplicaTarget, cancelled_by_caller, map_error
+from streamwise.streaming import _wire
+
+
+def _acked(metadata: grpc.aio.Metadata | None) -> bool:
+    return metadata is not None and _wire.ACK_KEY in metadata
+
+
+class _Connection:
+    """One channel to one replica address, closed once retired and idle."""
+
+    __slots__ = ("channel", "stub", "active", "retired")
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+        self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
+        self.active = 0
+        self.retired = False
+
+
+class GrpcFrameStream:
+    """An open stream of frames from a replica; ``cancel()`` ends the RPC.
+
+    For a call with an input stream, a writer task sends the caller's items to the
+    replica while frames are read; it ends with the call.
+    """
+
+    __slots__ = ("_call", "_transport", "_conn", "_writer", "_input_error", "_cancelled", "target", "died")
+
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        target: ReplicaTarget,
+        transport: GrpcTransport,
+        conn: _Connection,
+    ) -> None:
+        self._call = call
+        self.target = target
+        self._transport = transport
+        self._conn: _Connection | None = conn
+        self._writer: asyncio.Task[None] | None = None
+        self._input_error: BaseException | None = None
+        self.died = False  # the replica went away mid-stream
+        self._cancelled = False  # cancel() was called (from any reader)
+
+    def _start_writer(self, inputs: AsyncIterator[Any], encode: Callable[[list[Any]], bytes]) -> None:
+        call = self._call
+
+        async def write() -> None:
+            try:
+                async for item in inputs:
+                    await call.write(replica_pb2.StreamInput(items=encode([item])))
+                await call.done_writing()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError:
+                pass  # the call ended; read() reports why
+            except BaseException as exc:  # the caller's input iterator failed
+                self._input_error = exc
+                call.cancel()
+
+        self._writer = asyncio.get_running_loop().create_task(write())
+
+    async def read(self) -> replica_pb2.Frame | None:
+        """The next frame, or None at the end of the stream.
+
+        Cancelling the awaiting task cancels the RPC (and so the remote generator).
+        """
+        try:
+            frame = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            self._end()
+            if self._cancelled:
+                return None  # closed by its consumer: the stream simply ends
+            error = map_error(exc.code(), exc.details(), True, self.target)
+            self.died = isinstance(error, exceptions.ReplicaDiedError)
+            raise error from exc
+        except asyncio.CancelledError:
+            closed = self._cancelled
+            self.cancel()
+            if cancelled_by_caller():
+                raise
+            if closed:
+                return None  # closed by its consumer (e.g. from another thread): the stream ends
+            if self._input_error is not None:
+                raise self._input_error from None
+            self.died = True
+            raise exceptions.ReplicaDiedError(self.target.deployment, self.target.replica_id, "call cancelled") from None
+        if frame is grpc.aio.EOF:
+            self._end()
+            return None
+        return frame
+
+    def _end(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._transport._release(self.target.address, conn)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+        self._end()
+
+
+class GrpcTransport:
+    """Channels to replicas, shared by every router on one event loop."""
+
+    def __init__(self) -> None:
+        self._conns: dict[str, _Connection] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _acquire(self, address: str) -> _Connection:
+        conn = self._conns.get(address)
+        if conn is None or conn.retired:
+            conn = self._conns[address] = _Connection(address)
+        conn.active += 1
+        return conn
+
+    def _release(self, address: str, conn: _Connection) -> None:
+        conn.active -= 1
+        if conn.retired and conn.active == 0:
+            self._close_later(conn)
+
+    def _close_later(self, conn: _Connection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
+        """Run a unary call. Cancelling the awaiting task cancels the RPC."""
+        conn = self._acquire(target.address)
+        call = conn.stub.Call(request)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            acked = _acked(await call.initial_metadata())
+            raise map_error(exc.code(), exc.details(), acked, target) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            if cancelled_by_caller():
+                raise
+            raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
+        finally:
+            self._release(target.address, conn)
+
+    async def open_stream(
+        self,
+        target: ReplicaTarget,
+        request: replica_pb2.CallRequest,
+        inputs: AsyncIterator[Any] | None = None,
+        encode: Callable[[list[Any]], bytes] | None = None,
+    ) -> GrpcFrameStream:
+        """Start a stream and wait until the replica admitted it.
+
+        With ``inputs`` the call is bidirectional: the caller's items are sent (after
+        admission, so a rejected call consumed none of them) while frames come back.
+        Cancelling the awaiting task cancels the RPC.
+        """
+        conn = self._acquire(target.address)
+        if inputs is None:
+            call = conn.stub.Stream(request)
+        else:
+            call = conn.stub.Channel()
+        try:
+            if inputs is not None:
+                await call.write(replica_pb2.StreamInput(call=request))
+            metadata = await call.initial_metadata()
+            if not _acked(metadata):
+                raise map_error(await call.code(), await call.details(), False, target)
+        except BaseException as exc:
+            call.cancel()
+            self._release(target.address, conn)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise map_error(exc.code(), exc.details(), False, target) from exc
+            if isinstance(exc, asyncio.CancelledError) and not cancelled_by_caller():
+                raise NotAccepted(target, False, "call cancelled before it was accepted") from None
+            raise
+        stream = GrpcFrameStream(call, target, self, conn)
+        if inputs is not None:
+            assert encode is not None
+            stream._start_writer(inputs, encode)
+        return stream
+
+    def forget(self, address: str) -> None:
+        """The replica at ``address`` is gone: close its channel once no call uses it."""
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            conn.retired = True
+            if conn.active == 0:
+                self._close_later(conn)
+
+    async def aclose(self) -> None:
+        for address in list(self._conns):
+            self.forget(address)
+        await asyncio.gather(*self._closing, return_exceptions=True)

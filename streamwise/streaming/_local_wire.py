@@ -1,0 +1,70 @@
+"""Framing of the same-node transport: the internal protocol over a Unix socket.
+
+A caller on the same machine as a replica skips gRPC and speaks the same protocol
+(the same ``replica_pb2`` messages, the same admission ack) over a Unix stream socket
+in the abstract namespace, which leaves no file behind. A connection carries one
+call at a time and is reused for the next call once the previous one ended cleanly;
+a caller cancels a call by closing its connection. Every message is a 5-byte header
+(body length, kind) and a body:
+
+    caller -> replica   CALL (CallRequest)  unary call
+                        STREAM (CallRequest)  server stream
+                        CHANNEL, then INPUT (StreamInput) ... INPUT_END  bidirectional
+    replica -> caller   ACK  admitted, user code is about to run
+                        REPLY (CallReply)  the unary call's result, last message
+                        FRAME (Frame)  a stream frame
+                        STATUS ("CODE\\ndetails")  the call's end: OK after a stream's
+                        last frame, or a gRPC status code name for a failed call
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import struct
+
+import grpc
+
+HEADER = struct.Struct("!IB")
+
+CALL, STREAM, CHANNEL, INPUT, INPUT_END = 1, 2, 3, 4, 5
+ACK, REPLY, FRAME, STATUS = 10, 11, 12, 13
+
+OK = "OK"
+
+# An abstract-namespace address is written with a leading "@" in place of its NUL.
+ABSTRACT_PREFIX = "@"
+
+@functools.cache
+def node_id() -> str:
+    """This machine's identity (its boot id): callers elsewhere never use the socket."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return os.uname().nodename
+
+
+def socket_path(address: str) -> str:
+    return "\0" + address[1:] if address.startswith(ABSTRACT_PREFIX) else address
+
+
+def message(kind: int, body: bytes = b"") -> bytes:
+    return HEADER.pack(len(body), kind) + body
+
+
+def status(code: grpc.StatusCode | str, details: str = "") -> bytes:
+    name = code if isinstance(code, str) else code.name
+    return message(STATUS, f"{name}\n{details}".encode())
+
+
+def parse_status(body: bytes) -> tuple[str, str]:
+    name, _, details = body.decode(errors="replace").partition("\n")
+    return name, details
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The next (kind, body); IncompleteReadError when the peer closed the connection."""
+    length, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return kind, (await reader.readexactly(length) if length else b"")

@@ -1,0 +1,129 @@
+"""The same-node transport: replicas on this machine are called over a Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import streamwise
+from streamwise.streaming import _local_wire as lw
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux-only")
+
+
+@streamwise.deployment
+class Echo:
+    async def __call__(self, value):
+        return value
+
+    async def count(self, n):
+        for i in range(n):
+            yield i
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+def _named_sockets(pid: int) -> list[str]:
+    return [c.laddr for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr.startswith("@streamwise/")]
+
+
+def _socket_address(pid: int) -> tuple[str, int]:
+    """The replica's listening socket name and how many callers are connected to it."""
+    named = _named_sockets(pid)
+    assert named, f"replica {pid} has no same-node socket"
+    return named[0], len(named) - 1  # the listener, then one entry per accepted connection
+
+
+@pytest.mark.both_transports
+def test_calls_use_the_socket_and_reuse_one_connection(serve, transport):
+    handle = serve(Echo.bind())
+    pid = handle.pid.remote().result()
+    for i in range(50):
+        assert handle.remote(i).result() == i
+        assert list(handle.count.remote(3)) == [0, 1, 2]
+    if transport == "local":
+        # Sequential calls from one caller share one pooled connection.
+        assert _socket_address(pid)[1] == 1
+    else:  # STREAMWISE_LOCAL_TRANSPORT=0 holds for the replicas too: no socket at all
+        assert _named_sockets(pid) == []
+
+
+def _connect(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(lw.socket_path(address))
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_garbage_is_dropped_and_the_replica_keeps_serving(serve):
+    handle = serve(Echo.bind())
+    address, _ = _socket_address(handle.pid.remote().result())
+    with _connect(address) as sock:  # an unknown message kind: the connection is dropped
+        sock.sendall(lw.message(99, b"hello"))
+        assert _read_all(sock) == b""
+    with _connect(address) as sock:  # a call whose request does not decode: an error status
+        sock.sendall(lw.message(lw.CALL, b"\xff\xff\xff"))
+        sock.shutdown(socket.SHUT_WR)
+        reply = _read_all(sock)
+    length, kind = lw.HEADER.unpack(reply[: lw.HEADER.size])
+    assert kind == lw.STATUS
+    name, details = lw.parse_status(reply[lw.HEADER.size : lw.HEADER.size + length])
+    assert name == "UNKNOWN" and "DecodeError" in details
+    assert handle.remote("still serving").result() == "still serving"
+
+
+_OTHER_USER = """
+import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(10)
+sock.connect("\\0" + sys.argv[1][1:])
+try:
+    sock.sendall(bytes.fromhex(sys.argv[2]))
+    print("closed" if sock.recv(100) == b"" else "answered")
+except (BrokenPipeError, ConnectionResetError):  # closed before or after our request
+    print("closed")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_other_users_are_refused(serve):
+    handle = serve(Echo.bind())
+    address, _ = _socket_address(handle.pid.remote().result())
+    request = lw.message(lw.STREAM, b"")
+    result = subprocess.run(
+        [sys.executable, "-c", _OTHER_USER, address, request.hex()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "closed"  # without a word: no ack, nothing ran
+    assert handle.remote(1).result() == 1
+
+
+async def _concurrent(handle: streamwise.DeploymentHandle, n: int) -> list[int]:
+    return list(await asyncio.gather(*(handle.remote(i) for i in range(n))))
+
+
+def test_concurrent_calls_each_get_a_connection(serve):
+    handle = serve(Echo.options(max_ongoing_requests=16).bind())
+    pid = handle.pid.remote().result()
+    assert asyncio.run(_concurrent(handle, 16)) == list(range(16))
+    _, connections = _socket_address(pid)
+    assert 1 <= connections <= 16

@@ -26,8 +26,8 @@ from streamwise.streaming import _local_wire as lw
 # Idle connections kept per replica; more concurrent calls open more, closed after use.
 MAX_IDLE_PER_REPLICA = 64
 
-# A stream's connection buffers this much before the replica's writes wait for the caller.
-STREAM_LIMIT = 1 << 20
+# Bytes a connection buffers before the replica's writes wait for the caller.
+STREAM_LIMIT = 1 << 16
 
 _BROKEN = (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError)
 

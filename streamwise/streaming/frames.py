@@ -54,6 +54,10 @@ async def send_frames(
     arrivals: deque[float] | None = deque() if delay > 0 else None
     # With a hold, the producer wakes the sender early once a capped frame is full.
     full_at = policy.max_items or MAX_PENDING_ITEMS
+    # While a frame is being written, new items wait for the next frame anyway: the
+    # producer keeps going instead of handing over each one (which would make frames
+    # of one item whenever writes are quick, as on the same-node transport).
+    sending = False
 
     async def produce() -> None:
         try:
@@ -64,7 +68,8 @@ async def send_frames(
                 pending = len(buffer)
                 if pending == 1:
                     wake.set()
-                    await asyncio.sleep(0)  # let the sender take it right away
+                    if not sending:
+                        await asyncio.sleep(0)  # let the sender take it right away
                 elif pending >= MAX_PENDING_ITEMS:
                     wake.set()
                     room.clear()
@@ -104,7 +109,11 @@ async def send_frames(
                     for _ in range(frame.count):
                         arrivals.popleft()
                 room.set()
-                await write(frame)
+                sending = True
+                try:
+                    await write(frame)
+                finally:
+                    sending = False
             elif outcome:
                 break
         error = outcome[0]

@@ -55,6 +55,9 @@ class _Context:
     async def write(self, frame: replica_pb2.Frame) -> None:
         self._writer.write(lw.message(lw.FRAME, frame.SerializeToString()))
         await self._writer.drain()
+        # The frame has left; give the producer a turn before the next one, so that
+        # the items it makes meanwhile go out together (as while a gRPC write is busy).
+        await asyncio.sleep(0)
 
     async def read(self) -> Any:
         """The caller's next StreamInput, or grpc.aio.EOF after its last."""

@@ -182,10 +182,13 @@ def test_killed_driver_leaves_nothing(start_driver):
 def _stale_session(start_driver) -> str:
     """A session whose driver and replica were both SIGKILLed: nobody left to clean."""
     proc, name, replica = start_driver()
-    os.kill(replica, signal.SIGKILL)
-    _wait_gone(replica)
+    # Stopped, the replica can neither clean up when its driver dies nor be seen dead
+    # (and restarted) by its controller; the driver goes first, then the replica.
+    os.kill(replica, signal.SIGSTOP)
     proc.kill()
     proc.wait()
+    os.kill(replica, signal.SIGKILL)
+    _wait_gone(replica)
     assert session_files(name + "-", "o")
     return name
 

@@ -27,6 +27,10 @@ from streamwise.streaming import _wire
 # Items buffered before the producer waits for the sender (backpressure).
 MAX_PENDING_ITEMS = 4096
 
+# A producer whose generator never awaits lets the loop run (a cancellation, other
+# calls, the sender) after this many buffered items.
+PRODUCER_TURN_ITEMS = 64
+
 # asyncio timers fire up to about a millisecond late (epoll waits in whole
 # milliseconds, rounded up), so a hold ends this much early: a frame never waits
 # past max_delay_s because of the timer (and a max_delay_s below this holds nothing).
@@ -76,6 +80,8 @@ async def send_frames(
                     await room.wait()
                 elif pending == full_at and arrivals is not None:
                     wake.set()
+                elif pending % PRODUCER_TURN_ITEMS == 0:
+                    await asyncio.sleep(0)  # a generator that never awaits must not hold the loop
             outcome.append(None)
         except Exception as exc:
             outcome.append(exc)

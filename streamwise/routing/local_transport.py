@@ -137,6 +137,10 @@ class LocalFrameStream:
                 conn.close()
 
     def cancel(self) -> None:
+        if self._conn is not None:
+            # A cancelled call's connection is closed (that is how the replica learns of
+            # it); open its replacement now, while the caller moves on.
+            self._transport._replace(self.target)
         self._cancelled = True
         self._end(reuse=False)
 
@@ -147,6 +151,7 @@ class LocalTransport:
     def __init__(self) -> None:
         self._idle: dict[str, list[_Connection]] = {}
         self.unreachable: set[str] = set()  # local addresses that refused a connection
+        self._opening: set[asyncio.Task[None]] = set()
 
     async def _connect(self, target: ReplicaTarget) -> _Connection:
         idle = self._idle.get(target.address)
@@ -158,6 +163,22 @@ class LocalTransport:
             self.unreachable.add(target.local_address)
             raise Unreachable(target.local_address) from exc
         return _Connection(reader, writer)
+
+    def _replace(self, target: ReplicaTarget) -> None:
+        """Open one connection to ``target`` for the pool, unless it has one idle."""
+        if self._idle.get(target.address):
+            return
+
+        async def open_one() -> None:
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_unix_connection(
+                    lw.socket_path(target.local_address), limit=STREAM_LIMIT
+                )
+                self._put_back(target.address, _Connection(reader, writer))
+
+        task = asyncio.get_running_loop().create_task(open_one())
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     def _put_back(self, address: str, conn: _Connection) -> None:
         idle = self._idle.get(address)
@@ -231,6 +252,9 @@ class LocalTransport:
             conn.close()
 
     async def aclose(self) -> None:
+        for task in list(self._opening):
+            task.cancel()
+        await asyncio.gather(*self._opening, return_exceptions=True)
         conns = [conn for idle in self._idle.values() for conn in idle]
         self._idle.clear()
         for conn in conns:

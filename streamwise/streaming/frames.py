@@ -28,8 +28,10 @@ from streamwise.streaming import _wire
 MAX_PENDING_ITEMS = 4096
 
 # A producer whose generator never awaits lets the loop run (a cancellation, other
-# calls, the sender) after this many buffered items.
-PRODUCER_TURN_ITEMS = 64
+# calls, the sender) after about this long; the clock is read every
+# PRODUCER_CHECK_ITEMS items.
+PRODUCER_TURN_S = 0.0001
+PRODUCER_CHECK_ITEMS = 16
 
 # asyncio timers fire up to about a millisecond late (epoll waits in whole
 # milliseconds, rounded up), so a hold ends this much early: a frame never waits
@@ -64,6 +66,7 @@ async def send_frames(
     sending = False
 
     async def produce() -> None:
+        turn_ends = time.monotonic() + PRODUCER_TURN_S
         try:
             async for item in items:
                 buffer.append(item)
@@ -80,8 +83,9 @@ async def send_frames(
                     await room.wait()
                 elif pending == full_at and arrivals is not None:
                     wake.set()
-                elif pending % PRODUCER_TURN_ITEMS == 0:
+                elif pending % PRODUCER_CHECK_ITEMS == 0 and time.monotonic() >= turn_ends:
                     await asyncio.sleep(0)  # a generator that never awaits must not hold the loop
+                    turn_ends = time.monotonic() + PRODUCER_TURN_S
             outcome.append(None)
         except Exception as exc:
             outcome.append(exc)

@@ -13,7 +13,7 @@ import grpc
 
 from streamwise import exceptions
 from streamwise.proto import replica_pb2, replica_pb2_grpc
-from streamwise.routing.target import ReplicaTarget, cancelled_by_caller, map_error
+from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
 from streamwise.streaming import _wire
 
 

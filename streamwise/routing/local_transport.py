@@ -20,7 +20,12 @@ import grpc
 
 from streamwise import exceptions
 from streamwise.proto import replica_pb2
-from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
+from streamwise.routing.target import (
+    NotAccepted,
+    ReplicaTarget,
+    cancelled_by_caller,
+    map_error,
+)
 from streamwise.streaming import _local_wire as lw
 
 # Idle connections kept per replica; more concurrent calls open more, closed after use.

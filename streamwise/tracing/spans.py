@@ -8,16 +8,26 @@ crosses processes in each request's metadata map as W3C ``traceparent`` /
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 _TRACER = trace.get_tracer("streamwise")
 # W3C trace context (traceparent/tracestate) is what crosses every hop, external
@@ -46,8 +56,36 @@ def capture() -> otel_context.Context | None:
     return otel_context.get_current() if _enabled else None
 
 
+# A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_EMPTY = otel_context.Context()
+
+
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
-    return _W3C.extract(metadata)
+    """The W3C trace context in ``metadata`` (an empty context when there is none).
+
+    Every hop does this once per request, sampled or not, so the common case (a
+    version-00 traceparent without tracestate) is parsed here; the rest, including
+    every malformed header, takes the SDK propagator's path with the same result.
+    """
+    header = metadata.get("traceparent")
+    if header is None:
+        return _EMPTY
+    match = _TRACEPARENT.fullmatch(header)
+    if match is None or "tracestate" in metadata:
+        return _W3C.extract(metadata)
+    trace_id, span_id, flags = match.groups()
+    span_context = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+    if not span_context.is_valid:  # all-zero ids
+        return _EMPTY
+    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY)
+
+
+def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
+    """Write ``span_context`` as W3C traceparent (and tracestate, if any) into ``metadata``."""
+    metadata["traceparent"] = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    if span_context.trace_state:
+        metadata["tracestate"] = span_context.trace_state.to_header()
 
 
 def _decide(parent: otel_context.Context) -> tuple[bool, bool, otel_context.Context]:
@@ -132,43 +170,57 @@ def route(
     deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
 ) -> contextlib.AbstractContextManager[RouteSpan | _NoRoute]:
     """A client span around routing one call; its context goes into ``metadata``."""
-    return _route(deployment, method, metadata, parent) if _enabled else _NO_ROUTE
+    return _Route(deployment, method, metadata, parent) if _enabled else _NO_ROUTE
 
 
-@contextlib.contextmanager
-def _route(
-    deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
-) -> Iterator[RouteSpan | _NoRoute]:
-    if parent is None:
-        parent = otel_context.get_current()
-    record, root, carried = _decide(parent)
-    if not record:
-        _W3C.inject(metadata, context=carried)
-        yield _NO_ROUTE
-        return
-    attributes: dict[str, Any] = {"streamwise.deployment": deployment, "streamwise.method": method}
-    if root:
-        attributes[SAMPLED_ROOT] = True
-    span = _TRACER.start_span(f"route {deployment}.{method}", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
-    record = RouteSpan(span)
-    _W3C.inject(metadata, context=trace.set_span_in_context(span, parent))
-    try:
-        yield record
-    except BaseException as exc:
-        if not isinstance(exc, GeneratorExit | _cancelled()):
-            mark_error(span, exc)
-        raise
-    finally:
+def _ends_in_error(exc: BaseException | None) -> bool:
+    """Whether leaving a span with ``exc`` marks it as failed (cancellation does not)."""
+    return exc is not None and not isinstance(exc, asyncio.CancelledError | GeneratorExit)
+
+
+class _Route:
+    """The context manager ``route`` returns while tracing is on (a class, not a
+    generator: it runs on every call)."""
+
+    __slots__ = ("_deployment", "_method", "_metadata", "_parent", "_record")
+
+    def __init__(
+        self, deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
+    ) -> None:
+        self._deployment = deployment
+        self._method = method
+        self._metadata = metadata
+        self._parent = parent
+        self._record: RouteSpan | None = None
+
+    def __enter__(self) -> RouteSpan | _NoRoute:
+        parent = self._parent if self._parent is not None else otel_context.get_current()
+        record, root, carried = _decide(parent)
+        if not record:
+            span_context = trace.get_current_span(carried).get_span_context()
+            if span_context.is_valid:
+                _inject(self._metadata, span_context)
+            return _NO_ROUTE
+        name = f"{self._deployment}.{self._method}"
+        attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
+        if root:
+            attributes[SAMPLED_ROOT] = True
+        span = _TRACER.start_span(f"route {name}", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+        self._record = RouteSpan(span)
+        _inject(self._metadata, span.get_span_context())
+        return self._record
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        record = self._record
+        if record is None:
+            return
+        span = record.span
+        if _ends_in_error(exc):
+            mark_error(span, exc)  # type: ignore[arg-type]
         if record.retries:  # rare: spare the common case two attribute writes
             span.set_attribute("streamwise.retries", record.retries)
             span.set_attribute("streamwise.backoff_s", record.backoff_s)
         span.end()
-
-
-def _cancelled() -> type[BaseException]:
-    import asyncio
-
-    return asyncio.CancelledError
 
 
 def serve(
@@ -179,38 +231,47 @@ def serve(
     Yields None when tracing is off or the request is not sampled (the unsampled
     context is still made current, so downstream calls carry it on).
     """
-    return _serve(name, metadata, attributes, links) if _enabled else _NO_SPAN
+    return _Serve(name, metadata, attributes, links) if _enabled else _NO_SPAN
 
 
-@contextlib.contextmanager
-def _serve(
-    name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None
-) -> Iterator[trace.Span | None]:
-    parent = _W3C.extract(metadata)
-    record, root, carried = _decide(parent)
-    if not record:
-        token = otel_context.attach(carried)
-        try:
-            yield None
-        finally:
-            otel_context.detach(token)
-        return
-    values = attributes()
-    if root:
-        values[SAMPLED_ROOT] = True
-    # start_span + attach rather than start_as_current_span: the same span, without
-    # the SDK's three nested context managers on every request.
-    span = _TRACER.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=values, links=links)
-    token = otel_context.attach(trace.set_span_in_context(span, parent))
-    try:
-        yield span
-    except BaseException as exc:
-        if not isinstance(exc, _cancelled() | GeneratorExit):
-            mark_error(span, exc)
-        raise
-    finally:
-        otel_context.detach(token)
-        span.end()
+class _Serve:
+    """The context manager ``serve`` returns while tracing is on."""
+
+    __slots__ = ("_name", "_metadata", "_attributes", "_links", "_span", "_token")
+
+    def __init__(
+        self, name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None
+    ) -> None:
+        self._name = name
+        self._metadata = metadata
+        self._attributes = attributes
+        self._links = links
+        self._span: trace.Span | None = None
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span | None:
+        parent = extract(self._metadata)
+        record, root, carried = _decide(parent)
+        if not record:
+            self._token = otel_context.attach(carried)
+            return None
+        values = self._attributes()
+        if root:
+            values[SAMPLED_ROOT] = True
+        # start_span + attach rather than start_as_current_span: the same span, without
+        # the SDK's three nested context managers on every request.
+        span = _TRACER.start_span(self._name, context=parent, kind=SpanKind.SERVER, attributes=values, links=self._links)
+        self._span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+        return span
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        span = self._span
+        if span is not None and _ends_in_error(exc):
+            mark_error(span, exc)  # type: ignore[arg-type]
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        if span is not None:
+            span.end()
 
 
 class FrameCounter:

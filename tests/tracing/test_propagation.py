@@ -1,0 +1,51 @@
+"""W3C trace context read from request metadata: the same result as the SDK's propagator."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from streamwise.tracing import spans
+
+VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+CASES = {
+    "none": {},
+    "sampled": {"traceparent": VALID},
+    "not sampled": {"traceparent": VALID[:-2] + "00"},
+    "with tracestate": {"traceparent": VALID, "tracestate": "vendor=abc,other=1"},
+    "upper-case hex": {"traceparent": VALID.upper()},
+    "zero trace id": {"traceparent": "00-" + "0" * 32 + "-b7ad6b7169203331-01"},
+    "zero span id": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01"},
+    "future version": {"traceparent": "01" + VALID[2:] + "-extra"},
+    "version ff": {"traceparent": "ff" + VALID[2:]},
+    "too short": {"traceparent": VALID[:-1]},
+    "sign in hex": {"traceparent": "00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    "garbage": {"traceparent": "not a trace context"},
+}
+
+
+def _described(context) -> tuple:
+    span_context = trace.get_current_span(context).get_span_context()
+    return (
+        span_context.trace_id,
+        span_context.span_id,
+        int(span_context.trace_flags),
+        span_context.is_remote,
+        span_context.trace_state.to_header() if span_context.trace_state else "",
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_extract_matches_the_sdk(case):
+    metadata = CASES[case]
+    assert _described(spans.extract(metadata)) == _described(TraceContextTextMapPropagator().extract(metadata))
+
+
+def test_inject_round_trips():
+    metadata = CASES["with tracestate"]
+    context = spans.extract(metadata)
+    out: dict[str, str] = {}
+    spans._inject(out, trace.get_current_span(context).get_span_context())
+    assert out == metadata

@@ -1,8 +1,8 @@
 """The data path between a caller and a replica: one interface, two transports.
 
 A replica on the caller's machine is called over its same-node Unix socket
-(``local_transport``); any other replica, or every replica when
-``STREAMWISE_LOCAL_TRANSPORT=0``, over gRPC (``grpc_transport``). Both speak the
+(``local_transport``), except for calls with an input stream; any other replica, or
+every replica when ``STREAMWISE_LOCAL_TRANSPORT=0``, over gRPC (``grpc_transport``). Both speak the
 same protocol and fail the same way (``target``), so routers, handles and replicas
 do not know which one carried a call.
 """
@@ -53,9 +53,9 @@ class Transport:
         admission, so a rejected call consumed none of them) while frames come back.
         Cancelling the awaiting task cancels the call.
         """
-        if self._same_node(target):
+        if inputs is None and self._same_node(target):
             try:
-                return await self._local.open_stream(target, request, inputs, encode)  # type: ignore[union-attr]
+                return await self._local.open_stream(target, request)  # type: ignore[union-attr]
             except Unreachable:
                 pass  # not reachable from here after all: over gRPC from now on
         return await self._grpc.open_stream(target, request, inputs, encode)

@@ -2,14 +2,14 @@
 
 A caller on the same machine as a replica skips gRPC and speaks the same protocol
 (the same ``replica_pb2`` messages, the same admission ack) over a Unix stream socket
-in the abstract namespace, which leaves no file behind. A connection carries one
-call at a time and is reused for the next call once the previous one ended cleanly;
-a caller cancels a call by closing its connection. Every message is a 5-byte header
-(body length, kind) and a body:
+in the abstract namespace, which leaves no file behind. Calls with an input stream
+stay on gRPC, for its flow control. A connection carries one call at a time and is
+reused for the next call once the previous one ended cleanly; a caller cancels a
+call by closing its connection. Every message is a 5-byte header (body length,
+kind) and a body:
 
     caller -> replica   CALL (CallRequest)  unary call
                         STREAM (CallRequest)  server stream
-                        CHANNEL, then INPUT (StreamInput) ... INPUT_END  bidirectional
     replica -> caller   ACK  admitted, user code is about to run
                         REPLY (CallReply)  the unary call's result, last message
                         FRAME (Frame)  a stream frame
@@ -28,7 +28,7 @@ import grpc
 
 HEADER = struct.Struct("!IB")
 
-CALL, STREAM, CHANNEL, INPUT, INPUT_END = 1, 2, 3, 4, 5
+CALL, STREAM = 1, 2
 ACK, REPLY, FRAME, STATUS = 10, 11, 12, 13
 
 OK = "OK"

@@ -23,9 +23,8 @@ from streamwise.proto import replica_pb2
 from streamwise.streaming import _local_wire as lw
 from streamwise.streaming.servicer import ReplicaServicer
 
-# Input items of a bidirectional call held before the connection stops being read
-# (backpressure on the caller's writer, as gRPC flow control would apply).
-MAX_QUEUED_INPUTS = 64
+# Connections waiting to be accepted: a burst of concurrent callers each opens one.
+BACKLOG = 1024
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -40,11 +39,10 @@ class _Aborted(Exception):
 class _Context:
     """What the servicer uses of a grpc.aio ServicerContext, over one connection."""
 
-    __slots__ = ("_writer", "_inputs")
+    __slots__ = ("_writer",)
 
-    def __init__(self, writer: asyncio.StreamWriter, inputs: asyncio.Queue[Any] | None) -> None:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self._inputs = inputs
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise _Aborted(code, details)
@@ -59,11 +57,6 @@ class _Context:
         # the items it makes meanwhile go out together (as while a gRPC write is busy).
         await asyncio.sleep(0)
 
-    async def read(self) -> Any:
-        """The caller's next StreamInput, or grpc.aio.EOF after its last."""
-        assert self._inputs is not None
-        return await self._inputs.get()
-
 
 class LocalServer:
     """Accepts same-node callers on an abstract Unix socket until ``aclose()``."""
@@ -77,20 +70,22 @@ class LocalServer:
     async def start(self) -> str:
         """Listen; returns the address callers use (``@name`` for the abstract namespace)."""
         name = f"streamwise/{os.getpid()}/{secrets.token_hex(6)}"
-        self._server = await asyncio.start_unix_server(self._accept, "\0" + name)
+        self._server = await asyncio.start_unix_server(self._accept, "\0" + name, backlog=BACKLOG)
         self.address = lw.ABSTRACT_PREFIX + name
         return self.address
 
     async def aclose(self) -> None:
         """Stop listening and end every connection (cancelling the calls they carry)."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Connections first: from Python 3.12.1, wait_closed() waits for all of them.
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -103,7 +98,7 @@ class LocalServer:
             pass  # the replica is stopping
         finally:
             self._connections.discard(task)
-            writer.close()
+            writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read the caller's messages; its calls run one at a time as tasks.
@@ -112,22 +107,15 @@ class LocalServer:
         """
         loop = asyncio.get_running_loop()
         call: asyncio.Task[None] | None = None
-        inputs: asyncio.Queue[Any] | None = None
         try:
             while True:
                 try:
                     kind, body = await lw.read_message(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                except (asyncio.IncompleteReadError, OSError):
                     return
-                if kind == lw.INPUT and inputs is not None:
-                    await inputs.put(replica_pb2.StreamInput.FromString(body))
-                elif kind == lw.INPUT_END and inputs is not None:
-                    await inputs.put(grpc.aio.EOF)
-                elif kind in (lw.CALL, lw.STREAM, lw.CHANNEL):
-                    inputs = asyncio.Queue(MAX_QUEUED_INPUTS) if kind == lw.CHANNEL else None
-                    call = loop.create_task(self._call(kind, body, _Context(writer, inputs), writer))
-                else:
-                    return  # not our protocol: drop the connection
+                if kind not in (lw.CALL, lw.STREAM) or (call is not None and not call.done()):
+                    return  # not our protocol (one call at a time): drop the connection
+                call = loop.create_task(self._call(kind, body, _Context(writer), writer))
         finally:
             if call is not None and not call.done():
                 call.cancel()
@@ -140,19 +128,16 @@ class LocalServer:
             if kind == lw.CALL:
                 reply = await servicer.Call(replica_pb2.CallRequest.FromString(body), context)  # type: ignore[arg-type]
                 last = lw.message(lw.REPLY, reply.SerializeToString())
-            elif kind == lw.STREAM:
-                await servicer.Stream(replica_pb2.CallRequest.FromString(body), context)  # type: ignore[arg-type]
-                last = lw.status(lw.OK)
             else:
-                await servicer.Channel(None, context)  # type: ignore[arg-type]
+                await servicer.Stream(replica_pb2.CallRequest.FromString(body), context)  # type: ignore[arg-type]
                 last = lw.status(lw.OK)
         except _Aborted as exc:
             last = lw.status(exc.code, exc.details)
-        except (ConnectionError, asyncio.CancelledError):
+        except (OSError, asyncio.CancelledError):
             return  # the caller went away
         except Exception as exc:  # a servicer failure outside user code: the call's outcome is unknown
             last = lw.status(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(OSError):
             writer.write(last)
             await writer.drain()
 

@@ -29,6 +29,11 @@ class Echo:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def fails_after(self, n):
+        for i in range(n):
+            yield i
+        raise ValueError(f"broke after {n}")
+
 
 def _named_sockets(pid: int) -> list[str]:
     return [c.laddr for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr.startswith("@streamwise/")]
@@ -121,9 +126,25 @@ async def _concurrent(handle: streamwise.DeploymentHandle, n: int) -> list[int]:
     return list(await asyncio.gather(*(handle.remote(i) for i in range(n))))
 
 
-def test_concurrent_calls_each_get_a_connection(serve):
-    handle = serve(Echo.options(max_ongoing_requests=16).bind())
+def test_a_burst_of_concurrent_calls_each_get_a_connection(serve):
+    handle = serve(Echo.options(max_ongoing_requests=256).bind())
     pid = handle.pid.remote().result()
-    assert asyncio.run(_concurrent(handle, 16)) == list(range(16))
+    assert asyncio.run(_concurrent(handle, 200)) == list(range(200))
     _, connections = _socket_address(pid)
-    assert 1 <= connections <= 16
+    assert 1 <= connections <= 200
+
+
+def test_streams_that_fail_or_are_cancelled_keep_the_pool_small(serve):
+    handle = serve(Echo.bind())
+    pid = handle.pid.remote().result()
+    for _ in range(10):
+        with pytest.raises(streamwise.exceptions.RemoteError, match="broke after 2"):
+            list(handle.fails_after.remote(2))
+        assert handle.remote(1).result() == 1
+    # An error frame ends the call cleanly: its connection is reused.
+    assert _socket_address(pid)[1] == 1
+    for _ in range(10):
+        for item in handle.count.remote(1_000_000):
+            break  # cancels the call: its connection is closed, a replacement opened
+        assert handle.remote(2).result() == 2
+    assert _socket_address(pid)[1] <= 3  # not one per cancelled call

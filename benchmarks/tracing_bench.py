@@ -21,7 +21,13 @@ of throughput against tracing off:
       (an external client process -> the gRPC ingress -> the replica, as in
       ingress_bench.py, with its client and benchmarks/protos/bench.proto)
 
-and, from the spans read back at 1.0, how many spans each call wrote: a stream of
+For reference, the CPU time per unary call of the driver and its replica (not the
+ingress client), median of every measurement of a mode: on a CPU-bound server the
+loss of throughput is 1 - (CPU off / CPU with tracing), and CPU time is less
+disturbed than wall time by whatever else the machine runs (though on a shared VM it
+still differs from one process to the next by 10-20%).
+
+And, from the spans read back at 1.0, how many spans each call wrote: a stream of
 100k items must write as many as a unary call (per call, not per item).
 
 OpenTelemetry lets a process set its global tracer provider once, so each mode runs
@@ -48,6 +54,7 @@ import os
 import pathlib
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,6 +221,10 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
         tracing = streamwise.TracingConfig(sampling_ratio=float(mode), exporter="jsonl", jsonl_dir=traces_dir)
     counts = Counts()
     best = {"handle_unary": 0.0, "stream": 0.0, "ingress_unary": 0.0}
+    # CPU seconds per call of this process and its replica (not the ingress client),
+    # one sample per measurement: what tracing costs, without the scheduling noise of
+    # a throughput on a shared machine.
+    cpu: dict[str, list[float]] = {"handle_unary": [], "ingress_unary": []}
     client: Child | None = None
     try:
         handle = streamwise.run(
@@ -235,12 +246,17 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
                 client.ask("unary", calls=sizes.warmup_calls, concurrency=1)
                 client.ask("unary", calls=sizes.warmup_calls, concurrency=CONCURRENCY)
                 counts.Unary += 2 * sizes.warmup_calls
+                servers = _server_processes(client)
                 for _ in range(sizes.reps):
+                    used = _cpu_seconds(servers)
                     rate = runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts))
+                    cpu["handle_unary"].append((_cpu_seconds(servers) - used) / sizes.handle_calls)
                     best["handle_unary"] = max(best["handle_unary"], rate)
                     rate = runner.run(_stream(handle, sizes.stream_items, counts))
                     best["stream"] = max(best["stream"], rate)
+                    used = _cpu_seconds(servers)
                     rate = client.ask("unary", calls=sizes.ingress_calls, concurrency=CONCURRENCY)["rate"]
+                    cpu["ingress_unary"].append((_cpu_seconds(servers) - used) / sizes.ingress_calls)
                     counts.Unary += sizes.ingress_calls
                     best["ingress_unary"] = max(best["ingress_unary"], rate)
             finally:
@@ -253,7 +269,21 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, Any]:
         check_no_children()
     spans = _span_stats(traces_dir, counts)
     shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
-    return {"mode": mode, "load": load, "seconds": perf_counter() - began, **best, "trace": spans}
+    return {"mode": mode, "load": load, "seconds": perf_counter() - began, **best, "cpu": cpu, "trace": spans}
+
+
+def _server_processes(client: Child) -> list[psutil.Process]:
+    """This process and its replicas: everything but the ingress client."""
+    me = psutil.Process()
+    return [me, *(p for p in me.children(recursive=True) if p.pid != client.process.pid)]
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 # -- the orchestrator: rounds of driver processes -----------------------------------------
@@ -334,6 +364,16 @@ def _progress(round_no: int, rounds: int, r: dict[str, Any]) -> str:
     )
 
 
+def _cpu_line(label: str, runs: list[dict[str, Any]], key: str) -> str:
+    """Median CPU per call of each mode, and the throughput a CPU-bound server would lose."""
+    median = {mode: statistics.median(x for r in runs if r["mode"] == mode for x in r["cpu"][key]) for mode in MODES}
+    off = median["off"]
+    parts = [f"{'  for reference':<30}CPU per {label} call (driver + replica, median): off {off * 1e6:.0f} us"]
+    for mode in MODES[1:]:
+        parts.append(f"{mode} {median[mode] * 1e6:.0f} us (CPU-bound loss {(1 - off / median[mode]) * 100:.1f}%)")
+    return ", ".join(parts)
+
+
 def _per_call(stats: dict[str, Any], call: str) -> str:
     entry = stats["by_call"].get(call, {"spans": 0, "calls": 0})
     if not entry["calls"]:
@@ -350,6 +390,9 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     say(_figure_line(f"handle unary {CONCURRENCY} concurrent", best, "handle_unary", "calls/s"))
     say(_figure_line(f"handle stream {sizes.stream_items:,} items", best, "stream", "items/s"))
     say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", best, "ingress_unary", "req/s"))
+
+    for key, label in (("handle_unary", "handle unary"), ("ingress_unary", "ingress unary")):
+        say(_cpu_line(label, runs, key))
 
     # Per call, not per item: every call at 1.0 writes the same spans, whatever it streams.
     full = [r["trace"] for r in runs if r["mode"] == "1.0"]

@@ -14,7 +14,7 @@ import pathlib
 import orjson
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.sampling import (
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
+from streamwise.tracing.recorder import Provider
 
 _resources: dict[int, dict] = {}
 
@@ -161,12 +162,13 @@ def configure(config: TracingConfig | None, service: str, **resource: str) -> No
         return
     if _switch is None:
         switch = _Switch()
-        provider = TracerProvider(
+        provider = Provider(
+            switch,
             sampler=switch,
             resource=Resource.create({"service.name": service, "process.pid": os.getpid(), **resource}),
             shutdown_on_exit=False,
         )
-        provider.add_span_processor(switch)
+        provider.add_span_processor(switch)  # for the spans of user code
         trace.set_tracer_provider(provider)
         _switch = switch
     _switch.shutdown()

@@ -50,24 +50,30 @@ def span_record(span: ReadableSpan) -> dict:
     """One span as the JSON object the viewer reads."""
     ctx = span.get_span_context()
     parent = span.parent
+    status = span.status
+    events = span.events
+    links = span.links
     return {
-        "trace_id": format(ctx.trace_id, "032x"),
-        "span_id": format(ctx.span_id, "016x"),
-        "parent_id": format(parent.span_id, "016x") if parent is not None else None,
+        "trace_id": f"{ctx.trace_id:032x}",
+        "span_id": f"{ctx.span_id:016x}",
+        "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
         "name": span.name,
         "kind": span.kind.name,
         "start_ns": span.start_time,
         "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "status_description": span.status.description,
+        "status": status.status_code.name,
+        "status_description": status.description,
         "attributes": dict(span.attributes or {}),
         "events": [
-            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in span.events
-        ],
+            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in events
+        ]
+        if events
+        else [],
         "links": [
-            {"trace_id": format(link.context.trace_id, "032x"), "span_id": format(link.context.span_id, "016x")}
-            for link in span.links
-        ],
+            {"trace_id": f"{link.context.trace_id:032x}", "span_id": f"{link.context.span_id:016x}"} for link in links
+        ]
+        if links
+        else [],
         "resource": _resource(span),
     }
 

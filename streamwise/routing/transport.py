@@ -2,9 +2,9 @@
 
 A replica on the caller's machine is called over its same-node Unix socket
 (``local_transport``), except for calls with an input stream; any other replica, or
-every replica when ``STREAMWISE_LOCAL_TRANSPORT=0``, over gRPC (``grpc_transport``). Both speak the
-same protocol and fail the same way (``target``), so routers, handles and replicas
-do not know which one carried a call.
+every replica when ``STREAMWISE_LOCAL_TRANSPORT=0``, over gRPC (``grpc_transport``).
+Both speak the same protocol and fail the same way (``target``), so routers, handles
+and replicas do not know which one carried a call.
 """
 
 from __future__ import annotations

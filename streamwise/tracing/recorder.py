@@ -197,6 +197,31 @@ class Tracer(trace.Tracer):
         self.processor.on_start(span, parent_context=context)
         return span
 
+    def start_sampled(
+        self,
+        name: str,
+        context: otel_context.Context,
+        parent: SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        links: Sequence[Link] = (),
+    ) -> RecordingSpan:
+        """A sampled span under ``parent`` (None: the root of a new trace), no sampler asked.
+
+        For callers that made the parent-based decision themselves (``spans``): the
+        span is what ``start_span`` makes when the sampler says RECORD_AND_SAMPLE.
+        ``context`` is the parent's context, as the processors' ``on_start`` sees it;
+        ``attributes`` is kept as the span's own dict.
+        """
+        ids = self._provider.id_generator
+        if parent is None:
+            span_context = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), False, _SAMPLED)
+        else:
+            span_context = SpanContext(parent.trace_id, ids.generate_span_id(), False, _SAMPLED, parent.trace_state)
+        span = RecordingSpan(self, name, span_context, parent, kind, attributes, links, time_ns())
+        self.processor.on_start(span, parent_context=context)
+        return span
+
     @contextlib.contextmanager  # type: ignore[override]
     def start_as_current_span(
         self,

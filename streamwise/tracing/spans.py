@@ -13,7 +13,7 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -36,15 +36,37 @@ _W3C = TraceContextTextMapPropagator()
 _enabled = False
 _ratio = 1.0
 
-# Marks a root span streamwise chose to sample, so the SDK's sampler keeps it (the
-# decision is made here, before any SDK work, to keep unsampled requests cheap).
-SAMPLED_ROOT = "streamwise.sampled_root"
+# Starts a span that is to be sampled: (name, parent context, the parent's span
+# context or None for a new trace, kind, attributes, links) -> a recording span.
+StartSampled = Callable[[str, otel_context.Context, SpanContext | None, SpanKind, dict[str, Any], Sequence[Link]], trace.Span]
 
 
-def set_enabled(enabled: bool, sampling_ratio: float = 1.0) -> None:
-    global _enabled, _ratio
+def _start_with_api(
+    name: str,
+    context: otel_context.Context,
+    parent: SpanContext | None,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+    links: Sequence[Link],
+) -> trace.Span:
+    # Whatever provider is installed; its sampler has the last word.
+    return _TRACER.start_span(name, context=context, kind=kind, attributes=attributes, links=links)
+
+
+_start: StartSampled = _start_with_api
+
+
+def set_enabled(enabled: bool, sampling_ratio: float = 1.0, start: StartSampled | None = None) -> None:
+    """Turn streamwise's spans on or off in this process.
+
+    Sampling is decided here, parent-based, before any SDK work: a root is sampled
+    with ``sampling_ratio``. ``start`` makes the spans that are sampled (default: the
+    installed provider's tracer, whose sampler is asked again).
+    """
+    global _enabled, _ratio, _start
     _enabled = enabled
     _ratio = sampling_ratio
+    _start = start if start is not None else _start_with_api
 
 
 def enabled() -> bool:
@@ -59,10 +81,16 @@ def capture() -> otel_context.Context | None:
 # A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _EMPTY = otel_context.Context()
+_FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
 
 
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
-    """The W3C trace context in ``metadata`` (an empty context when there is none).
+    """The W3C trace context in ``metadata`` (an empty context when there is none)."""
+    return _extract(metadata)[0]
+
+
+def _extract(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContext]:
+    """The W3C trace context in ``metadata``, and the span context in it (maybe invalid).
 
     Every hop does this once per request, sampled or not, so the common case (a
     version-00 traceparent without tracestate) is parsed here; the rest, including
@@ -70,15 +98,17 @@ def extract(metadata: Mapping[str, str]) -> otel_context.Context:
     """
     header = metadata.get("traceparent")
     if header is None:
-        return _EMPTY
+        return _EMPTY, trace.INVALID_SPAN_CONTEXT
     match = _TRACEPARENT.fullmatch(header)
     if match is None or "tracestate" in metadata:
-        return _W3C.extract(metadata)
+        context = _W3C.extract(metadata)
+        return context, trace.get_current_span(context).get_span_context()
     trace_id, span_id, flags = match.groups()
-    span_context = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+    trace_flags = _FLAGS.get(flags) or TraceFlags(int(flags, 16))
+    span_context = SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
     if not span_context.is_valid:  # all-zero ids
-        return _EMPTY
-    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY)
+        return _EMPTY, span_context
+    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY), span_context
 
 
 def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
@@ -88,22 +118,22 @@ def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> No
         metadata["tracestate"] = span_context.trace_state.to_header()
 
 
-def _decide(parent: otel_context.Context) -> tuple[bool, bool, otel_context.Context]:
-    """(record a span?, is it a root?, the context to go on with when not recording).
+# Sampling is parent-based: a sampled parent is followed, an unsampled one too. A
+# root is sampled with the configured ratio; an unsampled root still gets ids
+# (flagged not sampled) so that every downstream process agrees without SDK work.
 
-    Parent-based: a sampled parent is followed, an unsampled one too. A root is
-    sampled with the configured ratio; an unsampled root still gets ids (flagged not
-    sampled) so every downstream process agrees without doing SDK work.
-    """
-    span_context = trace.get_current_span(parent).get_span_context()
-    if span_context.is_valid:
-        return bool(span_context.trace_flags.sampled), False, parent
-    if _ratio >= 1.0 or random.random() < _ratio:
-        return True, True, parent
-    unsampled = SpanContext(
-        trace_id=random.getrandbits(128), span_id=random.getrandbits(64), is_remote=False, trace_flags=TraceFlags(0)
-    )
-    return False, True, trace.set_span_in_context(NonRecordingSpan(unsampled), parent)
+
+def _sample_root() -> bool:
+    return _ratio >= 1.0 or random.random() < _ratio
+
+
+def _random_id(bits: int) -> int:
+    return random.getrandbits(bits) or 1  # all-zero ids are invalid
+
+
+def _unsampled_root(parent: otel_context.Context) -> otel_context.Context:
+    span_context = SpanContext(_random_id(128), _random_id(64), is_remote=False, trace_flags=TraceFlags(0))
+    return trace.set_span_in_context(NonRecordingSpan(span_context), parent)
 
 
 def mark_error(span: trace.Span, exc: BaseException) -> None:
@@ -195,17 +225,18 @@ class _Route:
 
     def __enter__(self) -> RouteSpan | _NoRoute:
         parent = self._parent if self._parent is not None else otel_context.get_current()
-        record, root, carried = _decide(parent)
-        if not record:
-            span_context = trace.get_current_span(carried).get_span_context()
-            if span_context.is_valid:
-                _inject(self._metadata, span_context)
+        parent_span: SpanContext | None = trace.get_current_span(parent).get_span_context()
+        if parent_span.is_valid:  # type: ignore[union-attr]
+            if not parent_span.trace_flags.sampled:  # type: ignore[union-attr]
+                _inject(self._metadata, parent_span)  # type: ignore[arg-type]
+                return _NO_ROUTE
+        elif _sample_root():
+            parent_span = None
+        else:  # only the callee sees this root: no context object needed here
+            self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
             return _NO_ROUTE
-        name = f"{self._deployment}.{self._method}"
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
-        if root:
-            attributes[SAMPLED_ROOT] = True
-        span = _TRACER.start_span(f"route {name}", context=parent, kind=SpanKind.CLIENT, attributes=attributes)
+        span = _start(f"route {self._deployment}.{self._method}", parent, parent_span, SpanKind.CLIENT, attributes, ())
         self._record = RouteSpan(span)
         _inject(self._metadata, span.get_span_context())
         return self._record
@@ -250,17 +281,19 @@ class _Serve:
         self._token: object = None
 
     def __enter__(self) -> trace.Span | None:
-        parent = extract(self._metadata)
-        record, root, carried = _decide(parent)
-        if not record:
-            self._token = otel_context.attach(carried)
+        parent, parent_span = _extract(self._metadata)
+        if parent_span.is_valid:
+            if not parent_span.trace_flags.sampled:
+                self._token = otel_context.attach(parent)
+                return None
+        elif _sample_root():
+            parent_span = None  # type: ignore[assignment]
+        else:
+            self._token = otel_context.attach(_unsampled_root(parent))
             return None
-        values = self._attributes()
-        if root:
-            values[SAMPLED_ROOT] = True
-        # start_span + attach rather than start_as_current_span: the same span, without
+        # start + attach rather than start_as_current_span: the same span, without
         # the SDK's three nested context managers on every request.
-        span = _TRACER.start_span(self._name, context=parent, kind=SpanKind.SERVER, attributes=values, links=self._links)
+        span = _start(self._name, parent, parent_span, SpanKind.SERVER, self._attributes(), self._links or ())
         self._span = span
         self._token = otel_context.attach(trace.set_span_in_context(span, parent))
         return span

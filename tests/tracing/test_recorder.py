@@ -73,3 +73,33 @@ def test_other_scopes_get_the_sdk_tracer():
         pass
     (span,) = exporter.get_finished_spans()
     assert not isinstance(span, RecordingSpan) and span.name == "mine"
+
+
+def test_start_sampled_makes_the_span_start_span_makes():
+    """A span whose sampling was decided by the caller matches the sampler's span."""
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider = Provider(processor)
+    tracer = provider.get_tracer(SCOPE)
+    parent = trace.SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        trace_state=trace.TraceState([("vendor", "value")]),
+    )
+    context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    for start in (
+        lambda: tracer.start_span("child", context=context, kind=SpanKind.SERVER, attributes={"a": 1}),
+        lambda: tracer.start_sampled("child", context, parent, SpanKind.SERVER, {"a": 1}),
+    ):
+        start().end()
+    root = tracer.start_sampled("root", trace.set_span_in_context(trace.INVALID_SPAN), None, SpanKind.CLIENT, {})
+    root.end()
+    by_sampler, decided, root = exporter.get_finished_spans()
+    assert _describe(decided) == _describe(by_sampler)
+    for span in (by_sampler, decided):
+        assert span.context.trace_id == parent.trace_id and span.parent == parent
+        assert span.context.trace_state == parent.trace_state and span.context.trace_flags.sampled
+    assert decided.context.span_id != by_sampler.context.span_id
+    assert root.parent is None and root.context.trace_id not in (0, parent.trace_id) and root.context.trace_flags.sampled

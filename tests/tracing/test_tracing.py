@@ -138,6 +138,42 @@ def test_sampling_zero_records_nothing(serve, tmp_path):
     assert viewer.load(tmp_path) == []
 
 
+def test_sampling_decision_follows_the_trace(serve, tmp_path):
+    """At a ratio between 0 and 1 a trace is kept or dropped whole, in every process."""
+    handle = serve(Model.bind(Tokenizer.bind()), tracing=_jsonl(tmp_path, sampling_ratio=0.5))
+    calls = 40
+    for _ in range(calls):
+        assert list(handle.generate.remote("a")) == ["A"]
+    streamwise.shutdown()
+    traces: dict[str, list[str]] = {}
+    for span in viewer.load(tmp_path):
+        traces.setdefault(span.trace_id, []).append(span.name)
+    whole = ["Model.generate", "Tokenizer.stream", "route Model.generate", "route Tokenizer.stream", "user-work"]
+    assert all(sorted(names) == whole for names in traces.values()), traces
+    assert 0 < len(traces) < calls  # 2**-39 that this fails by chance
+
+
+def test_unsampled_client_traceparent_records_nothing(serve, tmp_path):
+    """A client's traceparent flagged not sampled is followed by the ingress and every replica."""
+    serve(
+        Model.bind(Tokenizer.bind()),
+        tracing=_jsonl(tmp_path),
+        grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
+    )
+
+    async def main():
+        async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
+            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+            return await stub.Predict(
+                predict_pb2.PredictRequest(input={"text": b"p q"}),
+                metadata=(("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),),
+            )
+
+    assert asyncio.run(main()).prediction == b"p q"
+    streamwise.shutdown()
+    assert viewer.load(tmp_path) == []
+
+
 def test_killed_replica_keeps_completed_spans(serve, tmp_path):
     """Spans of requests a replica completed survive its SIGKILL (written as they end)."""
     handle = serve(Tokenizer.bind(), tracing=_jsonl(tmp_path))

@@ -1,0 +1,63 @@
+"""When the JSON-lines processor writes: a server span at once, with what ended before it;
+other spans by the end of their event-loop turn, or at once on a thread without a loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from opentelemetry.trace import SpanKind
+
+from streamwise.tracing import viewer
+from streamwise.tracing.recorder import SCOPE, Provider
+from streamwise.tracing.setup import JsonLinesProcessor
+
+
+def _names(path) -> list[str]:
+    return [span.name for span in viewer.load(path)]
+
+
+def test_server_span_writes_what_ended_before_it(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "svc")
+    tracer = Provider(processor).get_tracer(SCOPE)
+
+    async def main() -> list[list[str]]:
+        seen = []
+        tracer.start_span("route", kind=SpanKind.CLIENT).end()
+        seen.append(_names(tmp_path))  # waits for the end of this turn
+        tracer.start_span("request", kind=SpanKind.SERVER).end()
+        seen.append(_names(tmp_path))  # written with the route span, in order
+        tracer.start_span("later", kind=SpanKind.INTERNAL).end()
+        await asyncio.sleep(0)
+        seen.append(_names(tmp_path))  # the turn ended
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [[], ["route", "request"], ["route", "request", "later"]]
+    finally:
+        processor.shutdown()
+
+
+def test_spans_on_a_thread_without_loop_are_written_at_once(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "svc")
+    tracer = Provider(processor).get_tracer(SCOPE)
+    thread = threading.Thread(target=lambda: tracer.start_span("in a thread").end())
+    thread.start()
+    thread.join()
+    try:
+        assert _names(tmp_path) == ["in a thread"]
+    finally:
+        processor.shutdown()
+
+
+def test_shutdown_writes_what_is_pending(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "svc")
+    tracer = Provider(processor).get_tracer(SCOPE)
+
+    async def main() -> None:
+        tracer.start_span("pending", kind=SpanKind.CLIENT).end()
+        processor.shutdown()  # before the turn ends
+        tracer.start_span("after shutdown").end()  # dropped, nothing raised
+
+    asyncio.run(main())
+    assert _names(tmp_path) == ["pending"]

@@ -29,43 +29,83 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 SCOPE = "streamwise"
 
 _PLAIN = (str, bool, int, float)
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+# The status of every span until one is set.
+UNSET = Status(StatusCode.UNSET)
 
 
 class RecordingSpan(trace.Span, ReadableSpan):
-    """A recording span that is also the ReadableSpan its processors receive."""
+    """A recording span that is also the ReadableSpan its processors receive.
+
+    Besides ReadableSpan's fields it keeps, for exporters that read many spans, its ids
+    as plain ints (``trace_id``, ``span_id``, ``parent_id``: 0 for a root) and whether
+    it is ``sampled``.
+
+    Its fields are slots, so that the many spans in flight at a time are fewer and
+    smaller objects for the garbage collector to go through.
+    """
+
+    __slots__ = (
+        "_attributes",
+        "_context",
+        "_end_time",
+        "_events",
+        "_instrumentation_info",
+        "_instrumentation_scope",
+        "_kind",
+        "_links",
+        "_name",
+        "_parent",
+        "_resource",
+        "_start_time",
+        "_status",
+        "_tracer",
+        "parent_id",
+        "sampled",
+        "span_id",
+        "trace_id",
+    )
 
     def __init__(
         self,
         tracer: Tracer,
         name: str,
-        context: SpanContext,
+        trace_id: int,
+        span_id: int,
+        sampled: bool,
+        trace_state: TraceState | None,
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: dict[str, Any],
         links: Sequence[Link],
         start_time: int,
     ) -> None:
-        ReadableSpan.__init__(
-            self,
-            name=name,
-            context=context,
-            parent=parent,
-            resource=tracer.resource,
-            attributes=attributes,
-            events=[],
-            links=tuple(links),
-            kind=kind,
-            start_time=start_time,
-            instrumentation_scope=tracer.scope,
-        )
+        # ReadableSpan's fields, set here rather than through its keyword-only
+        # __init__: this runs for every request.
+        self._name = name
+        self._context = SpanContext(trace_id, span_id, False, _SAMPLED if sampled else _NOT_SAMPLED, trace_state)
+        self._kind = kind
+        self._instrumentation_info = None
+        self._instrumentation_scope = tracer.scope
+        self._parent = parent
+        self._start_time = start_time
+        self._end_time: int | None = None
+        self._attributes = attributes
+        self._events: Sequence[Event] = ()  # a list from the first event on
+        self._links = tuple(links) if links else ()
+        self._resource = tracer.resource
+        self._status = UNSET
         self._tracer = tracer
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent.span_id if parent is not None else 0
+        self.sampled = sampled
 
     # -- the API's Span ------------------------------------------------------------------
 
@@ -102,7 +142,7 @@ class RecordingSpan(trace.Span, ReadableSpan):
         bounded = BoundedAttributes(
             limits.max_event_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length
         )
-        self._events.append(Event(name, bounded, timestamp))  # type: ignore[attr-defined]
+        self._events = [*self._events, Event(name, bounded, timestamp)]
 
     def add_link(self, context: SpanContext, attributes: Any = None) -> None:
         if self._end_time is None and context.is_valid:
@@ -181,18 +221,23 @@ class Tracer(trace.Tracer):
             trace_id = provider.id_generator.generate_trace_id()
         result = provider.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         decision = result.decision
-        span_context = SpanContext(
-            trace_id,
-            provider.id_generator.generate_span_id(),
-            is_remote=False,
-            trace_flags=_SAMPLED if decision.is_sampled() else _NOT_SAMPLED,
-            trace_state=result.trace_state,
-        )
+        span_id = provider.id_generator.generate_span_id()
         if not decision.is_recording():
-            return trace.NonRecordingSpan(span_context)
+            flags = _SAMPLED if decision.is_sampled() else _NOT_SAMPLED
+            return trace.NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, result.trace_state))
         values = dict(result.attributes) if result.attributes else {}
         span = RecordingSpan(
-            self, name, span_context, parent, kind, values, links, start_time if start_time is not None else time_ns()
+            self,
+            name,
+            trace_id,
+            span_id,
+            decision.is_sampled(),
+            result.trace_state,
+            parent,
+            kind,
+            values,
+            links,
+            start_time if start_time is not None else time_ns(),
         )
         self.processor.on_start(span, parent_context=context)
         return span
@@ -215,10 +260,12 @@ class Tracer(trace.Tracer):
         """
         ids = self._provider.id_generator
         if parent is None:
-            span_context = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), False, _SAMPLED)
+            trace_id, trace_state = ids.generate_trace_id(), None
         else:
-            span_context = SpanContext(parent.trace_id, ids.generate_span_id(), False, _SAMPLED, parent.trace_state)
-        span = RecordingSpan(self, name, span_context, parent, kind, attributes, links, time_ns())
+            trace_id, trace_state = parent.trace_id, parent.trace_state
+        span = RecordingSpan(
+            self, name, trace_id, ids.generate_span_id(), True, trace_state, parent, kind, attributes, links, time_ns()
+        )
         self.processor.on_start(span, parent_context=context)
         return span
 

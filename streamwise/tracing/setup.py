@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -31,18 +29,17 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
-from streamwise.tracing.recorder import SCOPE, Provider, RecordingSpan
+from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan
 
 _resources: dict[int, dict] = {}
 
 
-def _resource(span: ReadableSpan) -> dict:
+def _resource(resource: Resource) -> dict:
     # Every span of a process shares one Resource: convert it once.
-    resource = span.resource
     found = _resources.get(id(resource))
     if found is None:
         found = _resources[id(resource)] = {
@@ -51,71 +48,43 @@ def _resource(span: ReadableSpan) -> dict:
     return found
 
 
-_KIND = {kind: kind.name for kind in SpanKind}
-_CODE = {code: code.name for code in StatusCode}
+# Enum members hash through a Python-level __hash__: these are looked up by identity.
+_KIND = {id(kind): kind.name for kind in SpanKind}
+_CODE = {id(code): code.name for code in StatusCode}
 
 
 def span_record(span: ReadableSpan) -> dict:
     """One span as the JSON object the viewer reads."""
+    attributes: Any
     if type(span) is RecordingSpan:
         # streamwise's own spans (most of them): their fields as they are, without
-        # the copies ReadableSpan's properties make.
-        attributes: Any = span._attributes
-        return _record(
-            span._context,  # type: ignore[arg-type]
-            span._parent,
-            span._name,
-            span._kind,
-            span._start_time,
-            span._end_time,
-            span._status,
-            attributes if type(attributes) is dict else dict(attributes),
-            span._events,
-            span._links,
-            _resource(span),
-        )
-    return _record(
-        span.get_span_context(),
-        span.parent,
-        span.name,
-        span.kind,
-        span.start_time,
-        span.end_time,
-        span.status,
-        dict(span.attributes or {}),
-        span.events,
-        span.links,
-        _resource(span),
-    )
-
-
-def _record(
-    ctx: SpanContext,
-    parent: SpanContext | None,
-    name: str,
-    kind: SpanKind,
-    start_ns: int | None,
-    end_ns: int | None,
-    status: Status,
-    attributes: dict,
-    events: Sequence[Event],
-    links: Sequence[Link],
-    resource: dict,
-) -> dict:
+        # the copies and calls ReadableSpan's properties make.
+        trace_id, span_id, parent_id = span.trace_id, span.span_id, span.parent_id
+        name, kind, start_ns, end_ns, status = span._name, span._kind, span._start_time, span._end_time, span._status
+        attributes, events, links, resource = span._attributes, span._events, span._links, span._resource
+        if type(attributes) is not dict:
+            attributes = dict(attributes)
+    else:
+        ctx, parent = span.get_span_context(), span.parent
+        trace_id, span_id, parent_id = ctx.trace_id, ctx.span_id, parent.span_id if parent is not None else 0
+        name, kind, start_ns, end_ns, status = span.name, span.kind, span.start_time, span.end_time, span.status
+        attributes, events, links, resource = dict(span.attributes or {}), span.events, span.links, span.resource
+    if status is UNSET:
+        code, description = "UNSET", None
+    else:
+        code, description = _CODE[id(status.status_code)], status.description
     return {
-        "trace_id": f"{ctx.trace_id:032x}",
-        "span_id": f"{ctx.span_id:016x}",
-        "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
+        "trace_id": f"{trace_id:032x}",
+        "span_id": f"{span_id:016x}",
+        "parent_id": f"{parent_id:016x}" if parent_id else None,
         "name": name,
-        "kind": _KIND[kind],
+        "kind": _KIND[id(kind)],
         "start_ns": start_ns,
         "end_ns": end_ns,
-        "status": _CODE[status.status_code],
-        "status_description": status.description,
+        "status": code,
+        "status_description": description,
         "attributes": attributes,
-        "events": [
-            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in events
-        ]
+        "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in events]
         if events
         else [],
         "links": [
@@ -123,7 +92,7 @@ def _record(
         ]
         if links
         else [],
-        "resource": resource,
+        "resource": _resource(resource),
     }
 
 
@@ -153,10 +122,14 @@ class JsonLinesProcessor(SpanProcessor):
         self._due_on: asyncio.AbstractEventLoop | None = None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._fd is None or not span.context.trace_flags.sampled:
+        if type(span) is RecordingSpan:
+            sampled, kind = span.sampled, span._kind
+        else:
+            sampled, kind = span.context.trace_flags.sampled, span.kind
+        if self._fd is None or not sampled:
             return
         self._pending.append(orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE))
-        if span.kind is SpanKind.SERVER:
+        if kind is SpanKind.SERVER:
             self._write()
             return
         try:
@@ -175,9 +148,11 @@ class JsonLinesProcessor(SpanProcessor):
     def _write(self) -> None:
         pending = self._pending
         lines = []
-        with contextlib.suppress(IndexError):  # popleft until empty: safe against appends
+        try:  # popleft until empty: safe against appends and writes on other threads
             while True:
                 lines.append(pending.popleft())
+        except IndexError:
+            pass
         fd = self._fd
         if lines and fd is not None:
             os.write(fd, b"".join(lines))

@@ -14,7 +14,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -142,22 +142,12 @@ def mark_error(span: trace.Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
-class RouteSpan:
-    """Records a routing decision on the caller's side of a call."""
+class RouteSpan(Protocol):
+    """What the router tells the span of a call it routes."""
 
-    __slots__ = ("span", "retries", "backoff_s")
+    def chose(self, replica_id: str) -> None: ...
 
-    def __init__(self, span: trace.Span) -> None:
-        self.span = span
-        self.retries = 0
-        self.backoff_s = 0.0
-
-    def chose(self, replica_id: str) -> None:
-        self.span.set_attribute("streamwise.replica_id", replica_id)
-
-    def retried(self, backoff_s: float) -> None:
-        self.retries += 1
-        self.backoff_s += backoff_s
+    def retried(self, backoff_s: float) -> None: ...
 
 
 class _NoRoute:
@@ -198,7 +188,7 @@ _NO_SPAN = _NoSpan()
 
 def route(
     deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
-) -> contextlib.AbstractContextManager[RouteSpan | _NoRoute]:
+) -> contextlib.AbstractContextManager[RouteSpan]:
     """A client span around routing one call; its context goes into ``metadata``."""
     return _Route(deployment, method, metadata, parent) if _enabled else _NO_ROUTE
 
@@ -209,10 +199,10 @@ def _ends_in_error(exc: BaseException | None) -> bool:
 
 
 class _Route:
-    """The context manager ``route`` returns while tracing is on (a class, not a
-    generator: it runs on every call)."""
+    """The context manager ``route`` returns while tracing is on, and the RouteSpan it
+    yields when the call is sampled (a class, not a generator: it runs on every call)."""
 
-    __slots__ = ("_deployment", "_method", "_metadata", "_parent", "_record")
+    __slots__ = ("_backoff_s", "_deployment", "_metadata", "_method", "_parent", "_retries", "_span")
 
     def __init__(
         self, deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
@@ -221,9 +211,18 @@ class _Route:
         self._method = method
         self._metadata = metadata
         self._parent = parent
-        self._record: RouteSpan | None = None
+        self._span: trace.Span | None = None
+        self._retries = 0
+        self._backoff_s = 0.0
 
-    def __enter__(self) -> RouteSpan | _NoRoute:
+    def chose(self, replica_id: str) -> None:
+        self._span.set_attribute("streamwise.replica_id", replica_id)  # type: ignore[union-attr]
+
+    def retried(self, backoff_s: float) -> None:
+        self._retries += 1
+        self._backoff_s += backoff_s
+
+    def __enter__(self) -> RouteSpan:
         parent = self._parent if self._parent is not None else otel_context.get_current()
         parent_span: SpanContext | None = trace.get_current_span(parent).get_span_context()
         if parent_span.is_valid:  # type: ignore[union-attr]
@@ -236,21 +235,20 @@ class _Route:
             self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
             return _NO_ROUTE
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
-        span = _start(f"route {self._deployment}.{self._method}", parent, parent_span, SpanKind.CLIENT, attributes, ())
-        self._record = RouteSpan(span)
+        name = f"route {self._deployment}.{self._method}"
+        span = self._span = _start(name, parent, parent_span, SpanKind.CLIENT, attributes, ())
         _inject(self._metadata, span.get_span_context())
-        return self._record
+        return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        record = self._record
-        if record is None:
+        span = self._span
+        if span is None:
             return
-        span = record.span
         if _ends_in_error(exc):
             mark_error(span, exc)  # type: ignore[arg-type]
-        if record.retries:  # rare: spare the common case two attribute writes
-            span.set_attribute("streamwise.retries", record.retries)
-            span.set_attribute("streamwise.backoff_s", record.backoff_s)
+        if self._retries:  # rare: spare the common case two attribute writes
+            span.set_attribute("streamwise.retries", self._retries)
+            span.set_attribute("streamwise.backoff_s", self._backoff_s)
         span.end()
 
 

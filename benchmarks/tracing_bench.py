@@ -9,8 +9,8 @@ Three tracing modes are compared: tracing off (``run(..., tracing=None)``), and
 ``TracingConfig(sampling_ratio=0.01)`` and ``TracingConfig(sampling_ratio=1.0)``, both
 with the JSON-lines exporter (``exporter="jsonl"``) writing into a temporary
 directory that is deleted afterwards: an exporter that does real work (every sampled
-span is encoded and written to a file as it ends, in the process that made it) but
-that is cheap next to a network exporter's tail. Figures, each judged as the loss
+span is encoded and written to a file, in the process that made it, by the end of the
+event-loop turn in which it ended) but that is cheap next to a network exporter's tail. Figures, each judged as the loss
 of throughput against tracing off:
 
     handle unary calls/s, 32 concurrent            loss <= 3% at 0.01, <= 15% at 1.0
@@ -33,10 +33,13 @@ And, from the spans read back at 1.0, how many spans each call wrote: a stream o
 OpenTelemetry lets a process set its global tracer provider once, so each mode runs
 in its own driver process: this file run with a hidden ``--mode off|0.01|1.0`` flag,
 which starts the app (one replica), warms up, measures each figure a few times,
-shuts down, reads back the spans and prints its results as one JSON line. The modes
-run interleaved over a few rounds (off, 0.01, 1.0, off, 0.01, 1.0, ...) and the best
-figure of each mode counts, so that drift of a shared machine hits all modes alike;
-the load average is printed at start and end. ``STREAMWISE_TRACING*`` variables are
+shuts down, reads back the spans and prints its results as one JSON line (the best
+of its measurements of each figure). The modes run in rounds, in turn forwards and
+backwards (off, 0.01, 1.0, then 1.0, 0.01, off, ...), and each mode is compared
+with "off" of its own round: the loss printed is the median of those per-round
+losses, with their range. A shared machine drifts by more than the targets from one
+minute to the next; pairing within a round and taking the median keeps that drift
+and the odd outlier out of the figure. The load average is printed at start and end. ``STREAMWISE_TRACING*`` variables are
 removed from the drivers' environment, so that "off" is off. Code for the .proto is
 generated with grpc_tools.protoc into a temporary directory (on PYTHONPATH for the
 child processes) and removed at the end.
@@ -106,7 +109,7 @@ class Sizes:
     ingress_calls: int  # unary ingress calls per measurement, made by CONCURRENCY callers
 
 
-FULL = Sizes(rounds=4, reps=2, warmup_calls=300, handle_calls=2_000, stream_items=100_000, ingress_calls=1_500)
+FULL = Sizes(rounds=6, reps=3, warmup_calls=300, handle_calls=5_000, stream_items=200_000, ingress_calls=3_000)
 QUICK = Sizes(rounds=1, reps=1, warmup_calls=30, handle_calls=200, stream_items=10_000, ingress_calls=200)
 WARMUP_STREAM_ITEMS = 1_000
 
@@ -341,16 +344,30 @@ def _loss(off: float, rate: float) -> float:
     return (off - rate) / off * 100
 
 
-def _figure_line(label: str, best: dict[str, dict[str, float]], key: str, unit: str) -> str:
-    off = best["off"][key]
+def _by_round(runs: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
+    """The runs of each round, by mode."""
+    rounds: dict[int, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
+    for r in runs:
+        rounds[r["round"]][r["mode"]] = r
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def _losses(rounds: list[dict[str, dict[str, Any]]], mode: str, key: str) -> list[float]:
+    """The loss of ``mode`` against "off" of the same round, one per round."""
+    return [_loss(r["off"][key], r[mode][key]) for r in rounds]
+
+
+def _figure_line(label: str, rounds: list[dict[str, dict[str, Any]]], key: str, unit: str) -> str:
+    off = statistics.median(r["off"][key] for r in rounds)
     parts = [f"{label:<30}off {_fmt(off, unit):>17}"]
     for mode in MODES[1:]:
-        rate = best[mode][key]
-        loss = _loss(off, rate)
+        rate = statistics.median(r[mode][key] for r in rounds)
+        losses = _losses(rounds, mode, key)
+        loss = statistics.median(losses)
         target = LOSS_MAX_PERCENT[mode]
         parts.append(
-            f"{mode:>4} {_fmt(rate, unit):>17} ratio {rate / off:4.2f} loss {loss:5.1f}% "
-            f"(target <= {target:g}%) {verdict(loss <= target):<4}"
+            f"{mode:>4} {_fmt(rate, unit):>17} loss {loss:5.1f}% (rounds {min(losses):.0f}..{max(losses):.0f}%, "
+            f"target <= {target:g}%) {verdict(loss <= target):<4}"
         )
     return "   ".join(parts).rstrip()
 
@@ -382,14 +399,14 @@ def _per_call(stats: dict[str, Any], call: str) -> str:
 
 
 def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
-    best: dict[str, dict[str, float]] = {}
-    for mode in MODES:
-        mine = [r for r in runs if r["mode"] == mode]
-        best[mode] = {key: max(r[key] for r in mine) for key in ("handle_unary", "stream", "ingress_unary")}
-    say(f"best of {sizes.rounds} round(s) x {sizes.reps} measurement(s) per mode; loss = (off - mode) / off")
-    say(_figure_line(f"handle unary {CONCURRENCY} concurrent", best, "handle_unary", "calls/s"))
-    say(_figure_line(f"handle stream {sizes.stream_items:,} items", best, "stream", "items/s"))
-    say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", best, "ingress_unary", "req/s"))
+    rounds = _by_round(runs)
+    say(
+        f"median of {sizes.rounds} round(s), each mode the best of {sizes.reps} measurement(s) per figure; "
+        f"loss = (off - mode) / off, against off of the same round"
+    )
+    say(_figure_line(f"handle unary {CONCURRENCY} concurrent", rounds, "handle_unary", "calls/s"))
+    say(_figure_line(f"handle stream {sizes.stream_items:,} items", rounds, "stream", "items/s"))
+    say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", rounds, "ingress_unary", "req/s"))
 
     for key, label in (("handle_unary", "handle unary"), ("ingress_unary", "ingress unary")):
         say(_cpu_line(label, runs, key))
@@ -404,15 +421,17 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     per_unary = unary_spans / unary_calls if unary_calls else 0.0
     per_stream = stream_spans / stream_calls if stream_calls else 0.0
     ok = stream_calls > 0 and per_stream == per_unary == 2.0 and items_ok
-    stream_extra_ms = (1 / best["1.0"]["stream"] - 1 / best["off"]["stream"]) * sizes.stream_items * 1e3
-    unary_extra_us = (1 / best["1.0"]["handle_unary"] - 1 / best["off"]["handle_unary"]) * 1e6
+    stream_extra_ms = statistics.median(
+        (1 / r["1.0"]["stream"] - 1 / r["off"]["stream"]) * sizes.stream_items * 1e3 for r in rounds
+    )
+    unary_extra_us = statistics.median((1 / r["1.0"]["handle_unary"] - 1 / r["off"]["handle_unary"]) * 1e6 for r in rounds)
     say(
         f"{'per call, not per item':<30}at 1.0: {per_stream:.3g} spans per stream ({stream_calls} streams, of up to "
         f"{sizes.stream_items:,} items), {per_unary:.3g} per unary handle call (route + replica); every replica "
         f"span counted its stream's items: {'yes' if items_ok else 'NO'}  {verdict(ok)}"
     )
     say(
-        f"{'  for reference':<30}time added at 1.0 (best vs best): {stream_extra_ms:+.1f} ms per "
+        f"{'  for reference':<30}time added at 1.0 (median of rounds): {stream_extra_ms:+.1f} ms per "
         f"{sizes.stream_items:,}-item stream ({stream_extra_ms * 1e6 / sizes.stream_items:+.0f} ns/item); "
         f"{unary_extra_us:+.1f} us per unary handle call, amortized over {CONCURRENCY} concurrent"
     )
@@ -436,7 +455,7 @@ def _orchestrate(quick: bool) -> None:
     )
     say(
         "  exporter: TracingConfig(exporter='jsonl') into a temporary directory, every sampled span "
-        "written to a file as it ends (driver and replica); deleted afterwards"
+        "written to a file (driver and replica) within the loop turn it ended in; deleted afterwards"
     )
     say(
         f"  handle: {CONCURRENCY} concurrent `await handle.echo.remote(16 bytes)` and one stream of "
@@ -450,8 +469,9 @@ def _orchestrate(quick: bool) -> None:
             with_pythonpath(env, generated)
             runs: list[dict[str, Any]] = []
             for round_no in range(1, sizes.rounds + 1):
-                for mode in MODES:
+                for mode in MODES if round_no % 2 else MODES[::-1]:
                     result = _run_driver(mode, traces_root, len(runs), env, quick)
+                    result["round"] = round_no
                     runs.append(result)
                     say(_progress(round_no, sizes.rounds, result))
             _report(sizes, runs)

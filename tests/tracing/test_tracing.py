@@ -175,7 +175,7 @@ def test_unsampled_client_traceparent_records_nothing(serve, tmp_path):
 
 
 def test_killed_replica_keeps_completed_spans(serve, tmp_path):
-    """Spans of requests a replica completed survive its SIGKILL (written as they end)."""
+    """Spans of requests a replica completed survive its SIGKILL (written before the reply)."""
     handle = serve(Tokenizer.bind(), tracing=_jsonl(tmp_path))
     pid = handle.pid.remote().result()
     os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,6 @@ from typing import Any
 
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.proto import replica_pb2
-from streamwise.streaming import _wire
 
 # Items buffered before the producer waits for the sender (backpressure).
 MAX_PENDING_ITEMS = 4096
@@ -47,7 +46,9 @@ async def send_frames(
 ) -> Exception | None:
     """Drive ``items`` to the end and ``write`` them as frames shaped by ``policy``.
 
-    An exception from ``items`` is sent as a final error frame and returned. Cancellation (the
+    An exception from ``items`` is returned after every item before it was written;
+    the caller sends it (as a final error frame, once its span of the request has
+    ended). Cancellation (the
     caller went away) cancels the producer and closes ``items``, so the user
     generator's ``finally`` runs before this returns.
     """
@@ -128,10 +129,7 @@ async def send_frames(
                     sending = False
             elif outcome:
                 break
-        error = outcome[0]
-        if error is not None:
-            await write(replica_pb2.Frame(error=_wire.error_to_proto(error)))
-        return error
+        return outcome[0]
     finally:
         if not producer.done():
             producer.cancel()

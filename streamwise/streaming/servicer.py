@@ -225,21 +225,30 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     async def _serve_frames(
         self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool = False
     ) -> None:
-        """Run the requested method and send what it yields (or returns) as frames."""
+        """Run the requested method and send what it yields (or returns) as frames.
+
+        A failure goes last, as an error frame, once the request's span has ended: the
+        caller takes that frame as the end of the call, so the span (which the tracing
+        exporter writes as it ends) must not wait for anything after it.
+        """
         self._enter_context(request)
         with self._span(request, streaming=True) as span:
-            await self._send_results(context, request, with_inputs, span)
+            error = await self._send_results(context, request, with_inputs, span)
+            if span is not None and error is not None:
+                spans.mark_error(span, error)
+        if error is not None:
+            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(error)))
 
     async def _send_results(
         self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
-    ) -> None:
+    ) -> Exception | None:
+        """Send the method's items; the exception it ended with, if any, is returned."""
         try:
             payload = self._payload(request)
         except Exception as exc:
-            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
-            return
+            return exc
         try:
-            await self._send_items(context, request, payload, with_inputs, span)
+            return await self._send_items(context, request, payload, with_inputs, span)
         finally:
             payload.close()
 
@@ -250,7 +259,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         payload: Payload,
         with_inputs: bool,
         span: Any,
-    ) -> None:
+    ) -> Exception | None:
         try:
             leading = (_inputs(context, payload),) if with_inputs else ()
             kind, call = self._bind(request, payload, *leading)
@@ -262,20 +271,15 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             items = self._iterate(kind, call)
             policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
-            if span is not None:
-                spans.mark_error(span, exc)
-            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
-            return
+            return exc
         write = context.write if span is None else spans.FrameCounter(context.write, span)
         try:
             error = await send_frames(items, write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
             error = exc
-            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(exc)))
         if span is not None:
             write.finish()
-            if error is not None:
-                spans.mark_error(span, error)
+        return error
 
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)

@@ -47,8 +47,9 @@ class RecordingSpan(trace.Span, ReadableSpan):
     as plain ints (``trace_id``, ``span_id``, ``parent_id``: 0 for a root) and whether
     it is ``sampled``.
 
-    Its fields are slots, so that the many spans in flight at a time are fewer and
-    smaller objects for the garbage collector to go through.
+    Its fields are slots (no ``__dict__`` is made unless something sets another
+    attribute), so that the many spans in flight at a time are fewer and smaller
+    objects for the garbage collector to go through.
     """
 
     __slots__ = (

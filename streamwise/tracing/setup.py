@@ -13,6 +13,8 @@ import asyncio
 import collections
 import os
 import pathlib
+import threading
+import weakref
 from typing import Any
 
 import orjson
@@ -102,24 +104,40 @@ class JsonLinesProcessor(SpanProcessor):
     Nothing waits long in the process. A server span is written as it ends, in one
     ``write`` with every span that ended before it; any other span is written at the
     end of the event-loop turn in which it ended (at once on a thread without a
-    running loop). A request's spans end before its server span, and that one ends
-    before the reply leaves: a replica killed later keeps the spans of every request
-    it completed. Batching the rest saves a system call per span where most spans are
-    made, e.g. the route spans of a driver.
+    running loop). A request's own spans, and those of its downstream calls, end
+    before its server span, and that one ends before the reply leaves: a replica
+    killed later keeps them for every request it completed. Batching the rest saves
+    a system call per span where most spans are made, e.g. the route spans of a driver.
 
-    Thread-safe: spans may end on any thread. (A processor rather than an exporter: no
-    batching layer to go through.)
+    Thread-safe: spans may end on any thread. A process forked from this one writes
+    its own file. (A processor rather than an exporter: no batching layer to go
+    through.)
     """
 
     def __init__(self, directory: str, service: str) -> None:
-        path = pathlib.Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(
-            path / f"{service}-{os.getpid()}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._path = pathlib.Path(directory)
+        self._path.mkdir(parents=True, exist_ok=True)
+        self._service = service
+        self._lock = threading.Lock()  # the file: writes and close
+        self._pending: collections.deque[bytes] = collections.deque()  # appended without the lock
         # The loop on which a write of the pending lines is due at the end of its turn.
         self._due_on: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = self._open()
+        forked = weakref.WeakMethod(self._forked)
+        os.register_at_fork(after_in_child=lambda: (method := forked()) is not None and method())
+
+    def _open(self) -> int:
+        name = f"{self._service}-{os.getpid()}.jsonl"
+        return os.open(self._path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _forked(self) -> None:
+        # The child: what is pending is the parent's to write; the file is the parent's.
+        self._lock = threading.Lock()
+        self._pending.clear()
+        self._due_on = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._open()
 
     def on_end(self, span: ReadableSpan) -> None:
         if type(span) is RecordingSpan:
@@ -146,16 +164,18 @@ class JsonLinesProcessor(SpanProcessor):
         self._write()
 
     def _write(self) -> None:
-        pending = self._pending
-        lines = []
-        try:  # popleft until empty: safe against appends and writes on other threads
-            while True:
-                lines.append(pending.popleft())
-        except IndexError:
-            pass
-        fd = self._fd
-        if lines and fd is not None:
-            os.write(fd, b"".join(lines))
+        with self._lock:
+            pending = self._pending
+            lines = []
+            try:  # popleft until empty: safe against appends from other threads
+                while True:
+                    lines.append(pending.popleft())
+            except IndexError:
+                pass
+            if lines and self._fd is not None:
+                data = memoryview(b"".join(lines))
+                while data:  # a regular file takes it all, short of a full disk
+                    data = data[os.write(self._fd, data) :]
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         self._write()
@@ -163,9 +183,10 @@ class JsonLinesProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         self._write()
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
 
 
 def _processors(config: TracingConfig, service: str) -> list[SpanProcessor]:

@@ -84,31 +84,64 @@ _EMPTY = otel_context.Context()
 _FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
 
 
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
     """The W3C trace context in ``metadata`` (an empty context when there is none)."""
     return _extract(metadata)[0]
 
 
-def _extract(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContext]:
-    """The W3C trace context in ``metadata``, and the span context in it (maybe invalid).
+def _extract(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContext | None, bool]:
+    """The W3C trace context in ``metadata``: (context, parent, root).
 
-    Every hop does this once per request, sampled or not, so the common case (a
-    version-00 traceparent without tracestate) is parsed here; the rest, including
-    every malformed header, takes the SDK propagator's path with the same result.
+    ``parent`` is the caller's span context when it is sampled, else None; ``root``
+    says that there is no valid caller's span at all. Every hop does this once per
+    request, sampled or not, so the common case (a version-00 traceparent without
+    tracestate) is parsed here, and the ids of a caller's span that is not sampled
+    only when asked for; the rest, including every malformed header, takes the SDK
+    propagator's path with the same result.
     """
     header = metadata.get("traceparent")
     if header is None:
-        return _EMPTY, trace.INVALID_SPAN_CONTEXT
+        return _EMPTY, None, True
     match = _TRACEPARENT.fullmatch(header)
     if match is None or "tracestate" in metadata:
         context = _W3C.extract(metadata)
-        return context, trace.get_current_span(context).get_span_context()
+        span_context = trace.get_current_span(context).get_span_context()
+        if not span_context.is_valid:
+            return context, None, True
+        return context, span_context if span_context.trace_flags.sampled else None, False
     trace_id, span_id, flags = match.groups()
-    trace_flags = _FLAGS.get(flags) or TraceFlags(int(flags, 16))
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids
+        return _EMPTY, None, True
+    trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
+    if not trace_flags.sampled:
+        return trace.set_span_in_context(_UnsampledCaller(header), _EMPTY), None, False
     span_context = SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
-    if not span_context.is_valid:  # all-zero ids
-        return _EMPTY, span_context
-    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY), span_context
+    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY), span_context, False
+
+
+class _UnsampledCaller(NonRecordingSpan):
+    """The caller's span of a request that is not sampled, from a well-formed version-00
+    traceparent: its ids are parsed only if asked for, and a call made downstream
+    passes the header on as it came."""
+
+    def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
+        self.header = header
+        self._parsed: SpanContext | None = None
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        if self._parsed is None:
+            header = self.header
+            trace_flags = TraceFlags(int(header[53:55], 16))
+            self._parsed = SpanContext(int(header[3:35], 16), int(header[36:52], 16), True, trace_flags)
+        return self._parsed
 
 
 def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
@@ -224,19 +257,21 @@ class _Route:
 
     def __enter__(self) -> RouteSpan:
         parent = self._parent if self._parent is not None else otel_context.get_current()
-        parent_span: SpanContext | None = trace.get_current_span(parent).get_span_context()
-        if parent_span.is_valid:  # type: ignore[union-attr]
-            if not parent_span.trace_flags.sampled:  # type: ignore[union-attr]
-                _inject(self._metadata, parent_span)  # type: ignore[arg-type]
+        current = trace.get_current_span(parent)
+        if type(current) is _UnsampledCaller:  # serving a request that is not sampled
+            self._metadata["traceparent"] = current.header
+            return _NO_ROUTE
+        caller = current.get_span_context()
+        if caller.is_valid:
+            if not caller.trace_flags.sampled:
+                _inject(self._metadata, caller)
                 return _NO_ROUTE
-        elif _sample_root():
-            parent_span = None
-        else:  # only the callee sees this root: no context object needed here
+        elif not _sample_root():  # only the callee sees this root: no context object needed here
             self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
             return _NO_ROUTE
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
         name = f"route {self._deployment}.{self._method}"
-        span = self._span = _start(name, parent, parent_span, SpanKind.CLIENT, attributes, ())
+        span = self._span = _start(name, parent, caller if caller.is_valid else None, SpanKind.CLIENT, attributes, ())
         _inject(self._metadata, span.get_span_context())
         return self
 
@@ -279,16 +314,14 @@ class _Serve:
         self._token: object = None
 
     def __enter__(self) -> trace.Span | None:
-        parent, parent_span = _extract(self._metadata)
-        if parent_span.is_valid:
-            if not parent_span.trace_flags.sampled:
+        parent, parent_span, root = _extract(self._metadata)
+        if parent_span is None:
+            if not root:  # the caller's span is not sampled: neither is this one
                 self._token = otel_context.attach(parent)
                 return None
-        elif _sample_root():
-            parent_span = None  # type: ignore[assignment]
-        else:
-            self._token = otel_context.attach(_unsampled_root(parent))
-            return None
+            if not _sample_root():
+                self._token = otel_context.attach(_unsampled_root(parent))
+                return None
         # start + attach rather than start_as_current_span: the same span, without
         # the SDK's three nested context managers on every request.
         span = _start(self._name, parent, parent_span, SpanKind.SERVER, self._attributes(), self._links or ())

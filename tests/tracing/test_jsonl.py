@@ -4,6 +4,7 @@ other spans by the end of their event-loop turn, or at once on a thread without 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 from opentelemetry.trace import SpanKind
@@ -61,3 +62,28 @@ def test_shutdown_writes_what_is_pending(tmp_path):
 
     asyncio.run(main())
     assert _names(tmp_path) == ["pending"]
+
+
+def test_a_forked_child_writes_its_own_file(tmp_path):
+    """Spans pending at fork are the parent's alone; the child's go to a file of its own."""
+    processor = JsonLinesProcessor(str(tmp_path), "svc")
+    tracer = Provider(processor).get_tracer(SCOPE)
+
+    async def main() -> int:
+        tracer.start_span("parent's", kind=SpanKind.CLIENT).end()  # pending until the turn ends
+        pid = os.fork()
+        if pid == 0:  # the child: one span of its own, then gone
+            try:
+                tracer.start_span("child's", kind=SpanKind.SERVER).end()
+                processor.shutdown()
+            finally:
+                os._exit(0)
+        return pid
+
+    try:
+        child = asyncio.run(main())
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        processor.shutdown()
+    files = {path.name: _names(path) for path in tmp_path.iterdir()}
+    assert files == {f"svc-{os.getpid()}.jsonl": ["parent's"], f"svc-{child}.jsonl": ["child's"]}

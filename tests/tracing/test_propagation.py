@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -14,6 +15,8 @@ CASES = {
     "none": {},
     "sampled": {"traceparent": VALID},
     "not sampled": {"traceparent": VALID[:-2] + "00"},
+    "not sampled, other flags": {"traceparent": VALID[:-2] + "02"},
+    "not sampled, zero span id": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-00"},
     "with tracestate": {"traceparent": VALID, "tracestate": "vendor=abc,other=1"},
     "upper-case hex": {"traceparent": VALID.upper()},
     "zero trace id": {"traceparent": "00-" + "0" * 32 + "-b7ad6b7169203331-01"},
@@ -49,3 +52,20 @@ def test_inject_round_trips():
     out: dict[str, str] = {}
     spans._inject(out, trace.get_current_span(context).get_span_context())
     assert out == metadata
+
+
+def test_unsampled_caller_is_passed_on_as_it_came():
+    """A call made while serving an unsampled request carries the caller's traceparent on."""
+    header = VALID[:-2] + "00"
+    spans.set_enabled(True, sampling_ratio=1.0)
+    try:
+        token = otel_context.attach(spans.extract({"traceparent": header}))
+        try:
+            out: dict[str, str] = {}
+            with spans.route("Downstream", "method", out, None) as route:
+                route.chose("Downstream#1")  # nothing recorded, nothing raised
+        finally:
+            otel_context.detach(token)
+    finally:
+        spans.set_enabled(False)
+    assert out == {"traceparent": header}

@@ -39,6 +39,10 @@ class Tokenizer:
     async def boom(self):
         raise ValueError("bad input")
 
+    async def stream_then_fail(self):
+        yield "a"
+        raise ValueError("broke mid-stream")
+
     async def pid(self) -> int:
         return os.getpid()
 
@@ -55,6 +59,11 @@ class Model:
 
     async def fail(self):
         return await self.tokenizer.boom.remote()
+
+    async def pid_after_work(self) -> int:
+        with trace.get_tracer("user").start_as_current_span("user-work"):
+            await self.tokenizer.pid.remote()
+        return os.getpid()
 
     async def endless(self):
         while True:
@@ -130,6 +139,22 @@ def test_errors_set_status_cancellation_does_not(serve, tmp_path):
     assert by_name["Model.endless"][0].status != "ERROR"
 
 
+@pytest.mark.both_transports
+def test_failed_stream_span_is_complete(serve, tmp_path):
+    """A stream's error reaches the caller after its span ended: ERROR, with its items, every time."""
+    handle = serve(Tokenizer.bind(), tracing=_jsonl(tmp_path))
+    calls = 50  # the race this guards against lost about one span in a few hundred
+    for _ in range(calls):
+        stream = handle.stream_then_fail.remote()
+        assert next(stream) == "a"
+        with pytest.raises(streamwise.exceptions.RemoteError, match="broke mid-stream"):
+            next(stream)
+    streamwise.shutdown()
+    replica = [s for s in viewer.load(tmp_path) if s.name == "Tokenizer.stream_then_fail"]
+    assert len(replica) == calls
+    assert all(s.status == "ERROR" and s.record["attributes"]["streamwise.items"] == 1 for s in replica)
+
+
 def test_sampling_zero_records_nothing(serve, tmp_path):
     """With sampling_ratio=0 no trace is started, in any process."""
     handle = serve(Model.bind(Tokenizer.bind()), tracing=_jsonl(tmp_path, sampling_ratio=0.0))
@@ -175,11 +200,13 @@ def test_unsampled_client_traceparent_records_nothing(serve, tmp_path):
 
 
 def test_killed_replica_keeps_completed_spans(serve, tmp_path):
-    """Spans of requests a replica completed survive its SIGKILL (written before the reply)."""
-    handle = serve(Tokenizer.bind(), tracing=_jsonl(tmp_path))
-    pid = handle.pid.remote().result()
+    """Spans of requests a replica completed survive its SIGKILL (written before the reply):
+    the request's own span, the user's span in it and the route span of its downstream call."""
+    handle = serve(Model.bind(Tokenizer.bind()), tracing=_jsonl(tmp_path))
+    pid = handle.pid_after_work.remote().result()
     os.kill(pid, signal.SIGKILL)
-    assert any(s.name == "Tokenizer.pid" and s.record["resource"]["process.pid"] == pid for s in viewer.load(tmp_path))
+    names = {s.name for s in viewer.load(tmp_path) if s.record["resource"]["process.pid"] == pid}
+    assert names == {"Model.pid_after_work", "user-work", "route Tokenizer.pid"}
 
 
 def test_ingress_honors_client_traceparent(serve, tmp_path):

@@ -125,7 +125,8 @@ class RecordingSpan(trace.Span, ReadableSpan):
             return
         attributes = self._attributes
         if type(attributes) is dict:
-            if type(value) in _PLAIN and type(key) is str and key and len(attributes) < self._tracer.limits.max_span_attributes:
+            limit: int = self._tracer.limits.max_span_attributes  # type: ignore[assignment]  # set by SpanLimits
+            if type(value) in _PLAIN and type(key) is str and key and len(attributes) < limit:
                 attributes[key] = value
                 return
             limits = self._tracer.limits
@@ -138,7 +139,7 @@ class RecordingSpan(trace.Span, ReadableSpan):
         if self._end_time is not None:
             return
         limits = self._tracer.limits
-        if len(self._events) >= limits.max_events:  # type: ignore[arg-type]
+        if len(self._events) >= limits.max_events:  # type: ignore[operator]  # an int once SpanLimits is made
             return
         bounded = BoundedAttributes(
             limits.max_event_attributes, attributes, immutable=True, max_value_len=limits.max_attribute_length
@@ -240,7 +241,7 @@ class Tracer(trace.Tracer):
             links,
             start_time if start_time is not None else time_ns(),
         )
-        self.processor.on_start(span, parent_context=context)
+        self.processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
     def start_sampled(
@@ -267,11 +268,11 @@ class Tracer(trace.Tracer):
         span = RecordingSpan(
             self, name, trace_id, ids.generate_span_id(), True, trace_state, parent, kind, attributes, links, time_ns()
         )
-        self.processor.on_start(span, parent_context=context)
+        self.processor.on_start(span, parent_context=context)  # type: ignore[arg-type]
         return span
 
-    @contextlib.contextmanager  # type: ignore[override]
-    def start_as_current_span(
+    @contextlib.contextmanager
+    def start_as_current_span(  # type: ignore[override]
         self,
         name: str,
         context: otel_context.Context | None = None,

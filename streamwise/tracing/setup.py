@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanKind, StatusCode
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
@@ -67,7 +67,7 @@ def span_record(span: ReadableSpan) -> dict:
         if type(attributes) is not dict:
             attributes = dict(attributes)
     else:
-        ctx, parent = span.get_span_context(), span.parent
+        ctx, parent = span.context or INVALID_SPAN_CONTEXT, span.parent
         trace_id, span_id, parent_id = ctx.trace_id, ctx.span_id, parent.span_id if parent is not None else 0
         name, kind, start_ns, end_ns, status = span.name, span.kind, span.start_time, span.end_time, span.status
         attributes, events, links, resource = dict(span.attributes or {}), span.events, span.links, span.resource

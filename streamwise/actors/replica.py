@@ -106,7 +106,10 @@ async def serve(controller_address: str, replica_id: str) -> int:
         spec: ReplicaSpec = cloudpickle.loads(reply.spec)
         config = spec.config
         tracing.configure(
-            spec.tracing, config.name, **{"streamwise.deployment": config.name, "streamwise.replica_id": replica_id}
+            spec.tracing,
+            config.name,
+            replica=True,
+            **{"streamwise.deployment": config.name, "streamwise.replica_id": replica_id},
         )
         executor = ThreadPoolExecutor(
             max_workers=max(4, config.max_ongoing_requests), thread_name_prefix=f"{config.name}-worker"

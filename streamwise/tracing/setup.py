@@ -101,20 +101,22 @@ def span_record(span: ReadableSpan) -> dict:
 class JsonLinesProcessor(SpanProcessor):
     """Appends one JSON object per ended span to ``DIR/<service>-<pid>.jsonl``.
 
-    Nothing waits long in the process. A server span is written as it ends, in one
-    ``write`` with every span that ended before it; any other span is written at the
-    end of the event-loop turn in which it ended (at once on a thread without a
-    running loop). A request's own spans, and those of its downstream calls, end
-    before its server span, and that one ends before the reply leaves: a replica
-    killed later keeps them for every request it completed. Batching the rest saves
-    a system call per span where most spans are made, e.g. the route spans of a driver.
+    Nothing waits long in the process: a span is written at the end of the event-loop
+    turn in which it ended (at once on a thread without a running loop), in one
+    ``write`` with the others of that turn. With ``durable`` (in replicas), a server
+    span is written as it ends, with every span that ended before it: a request's own
+    spans, and those of its downstream calls, end before its server span, and that
+    one ends before the reply leaves, so a replica killed later keeps them for every
+    request it completed. (The driver, which is not restarted, batches its ingress
+    spans too; it writes what is pending when it shuts down.)
 
     Thread-safe: spans may end on any thread. A process forked from this one writes
     its own file. (A processor rather than an exporter: no batching layer to go
     through.)
     """
 
-    def __init__(self, directory: str, service: str) -> None:
+    def __init__(self, directory: str, service: str, durable: bool = True) -> None:
+        self._durable = durable
         self._path = pathlib.Path(directory)
         self._path.mkdir(parents=True, exist_ok=True)
         self._service = service
@@ -147,7 +149,7 @@ class JsonLinesProcessor(SpanProcessor):
         if self._fd is None or not sampled:
             return
         self._pending.append(orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE))
-        if kind is SpanKind.SERVER:
+        if kind is SpanKind.SERVER and self._durable:
             self._write()
             return
         try:
@@ -189,11 +191,11 @@ class JsonLinesProcessor(SpanProcessor):
                 os.close(fd)
 
 
-def _processors(config: TracingConfig, service: str) -> list[SpanProcessor]:
+def _processors(config: TracingConfig, service: str, replica: bool) -> list[SpanProcessor]:
     if callable(config.exporter):
         return list(config.exporter())
     if config.exporter == "jsonl":
-        return [JsonLinesProcessor(config.jsonl_dir, service)]
+        return [JsonLinesProcessor(config.jsonl_dir, service, durable=replica)]
     if config.exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -242,8 +244,12 @@ _switch: _Switch | None = None
 _start: spans.StartSampled | None = None
 
 
-def configure(config: TracingConfig | None, service: str, **resource: str) -> None:
-    """Install the SDK for this process from ``config`` (None or disabled: no tracing)."""
+def configure(config: TracingConfig | None, service: str, *, replica: bool = False, **resource: str) -> None:
+    """Install the SDK for this process from ``config`` (None or disabled: no tracing).
+
+    ``replica``: this process is a replica, which keeps the spans of the requests it
+    completed should it be killed (see JsonLinesProcessor).
+    """
     global _switch, _start
     if config is None or not config.enabled:
         return
@@ -263,7 +269,7 @@ def configure(config: TracingConfig | None, service: str, **resource: str) -> No
             _start = provider.get_tracer(SCOPE).start_sampled  # type: ignore[attr-defined]
         _switch = switch
     _switch.shutdown()
-    _switch.processors = _processors(config, service)
+    _switch.processors = _processors(config, service, replica)
     _switch.sampler = ParentBased(TraceIdRatioBased(config.sampling_ratio))
     spans.set_enabled(True, config.sampling_ratio, _start)
 

@@ -39,6 +39,22 @@ def test_server_span_writes_what_ended_before_it(tmp_path):
         processor.shutdown()
 
 
+def test_without_durable_server_spans_wait_for_the_turn_too(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "driver", durable=False)
+    tracer = Provider(processor).get_tracer(SCOPE)
+
+    async def main() -> list[list[str]]:
+        tracer.start_span("ingress", kind=SpanKind.SERVER).end()
+        seen = [_names(tmp_path)]
+        await asyncio.sleep(0)
+        return [*seen, _names(tmp_path)]
+
+    try:
+        assert asyncio.run(main()) == [[], ["ingress"]]
+    finally:
+        processor.shutdown()
+
+
 def test_spans_on_a_thread_without_loop_are_written_at_once(tmp_path):
     processor = JsonLinesProcessor(str(tmp_path), "svc")
     tracer = Provider(processor).get_tracer(SCOPE)

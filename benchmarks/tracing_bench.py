@@ -22,10 +22,10 @@ of throughput against tracing off:
       ingress_bench.py, with its client and benchmarks/protos/bench.proto)
 
 For reference, the CPU time per unary call of the driver and its replica (not the
-ingress client), median of every measurement of a mode: on a CPU-bound server the
-loss of throughput is 1 - (CPU off / CPU with tracing), and CPU time is less
-disturbed than wall time by whatever else the machine runs (though on a shared VM it
-still differs from one process to the next by 10-20%).
+ingress client): on a CPU-bound server the loss of throughput is 1 - (CPU off / CPU
+with tracing), paired within a round and the median of rounds as for throughput.
+CPU time is less disturbed than wall time by whatever else the machine runs, though
+on a shared VM it still differs from one process to the next by 10-20%.
 
 And, from the spans read back at 1.0, how many spans each call wrote: a stream of
 100k items must write as many as a unary call (per call, not per item).
@@ -381,13 +381,20 @@ def _progress(round_no: int, rounds: int, r: dict[str, Any]) -> str:
     )
 
 
-def _cpu_line(label: str, runs: list[dict[str, Any]], key: str) -> str:
-    """Median CPU per call of each mode, and the throughput a CPU-bound server would lose."""
-    median = {mode: statistics.median(x for r in runs if r["mode"] == mode for x in r["cpu"][key]) for mode in MODES}
-    off = median["off"]
+def _cpu_line(label: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> str:
+    """CPU per call of each mode, and the throughput a CPU-bound server would lose:
+    per round, each driver run's median against that of "off" in the same round; the
+    median of rounds."""
+
+    def cpu(run: dict[str, Any]) -> float:
+        return statistics.median(run["cpu"][key])
+
+    off = statistics.median(cpu(r["off"]) for r in rounds)
     parts = [f"{'  for reference':<30}CPU per {label} call (driver + replica, median): off {off * 1e6:.0f} us"]
     for mode in MODES[1:]:
-        parts.append(f"{mode} {median[mode] * 1e6:.0f} us (CPU-bound loss {(1 - off / median[mode]) * 100:.1f}%)")
+        used = statistics.median(cpu(r[mode]) for r in rounds)
+        loss = statistics.median((1 - cpu(r["off"]) / cpu(r[mode])) * 100 for r in rounds)
+        parts.append(f"{mode} {used * 1e6:.0f} us (CPU-bound loss {loss:.1f}%)")
     return ", ".join(parts)
 
 
@@ -409,7 +416,7 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
     say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", rounds, "ingress_unary", "req/s"))
 
     for key, label in (("handle_unary", "handle unary"), ("ingress_unary", "ingress unary")):
-        say(_cpu_line(label, runs, key))
+        say(_cpu_line(label, rounds, key))
 
     # Per call, not per item: every call at 1.0 writes the same spans, whatever it streams.
     full = [r["trace"] for r in runs if r["mode"] == "1.0"]

@@ -9,9 +9,9 @@ Three tracing modes are compared: tracing off (``run(..., tracing=None)``), and
 ``TracingConfig(sampling_ratio=0.01)`` and ``TracingConfig(sampling_ratio=1.0)``, both
 with the JSON-lines exporter (``exporter="jsonl"``) writing into a temporary
 directory that is deleted afterwards: an exporter that does real work (every sampled
-span is encoded and written to a file, in the process that made it, by the end of the
-event-loop turn in which it ended) but that is cheap next to a network exporter's tail. Figures, each judged as the loss
-of throughput against tracing off:
+span is encoded and written to a file by the process that made it, within 50 ms, in
+a replica before the reply) but that is cheap next to a network exporter's tail.
+Figures, each judged as the loss of throughput against tracing off:
 
     handle unary calls/s, 32 concurrent            loss <= 3% at 0.01, <= 15% at 1.0
       (async code in the driver, ``await handle.echo.remote(b)``, 16-byte payload)
@@ -462,7 +462,7 @@ def _orchestrate(quick: bool) -> None:
     )
     say(
         "  exporter: TracingConfig(exporter='jsonl') into a temporary directory, every sampled span "
-        "written to a file (driver and replica) within the loop turn it ended in; deleted afterwards"
+        "written to a file (driver and replica) within 50 ms; deleted afterwards"
     )
     say(
         f"  handle: {CONCURRENCY} concurrent `await handle.echo.remote(16 bytes)` and one stream of "

@@ -101,28 +101,33 @@ def span_record(span: ReadableSpan) -> dict:
 class JsonLinesProcessor(SpanProcessor):
     """Appends one JSON object per ended span to ``DIR/<service>-<pid>.jsonl``.
 
-    Nothing waits long in the process: a span is written at the end of the event-loop
-    turn in which it ended (at once on a thread without a running loop), in one
-    ``write`` with the others of that turn. With ``durable`` (in replicas), a server
-    span is written as it ends, with every span that ended before it: a request's own
-    spans, and those of its downstream calls, end before its server span, and that
-    one ends before the reply leaves, so a replica killed later keeps them for every
-    request it completed. (The driver, which is not restarted, batches its ingress
-    spans too; it writes what is pending when it shuts down.)
+    Nothing waits long in the process: a span is written at most ``delay_s`` after it
+    ended, in one ``write`` with the others that ended meanwhile (at once on a thread
+    without a running loop, or when ``MAX_PENDING`` are waiting). With ``durable``
+    (in replicas), a server span is written as it ends, with every span that ended
+    before it: a request's own spans, and those of its downstream calls, end before
+    its server span, and that one ends before the reply leaves, so a replica killed
+    later keeps them for every request it completed. The driver, which is not
+    restarted, batches its ingress spans too, and writes what is pending when it shuts
+    down. A write releases the GIL, and on a busy driver another thread takes it:
+    one write per batch rather than per request is what keeps tracing cheap there.
 
     Thread-safe: spans may end on any thread. A process forked from this one writes
     its own file. (A processor rather than an exporter: no batching layer to go
     through.)
     """
 
-    def __init__(self, directory: str, service: str, durable: bool = True) -> None:
+    MAX_PENDING = 512
+
+    def __init__(self, directory: str, service: str, durable: bool = True, delay_s: float = 0.05) -> None:
         self._durable = durable
+        self._delay_s = delay_s
         self._path = pathlib.Path(directory)
         self._path.mkdir(parents=True, exist_ok=True)
         self._service = service
         self._lock = threading.Lock()  # the file: writes and close
         self._pending: collections.deque[bytes] = collections.deque()  # appended without the lock
-        # The loop on which a write of the pending lines is due at the end of its turn.
+        # The loop on which a write of the pending lines is due (within delay_s).
         self._due_on: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = self._open()
         forked = weakref.WeakMethod(self._forked)
@@ -149,7 +154,7 @@ class JsonLinesProcessor(SpanProcessor):
         if self._fd is None or not sampled:
             return
         self._pending.append(orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE))
-        if kind is SpanKind.SERVER and self._durable:
+        if (kind is SpanKind.SERVER and self._durable) or len(self._pending) >= self.MAX_PENDING:
             self._write()
             return
         try:
@@ -159,9 +164,9 @@ class JsonLinesProcessor(SpanProcessor):
             return
         if self._due_on is not loop:
             self._due_on = loop
-            loop.call_soon(self._end_of_turn)
+            loop.call_later(self._delay_s, self._when_due)
 
-    def _end_of_turn(self) -> None:
+    def _when_due(self) -> None:
         self._due_on = None
         self._write()
 

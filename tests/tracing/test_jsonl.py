@@ -1,5 +1,5 @@
 """When the JSON-lines processor writes: a server span at once, with what ended before it;
-other spans by the end of their event-loop turn, or at once on a thread without a loop."""
+other spans within delay_s, when many are waiting, or at once on a thread without a loop."""
 
 from __future__ import annotations
 
@@ -18,39 +18,60 @@ def _names(path) -> list[str]:
     return [span.name for span in viewer.load(path)]
 
 
+DELAY_S = 0.05
+
+
 def test_server_span_writes_what_ended_before_it(tmp_path):
-    processor = JsonLinesProcessor(str(tmp_path), "svc")
+    processor = JsonLinesProcessor(str(tmp_path), "svc", delay_s=DELAY_S)
     tracer = Provider(processor).get_tracer(SCOPE)
 
     async def main() -> list[list[str]]:
         seen = []
         tracer.start_span("route", kind=SpanKind.CLIENT).end()
-        seen.append(_names(tmp_path))  # waits for the end of this turn
+        seen.append(_names(tmp_path))  # waits up to DELAY_S
         tracer.start_span("request", kind=SpanKind.SERVER).end()
         seen.append(_names(tmp_path))  # written with the route span, in order
         tracer.start_span("later", kind=SpanKind.INTERNAL).end()
         await asyncio.sleep(0)
-        seen.append(_names(tmp_path))  # the turn ended
+        seen.append(_names(tmp_path))  # not yet
+        await asyncio.sleep(4 * DELAY_S)
+        seen.append(_names(tmp_path))  # the delay is over
         return seen
 
     try:
-        assert asyncio.run(main()) == [[], ["route", "request"], ["route", "request", "later"]]
+        written = ["route", "request"]
+        assert asyncio.run(main()) == [[], written, written, [*written, "later"]]
     finally:
         processor.shutdown()
 
 
-def test_without_durable_server_spans_wait_for_the_turn_too(tmp_path):
-    processor = JsonLinesProcessor(str(tmp_path), "driver", durable=False)
+def test_without_durable_server_spans_wait_too(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "driver", durable=False, delay_s=DELAY_S)
     tracer = Provider(processor).get_tracer(SCOPE)
 
     async def main() -> list[list[str]]:
         tracer.start_span("ingress", kind=SpanKind.SERVER).end()
         seen = [_names(tmp_path)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(4 * DELAY_S)
         return [*seen, _names(tmp_path)]
 
     try:
         assert asyncio.run(main()) == [[], ["ingress"]]
+    finally:
+        processor.shutdown()
+
+
+def test_many_waiting_spans_are_written_at_once(tmp_path):
+    processor = JsonLinesProcessor(str(tmp_path), "driver", durable=False, delay_s=3600)
+    tracer = Provider(processor).get_tracer(SCOPE)
+
+    async def main() -> int:
+        for _ in range(JsonLinesProcessor.MAX_PENDING + 1):
+            tracer.start_span("route", kind=SpanKind.CLIENT).end()
+        return len(_names(tmp_path))
+
+    try:
+        assert asyncio.run(main()) == JsonLinesProcessor.MAX_PENDING  # the last one still waits
     finally:
         processor.shutdown()
 
@@ -86,7 +107,7 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
     tracer = Provider(processor).get_tracer(SCOPE)
 
     async def main() -> int:
-        tracer.start_span("parent's", kind=SpanKind.CLIENT).end()  # pending until the turn ends
+        tracer.start_span("parent's", kind=SpanKind.CLIENT).end()  # pending for a while
         pid = os.fork()
         if pid == 0:  # the child: one span of its own, then gone
             try:

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/tracing_bench.py           # full run, about two minutes on 2 cores
+    python benchmarks/tracing_bench.py           # full run, about three minutes on 2 cores
     python benchmarks/tracing_bench.py --quick   # smoke run with small counts
 
 Three tracing modes are compared: tracing off (``run(..., tracing=None)``), and
@@ -109,7 +109,7 @@ class Sizes:
     ingress_calls: int  # unary ingress calls per measurement, made by CONCURRENCY callers
 
 
-FULL = Sizes(rounds=6, reps=3, warmup_calls=300, handle_calls=5_000, stream_items=200_000, ingress_calls=3_000)
+FULL = Sizes(rounds=10, reps=2, warmup_calls=300, handle_calls=4_000, stream_items=200_000, ingress_calls=2_500)
 QUICK = Sizes(rounds=1, reps=1, warmup_calls=30, handle_calls=200, stream_items=10_000, ingress_calls=200)
 WARMUP_STREAM_ITEMS = 1_000
 

@@ -116,11 +116,16 @@ def _extract(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanCon
     trace_id, span_id, flags = match.groups()
     if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids
         return _EMPTY, None, True
-    trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
-    if not trace_flags.sampled:
+    if not int(flags, 16) & TraceFlags.SAMPLED:
         return trace.set_span_in_context(_UnsampledCaller(header), _EMPTY), None, False
-    span_context = SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
+    span_context = _remote(trace_id, span_id, flags)
     return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY), span_context, False
+
+
+def _remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
+    """The caller's span context from the hex fields of a well-formed traceparent."""
+    trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
+    return SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
 
 
 class _UnsampledCaller(NonRecordingSpan):
@@ -139,8 +144,7 @@ class _UnsampledCaller(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         if self._parsed is None:
             header = self.header
-            trace_flags = TraceFlags(int(header[53:55], 16))
-            self._parsed = SpanContext(int(header[3:35], 16), int(header[36:52], 16), True, trace_flags)
+            self._parsed = _remote(header[3:35], header[36:52], header[53:55])
         return self._parsed
 
 
@@ -262,16 +266,19 @@ class _Route:
             self._metadata["traceparent"] = current.header
             return _NO_ROUTE
         caller = current.get_span_context()
+        under: SpanContext | None = caller  # the new span's parent; None: a new trace
         if caller.is_valid:
             if not caller.trace_flags.sampled:
                 _inject(self._metadata, caller)
                 return _NO_ROUTE
-        elif not _sample_root():  # only the callee sees this root: no context object needed here
+        elif _sample_root():
+            under = None
+        else:  # only the callee sees this root: no context object needed here
             self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
             return _NO_ROUTE
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
         name = f"route {self._deployment}.{self._method}"
-        span = self._span = _start(name, parent, caller if caller.is_valid else None, SpanKind.CLIENT, attributes, ())
+        span = self._span = _start(name, parent, under, SpanKind.CLIENT, attributes, ())
         _inject(self._metadata, span.get_span_context())
         return self
 

@@ -79,6 +79,19 @@ def _jsonl(tmp_path, **kw):
     return streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path), **kw)
 
 
+def _predict(traceparent: str) -> bytes:
+    """Predict through the ingress, as an external gRPC client sending ``traceparent``."""
+
+    async def main():
+        async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
+            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+            return await stub.Predict(
+                predict_pb2.PredictRequest(input={"text": b"p q"}), metadata=(("traceparent", traceparent),)
+            )
+
+    return asyncio.run(main()).prediction
+
+
 def _by_name(spans):
     out = {}
     for span in spans:
@@ -186,15 +199,7 @@ def test_unsampled_client_traceparent_records_nothing(serve, tmp_path):
         grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
     )
 
-    async def main():
-        async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
-            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
-            return await stub.Predict(
-                predict_pb2.PredictRequest(input={"text": b"p q"}),
-                metadata=(("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),),
-            )
-
-    assert asyncio.run(main()).prediction == b"p q"
+    assert _predict("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00") == b"p q"
     streamwise.shutdown()
     assert viewer.load(tmp_path) == []
 
@@ -218,15 +223,7 @@ def test_ingress_honors_client_traceparent(serve, tmp_path):
     )
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
-    async def main():
-        async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
-            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
-            return await stub.Predict(
-                predict_pb2.PredictRequest(input={"text": b"p q"}),
-                metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),),
-            )
-
-    assert asyncio.run(main()).prediction == b"p q"
+    assert _predict(f"00-{trace_id}-{parent_id}-01") == b"p q"
     streamwise.shutdown()
     spans = viewer.load(tmp_path)
     ingress = _by_name(spans)["streamwise.PredictAPIsService/Predict"][0]

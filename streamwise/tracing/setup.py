@@ -37,17 +37,21 @@ from streamwise.config import TracingConfig
 from streamwise.tracing import spans
 from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan
 
-_resources: dict[int, dict] = {}
+# Every span of a process shares one Resource: it is converted once. (The entry holds
+# the Resource, so that its id is not reused by another.)
+_resources: dict[int, tuple[Resource, dict, bytes]] = {}
+
+
+def _converted(resource: Resource) -> tuple[Resource, dict, bytes]:
+    found = _resources.get(id(resource))
+    if found is None:
+        attributes = {k: v for k, v in resource.attributes.items() if not k.startswith("telemetry.")}
+        found = _resources[id(resource)] = (resource, attributes, orjson.dumps(attributes, default=str))
+    return found
 
 
 def _resource(resource: Resource) -> dict:
-    # Every span of a process shares one Resource: convert it once.
-    found = _resources.get(id(resource))
-    if found is None:
-        found = _resources[id(resource)] = {
-            k: v for k, v in resource.attributes.items() if not k.startswith("telemetry.")
-        }
-    return found
+    return _converted(resource)[1]
 
 
 # Enum members hash through a Python-level __hash__: these are looked up by identity.
@@ -96,6 +100,38 @@ def span_record(span: ReadableSpan) -> dict:
         else [],
         "resource": _resource(resource),
     }
+
+
+_KIND_BYTES = {id(kind): kind.name.encode() for kind in SpanKind}
+_CODE_BYTES = {id(code): code.name.encode() for code in StatusCode}
+_LINE = (
+    b'{"trace_id":"%032x","span_id":"%016x","parent_id":%b,"name":%b,"kind":"%b","start_ns":%d,"end_ns":%d,'
+    b'"status":"%b","status_description":%b,"attributes":%b,"events":[],"links":[],"resource":%b}\n'
+)
+
+
+def span_line(span: ReadableSpan) -> bytes:
+    """``span_record(span)`` as one line of JSON (its newline included)."""
+    if type(span) is not RecordingSpan or span._events or span._links:
+        return orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE)
+    # streamwise's own spans (most of them), written straight into the line's template.
+    status, parent_id, attributes = span._status, span.parent_id, span._attributes
+    assert attributes is not None  # a RecordingSpan always has its own
+    if type(attributes) is not dict:  # bounded, once user code set a value that needed cleaning
+        attributes = dict(attributes)
+    return _LINE % (
+        span.trace_id,
+        span.span_id,
+        b'"%016x"' % parent_id if parent_id else b"null",
+        orjson.dumps(span._name),
+        _KIND_BYTES[id(span._kind)],
+        span._start_time,
+        span._end_time,
+        b"UNSET" if status is UNSET else _CODE_BYTES[id(status.status_code)],
+        b"null" if status is UNSET else orjson.dumps(status.description),
+        orjson.dumps(attributes, default=str),
+        _converted(span._resource)[2],
+    )
 
 
 class JsonLinesProcessor(SpanProcessor):
@@ -153,7 +189,7 @@ class JsonLinesProcessor(SpanProcessor):
             sampled, kind = span.context.trace_flags.sampled, span.kind
         if self._fd is None or not sampled:
             return
-        self._pending.append(orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE))
+        self._pending.append(span_line(span))
         if (kind is SpanKind.SERVER and self._durable) or len(self._pending) >= self.MAX_PENDING:
             self._write()
             return

@@ -150,7 +150,8 @@ class _UnsampledCaller(NonRecordingSpan):
 
 def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
     """Write ``span_context`` as W3C traceparent (and tracestate, if any) into ``metadata``."""
-    metadata["traceparent"] = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    # %-formatting: an f-string formats TraceFlags (an int subclass) through __format__.
+    metadata["traceparent"] = "00-%032x-%016x-%02x" % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
     if span_context.trace_state:
         metadata["tracestate"] = span_context.trace_state.to_header()
 

@@ -7,11 +7,14 @@ import asyncio
 import os
 import threading
 
-from opentelemetry.trace import SpanKind
+import orjson
+from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from streamwise.tracing import viewer
 from streamwise.tracing.recorder import SCOPE, Provider
-from streamwise.tracing.setup import JsonLinesProcessor
+from streamwise.tracing.setup import JsonLinesProcessor, span_line, span_record
 
 
 def _names(path) -> list[str]:
@@ -144,3 +147,29 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
         processor.shutdown()
     files = {path.name: _names(path) for path in tmp_path.iterdir()}
     assert files == {f"svc-{os.getpid()}.jsonl": ["parent's"], f"svc-{child}.jsonl": ["child's"]}
+
+
+def test_span_line_is_the_span_record_as_json():
+    """span_line, the fast path for streamwise's spans, writes what span_record describes."""
+    ended = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span):
+            ended.append(span)
+
+    tracer = Provider(Keep()).get_tracer(SCOPE)
+    root = tracer.start_span('a "quoted" \u00e9 name', kind=SpanKind.SERVER, attributes={"n": 1, "ok": True})
+    child = tracer.start_span("child", context=trace.set_span_in_context(root))
+    child.set_attribute("cleaned", [1, 2])  # not a plain value: bounded as the SDK does
+    child.set_status(Status(StatusCode.ERROR, "ValueError"))
+    child.end()
+    root.set_status(StatusCode.OK)
+    root.end()
+    with_event = tracer.start_span("with event")  # events and links take the general path
+    with_event.add_event("first_item", {"s": 0.5})
+    with_event.end()
+
+    assert len(ended) == 3
+    for span in ended:
+        assert orjson.loads(span_line(span)) == orjson.loads(orjson.dumps(span_record(span), default=str))
+        assert span_line(span).endswith(b"}\n")

@@ -31,11 +31,11 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanKind, StatusCode
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
-from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan
+from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan, Tracer
 
 # Every span of a process shares one Resource: it is converted once. (The entry holds
 # the Resource, so that its id is not reused by another.)
@@ -102,6 +102,7 @@ def span_record(span: ReadableSpan) -> dict:
     }
 
 
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _KIND_BYTES = {id(kind): kind.name.encode() for kind in SpanKind}
 _CODE_BYTES = {id(code): code.name.encode() for code in StatusCode}
 _LINE = (
@@ -187,10 +188,15 @@ class JsonLinesProcessor(SpanProcessor):
             sampled, kind = span.sampled, span._kind
         else:
             sampled, kind = span.context.trace_flags.sampled, span.kind
-        if self._fd is None or not sampled:
+        if sampled:
+            self.add(span_line(span), kind is SpanKind.SERVER)
+
+    def add(self, line: bytes, server: bool = False) -> None:
+        """Write ``line``, the JSON line of a sampled span (``server``: a server span)."""
+        if self._fd is None:
             return
-        self._pending.append(span_line(span))
-        if (kind is SpanKind.SERVER and self._durable) or len(self._pending) >= self.MAX_PENDING:
+        self._pending.append(line)
+        if (server and self._durable) or len(self._pending) >= self.MAX_PENDING:
             self._write()
             return
         try:
@@ -254,6 +260,48 @@ class _Switch(SpanProcessor, Sampler):
     def __init__(self) -> None:
         self.sampler: Sampler = ALWAYS_OFF
         self.processors: list[SpanProcessor] = []
+        self.tracer: Tracer | None = None  # the provider's, for streamwise's own spans
+
+    def record_route(
+        self,
+        name: str,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        start_ns: int,
+        end_ns: int,
+        attributes: dict[str, Any],
+        error: BaseException | None,
+    ) -> None:
+        """``spans.RecordRoute`` for processors that are all JsonLinesProcessors: the
+        line is written from the fields; a failed call's span is made as a span."""
+        tracer = self.tracer
+        assert tracer is not None
+        if error is not None:
+            parent = SpanContext(trace_id, parent_id, True, _SAMPLED) if parent_id else None
+            span = RecordingSpan(tracer, name, trace_id, span_id, True, None, parent, SpanKind.CLIENT, attributes, (), start_ns)
+            spans.mark_error(span, error)
+            span.end(end_ns)
+            return
+        line = _LINE % (
+            trace_id,
+            span_id,
+            b'"%016x"' % parent_id if parent_id else b"null",
+            orjson.dumps(name),
+            b"CLIENT",
+            start_ns,
+            end_ns,
+            b"UNSET",
+            b"null",
+            orjson.dumps(attributes, default=str),
+            _converted(tracer.resource)[2],
+        )
+        for processor in self.processors:
+            processor.add(line)  # type: ignore[attr-defined]
+
+    def lines_only(self) -> bool:
+        """Whether every processor is a JsonLinesProcessor (none needs a span object)."""
+        return bool(self.processors) and all(type(p) is JsonLinesProcessor for p in self.processors)
 
     # Sampler
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):  # type: ignore[override]
@@ -307,12 +355,14 @@ def configure(config: TracingConfig | None, service: str, *, replica: bool = Fal
         if trace.get_tracer_provider() is provider:
             # Not so when the process had a provider already: spans then go through
             # that one (and its sampler).
-            _start = provider.get_tracer(SCOPE).start_sampled  # type: ignore[attr-defined]
+            switch.tracer = provider.get_tracer(SCOPE)  # type: ignore[assignment]
+            _start = switch.tracer.start_sampled  # type: ignore[union-attr]
         _switch = switch
     _switch.shutdown()
     _switch.processors = _processors(config, service, replica)
     _switch.sampler = ParentBased(TraceIdRatioBased(config.sampling_ratio))
-    spans.set_enabled(True, config.sampling_ratio, _start)
+    record_route = _switch.record_route if _switch.tracer is not None and _switch.lines_only() else None
+    spans.set_enabled(True, config.sampling_ratio, _start, record_route)
 
 
 def flush() -> None:

@@ -55,18 +55,29 @@ def _start_with_api(
 
 _start: StartSampled = _start_with_api
 
+# Records a sampled route span from its fields alone, when all the exporter needs is
+# those: (name, trace_id, span_id, parent span_id or 0, start_ns, end_ns, attributes,
+# the exception it failed with or None).
+RecordRoute = Callable[[str, int, int, int, int, int, dict[str, Any], BaseException | None], None]
+_record_route: RecordRoute | None = None
 
-def set_enabled(enabled: bool, sampling_ratio: float = 1.0, start: StartSampled | None = None) -> None:
+
+def set_enabled(
+    enabled: bool, sampling_ratio: float = 1.0, start: StartSampled | None = None, record_route: RecordRoute | None = None
+) -> None:
     """Turn streamwise's spans on or off in this process.
 
     Sampling is decided here, parent-based, before any SDK work: a root is sampled
     with ``sampling_ratio``. ``start`` makes the spans that are sampled (default: the
-    installed provider's tracer, whose sampler is asked again).
+    installed provider's tracer, whose sampler is asked again). With ``record_route``,
+    route spans, which are never made current, are handed to it as fields instead of
+    being made as spans.
     """
-    global _enabled, _ratio, _start
+    global _enabled, _ratio, _start, _record_route
     _enabled = enabled
     _ratio = sampling_ratio
     _start = start if start is not None else _start_with_api
+    _record_route = record_route
 
 
 def enabled() -> bool:
@@ -238,9 +249,16 @@ def _ends_in_error(exc: BaseException | None) -> bool:
 
 class _Route:
     """The context manager ``route`` returns while tracing is on, and the RouteSpan it
-    yields when the call is sampled (a class, not a generator: it runs on every call)."""
+    yields when the call is sampled (a class, not a generator: it runs on every call).
 
-    __slots__ = ("_backoff_s", "_deployment", "_metadata", "_method", "_parent", "_retries", "_span")
+    A sampled call's span is either a span (``_span``) or, with ``_record_route``, the
+    fields kept here until the call ends (``_start_ns`` set).
+    """
+
+    __slots__ = (
+        "_attributes", "_backoff_s", "_deployment", "_ids", "_metadata", "_method", "_parent", "_retries", "_span",
+        "_start_ns",
+    )  # fmt: skip
 
     def __init__(
         self, deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
@@ -250,11 +268,15 @@ class _Route:
         self._metadata = metadata
         self._parent = parent
         self._span: trace.Span | None = None
+        self._start_ns = 0
         self._retries = 0
         self._backoff_s = 0.0
 
     def chose(self, replica_id: str) -> None:
-        self._span.set_attribute("streamwise.replica_id", replica_id)  # type: ignore[union-attr]
+        if self._span is None:
+            self._attributes["streamwise.replica_id"] = replica_id
+        else:
+            self._span.set_attribute("streamwise.replica_id", replica_id)
 
     def retried(self, backoff_s: float) -> None:
         self._retries += 1
@@ -278,6 +300,16 @@ class _Route:
             self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
             return _NO_ROUTE
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
+        if _record_route is not None:
+            trace_id = under.trace_id if under is not None else _random_id(128)
+            span_id = _random_id(64)
+            self._ids = (trace_id, span_id, under.span_id if under is not None else 0)
+            self._attributes = attributes
+            self._metadata["traceparent"] = "00-%032x-%016x-01" % (trace_id, span_id)
+            if under is not None and under.trace_state:
+                self._metadata["tracestate"] = under.trace_state.to_header()
+            self._start_ns = time.time_ns()
+            return self
         name = f"route {self._deployment}.{self._method}"
         span = self._span = _start(name, parent, under, SpanKind.CLIENT, attributes, ())
         _inject(self._metadata, span.get_span_context())
@@ -286,6 +318,8 @@ class _Route:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         span = self._span
         if span is None:
+            if self._start_ns:
+                self._record(exc)
             return
         if _ends_in_error(exc):
             mark_error(span, exc)  # type: ignore[arg-type]
@@ -293,6 +327,19 @@ class _Route:
             span.set_attribute("streamwise.retries", self._retries)
             span.set_attribute("streamwise.backoff_s", self._backoff_s)
         span.end()
+
+    def _record(self, exc: BaseException | None) -> None:
+        end_ns = time.time_ns()
+        attributes = self._attributes
+        if self._retries:
+            attributes["streamwise.retries"] = self._retries
+            attributes["streamwise.backoff_s"] = self._backoff_s
+        trace_id, span_id, parent_id = self._ids
+        name = f"route {self._deployment}.{self._method}"
+        error = exc if _ends_in_error(exc) else None
+        record = _record_route
+        if record is not None:  # else tracing was turned off meanwhile
+            record(name, trace_id, span_id, parent_id, self._start_ns, end_ns, attributes, error)
 
 
 def serve(

@@ -4,6 +4,7 @@ other spans within delay_s, when many are waiting, or at once on a thread withou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 
@@ -12,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from streamwise.tracing import viewer
+from streamwise.tracing import setup, spans, viewer
 from streamwise.tracing.recorder import SCOPE, Provider
 from streamwise.tracing.setup import JsonLinesProcessor, span_line, span_record
 
@@ -173,3 +174,38 @@ def test_span_line_is_the_span_record_as_json():
     for span in ended:
         assert orjson.loads(span_line(span)) == orjson.loads(orjson.dumps(span_record(span), default=str))
         assert span_line(span).endswith(b"}\n")
+
+
+def _routes(directory, record: bool) -> list[dict]:
+    """Three sampled route spans (chosen, retried, failed) under one caller, written to ``directory``."""
+    switch = setup._Switch()
+    switch.tracer = Provider(switch).get_tracer(SCOPE)
+    switch.processors = [JsonLinesProcessor(str(directory), "driver", durable=False)]
+    spans.set_enabled(True, 1.0, switch.tracer.start_sampled, switch.record_route if record else None)
+    caller = spans.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    try:
+        with spans.route("A", "ok", {}, caller) as route:
+            route.chose("A#1")
+        with spans.route("A", "retried", {}, caller) as route:
+            route.retried(0.25)
+            route.chose("A#2")
+        with contextlib.suppress(ValueError), spans.route("A", "failed", {}, caller):
+            raise ValueError("boom")
+    finally:
+        spans.set_enabled(False)
+        switch.shutdown()
+    records = [span.record for span in viewer.load(directory)]
+    for record in records:
+        del record["span_id"], record["start_ns"], record["end_ns"], record["resource"]["service.instance.id"]
+        for event in record["events"]:
+            del event["time_ns"]
+    return records
+
+
+def test_route_spans_written_from_fields_are_the_spans_they_stand_for(tmp_path):
+    """A route span the JSON-lines exporter writes from its fields is the line its span would give."""
+    from_fields = _routes(tmp_path / "fields", record=True)
+    from_spans = _routes(tmp_path / "spans", record=False)
+    assert [r["attributes"].get("streamwise.retries") for r in from_fields] == [None, 1, None]
+    assert [r["status"] for r in from_fields] == ["UNSET", "UNSET", "ERROR"]
+    assert from_fields == from_spans

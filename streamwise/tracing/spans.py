@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any, Protocol
@@ -27,12 +26,11 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
 )
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from streamwise.tracing import propagation
+from streamwise.tracing.propagation import UnsampledCaller, inject
 
 _TRACER = trace.get_tracer("streamwise")
-# W3C trace context (traceparent/tracestate) is what crosses every hop, external
-# clients' included; the global composite propagator would add a baggage pass per hop.
-_W3C = TraceContextTextMapPropagator()
 _enabled = False
 _ratio = 1.0
 
@@ -87,84 +85,6 @@ def enabled() -> bool:
 def capture() -> otel_context.Context | None:
     """The caller's trace context, to parent spans made later on another thread."""
     return otel_context.get_current() if _enabled else None
-
-
-# A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_EMPTY = otel_context.Context()
-_FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
-
-
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
-
-
-def extract(metadata: Mapping[str, str]) -> otel_context.Context:
-    """The W3C trace context in ``metadata`` (an empty context when there is none)."""
-    return _extract(metadata)[0]
-
-
-def _extract(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContext | None, bool]:
-    """The W3C trace context in ``metadata``: (context, parent, root).
-
-    ``parent`` is the caller's span context when it is sampled, else None; ``root``
-    says that there is no valid caller's span at all. Every hop does this once per
-    request, sampled or not, so the common case (a version-00 traceparent without
-    tracestate) is parsed here, and the ids of a caller's span that is not sampled
-    only when asked for; the rest, including every malformed header, takes the SDK
-    propagator's path with the same result.
-    """
-    header = metadata.get("traceparent")
-    if header is None:
-        return _EMPTY, None, True
-    match = _TRACEPARENT.fullmatch(header)
-    if match is None or "tracestate" in metadata:
-        context = _W3C.extract(metadata)
-        span_context = trace.get_current_span(context).get_span_context()
-        if not span_context.is_valid:
-            return context, None, True
-        return context, span_context if span_context.trace_flags.sampled else None, False
-    trace_id, span_id, flags = match.groups()
-    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids
-        return _EMPTY, None, True
-    if not int(flags, 16) & TraceFlags.SAMPLED:
-        return trace.set_span_in_context(_UnsampledCaller(header), _EMPTY), None, False
-    span_context = _remote(trace_id, span_id, flags)
-    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY), span_context, False
-
-
-def _remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
-    """The caller's span context from the hex fields of a well-formed traceparent."""
-    trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
-    return SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
-
-
-class _UnsampledCaller(NonRecordingSpan):
-    """The caller's span of a request that is not sampled, from a well-formed version-00
-    traceparent: its ids are parsed only if asked for, and a call made downstream
-    passes the header on as it came."""
-
-    def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
-        self.header = header
-        self._parsed: SpanContext | None = None
-
-    @property
-    def _context(self) -> SpanContext:  # type: ignore[override]
-        return self.get_span_context()
-
-    def get_span_context(self) -> SpanContext:
-        if self._parsed is None:
-            header = self.header
-            self._parsed = _remote(header[3:35], header[36:52], header[53:55])
-        return self._parsed
-
-
-def _inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
-    """Write ``span_context`` as W3C traceparent (and tracestate, if any) into ``metadata``."""
-    # %-formatting: an f-string formats TraceFlags (an int subclass) through __format__.
-    metadata["traceparent"] = "00-%032x-%016x-%02x" % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
-    if span_context.trace_state:
-        metadata["tracestate"] = span_context.trace_state.to_header()
 
 
 # Sampling is parent-based: a sampled parent is followed, an unsampled one too. A
@@ -285,14 +205,14 @@ class _Route:
     def __enter__(self) -> RouteSpan:
         parent = self._parent if self._parent is not None else otel_context.get_current()
         current = trace.get_current_span(parent)
-        if type(current) is _UnsampledCaller:  # serving a request that is not sampled
+        if type(current) is UnsampledCaller:  # serving a request that is not sampled
             self._metadata["traceparent"] = current.header
             return _NO_ROUTE
         caller = current.get_span_context()
         under: SpanContext | None = caller  # the new span's parent; None: a new trace
         if caller.is_valid:
             if not caller.trace_flags.sampled:
-                _inject(self._metadata, caller)
+                inject(self._metadata, caller)
                 return _NO_ROUTE
         elif _sample_root():
             under = None
@@ -312,7 +232,7 @@ class _Route:
             return self
         name = f"route {self._deployment}.{self._method}"
         span = self._span = _start(name, parent, under, SpanKind.CLIENT, attributes, ())
-        _inject(self._metadata, span.get_span_context())
+        inject(self._metadata, span.get_span_context())
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -369,7 +289,7 @@ class _Serve:
         self._token: object = None
 
     def __enter__(self) -> trace.Span | None:
-        parent, parent_span, root = _extract(self._metadata)
+        parent, parent_span, root = propagation.parse(self._metadata)
         if parent_span is None:
             if not root:  # the caller's span is not sampled: neither is this one
                 self._token = otel_context.attach(parent)

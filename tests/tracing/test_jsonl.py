@@ -13,7 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from streamwise.tracing import setup, spans, viewer
+from streamwise.tracing import propagation, setup, spans, viewer
 from streamwise.tracing.recorder import SCOPE, Provider
 from streamwise.tracing.setup import JsonLinesProcessor, span_line, span_record
 
@@ -182,7 +182,7 @@ def _routes(directory, record: bool) -> list[dict]:
     switch.tracer = Provider(switch).get_tracer(SCOPE)
     switch.processors = [JsonLinesProcessor(str(directory), "driver", durable=False)]
     spans.set_enabled(True, 1.0, switch.tracer.start_sampled, switch.record_route if record else None)
-    caller = spans.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    caller = propagation.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
     try:
         with spans.route("A", "ok", {}, caller) as route:
             route.chose("A#1")

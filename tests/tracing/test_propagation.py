@@ -7,7 +7,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from streamwise.tracing import spans
+from streamwise.tracing import propagation, spans
 
 VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -43,14 +43,14 @@ def _described(context) -> tuple:
 @pytest.mark.parametrize("case", list(CASES))
 def test_extract_matches_the_sdk(case):
     metadata = CASES[case]
-    assert _described(spans.extract(metadata)) == _described(TraceContextTextMapPropagator().extract(metadata))
+    assert _described(propagation.extract(metadata)) == _described(TraceContextTextMapPropagator().extract(metadata))
 
 
 def test_inject_round_trips():
     metadata = CASES["with tracestate"]
-    context = spans.extract(metadata)
+    context = propagation.extract(metadata)
     out: dict[str, str] = {}
-    spans._inject(out, trace.get_current_span(context).get_span_context())
+    propagation.inject(out, trace.get_current_span(context).get_span_context())
     assert out == metadata
 
 
@@ -59,7 +59,7 @@ def test_unsampled_caller_is_passed_on_as_it_came():
     header = VALID[:-2] + "00"
     spans.set_enabled(True, sampling_ratio=1.0)
     try:
-        token = otel_context.attach(spans.extract({"traceparent": header}))
+        token = otel_context.attach(propagation.extract({"traceparent": header}))
         try:
             out: dict[str, str] = {}
             with spans.route("Downstream", "method", out, None) as route:

@@ -1,0 +1,97 @@
+"""W3C trace context (``traceparent`` / ``tracestate``) in a request's metadata map.
+
+Every hop reads the caller's context from the request's metadata and writes its own
+into the requests it makes; external gRPC clients' headers take the same path. The
+common case is parsed here without the SDK's propagator, with the same result.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+# W3C trace context is what crosses every hop, external clients' included; the
+# global composite propagator would add a baggage pass per hop.
+_W3C = TraceContextTextMapPropagator()
+
+# A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+EMPTY = otel_context.Context()
+_FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
+
+
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+
+def extract(metadata: Mapping[str, str]) -> otel_context.Context:
+    """The W3C trace context in ``metadata`` (an empty context when there is none)."""
+    return parse(metadata)[0]
+
+
+def parse(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContext | None, bool]:
+    """The W3C trace context in ``metadata``: (context, parent, root).
+
+    ``parent`` is the caller's span context when it is sampled, else None; ``root``
+    says that there is no valid caller's span at all. Every hop does this once per
+    request, sampled or not, so the common case (a version-00 traceparent without
+    tracestate) is parsed here, and the ids of a caller's span that is not sampled
+    only when asked for; the rest, including every malformed header, takes the SDK
+    propagator's path with the same result.
+    """
+    header = metadata.get("traceparent")
+    if header is None:
+        return EMPTY, None, True
+    match = _TRACEPARENT.fullmatch(header)
+    if match is None or "tracestate" in metadata:
+        context = _W3C.extract(metadata)
+        span_context = trace.get_current_span(context).get_span_context()
+        if not span_context.is_valid:
+            return context, None, True
+        return context, span_context if span_context.trace_flags.sampled else None, False
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids
+        return EMPTY, None, True
+    if not int(flags, 16) & TraceFlags.SAMPLED:
+        return trace.set_span_in_context(UnsampledCaller(header), EMPTY), None, False
+    span_context = remote(trace_id, span_id, flags)
+    return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY), span_context, False
+
+
+def remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
+    """The caller's span context from the hex fields of a well-formed traceparent."""
+    trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
+    return SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
+
+
+class UnsampledCaller(NonRecordingSpan):
+    """The caller's span of a request that is not sampled, from a well-formed version-00
+    traceparent: its ids are parsed only if asked for, and a call made downstream
+    passes the header on as it came."""
+
+    def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
+        self.header = header
+        self._parsed: SpanContext | None = None
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        if self._parsed is None:
+            header = self.header
+            self._parsed = remote(header[3:35], header[36:52], header[53:55])
+        return self._parsed
+
+
+def inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:
+    """Write ``span_context`` as W3C traceparent (and tracestate, if any) into ``metadata``."""
+    # %-formatting: an f-string formats TraceFlags (an int subclass) through __format__.
+    metadata["traceparent"] = "00-%032x-%016x-%02x" % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
+    if span_context.trace_state:
+        metadata["tracestate"] = span_context.trace_state.to_header()

@@ -273,31 +273,38 @@ class _Switch(SpanProcessor, Sampler):
         attributes: dict[str, Any],
         error: BaseException | None,
     ) -> None:
-        """``spans.RecordRoute`` for processors that are all JsonLinesProcessors: the
-        line is written from the fields; a failed call's span is made as a span."""
+        """``spans.RecordRoute``: while every processor is a JsonLinesProcessor, the line
+        is written from the fields; otherwise (a failed call, or processors swapped by
+        a new ``configure`` meanwhile) the span is made and ended as a span."""
         tracer = self.tracer
         assert tracer is not None
+        processors = self.processors
+        if error is None:
+            for processor in processors:
+                if type(processor) is not JsonLinesProcessor:
+                    break
+            else:
+                line = _LINE % (
+                    trace_id,
+                    span_id,
+                    b'"%016x"' % parent_id if parent_id else b"null",
+                    orjson.dumps(name),
+                    b"CLIENT",
+                    start_ns,
+                    end_ns,
+                    b"UNSET",
+                    b"null",
+                    orjson.dumps(attributes, default=str),
+                    _converted(tracer.resource)[2],
+                )
+                for processor in processors:
+                    processor.add(line)  # type: ignore[attr-defined]
+                return
+        parent = SpanContext(trace_id, parent_id, True, _SAMPLED) if parent_id else None
+        span = RecordingSpan(tracer, name, trace_id, span_id, True, None, parent, SpanKind.CLIENT, attributes, (), start_ns)
         if error is not None:
-            parent = SpanContext(trace_id, parent_id, True, _SAMPLED) if parent_id else None
-            span = RecordingSpan(tracer, name, trace_id, span_id, True, None, parent, SpanKind.CLIENT, attributes, (), start_ns)
-            spans.mark_error(span, error)
-            span.end(end_ns)
-            return
-        line = _LINE % (
-            trace_id,
-            span_id,
-            b'"%016x"' % parent_id if parent_id else b"null",
-            orjson.dumps(name),
-            b"CLIENT",
-            start_ns,
-            end_ns,
-            b"UNSET",
-            b"null",
-            orjson.dumps(attributes, default=str),
-            _converted(tracer.resource)[2],
-        )
-        for processor in self.processors:
-            processor.add(line)  # type: ignore[attr-defined]
+            spans.mark_error(span, error, timestamp=end_ns)
+        span.end(end_ns)
 
     def lines_only(self) -> bool:
         """Whether every processor is a JsonLinesProcessor (none needs a span object)."""

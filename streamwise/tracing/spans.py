@@ -105,9 +105,10 @@ def _unsampled_root(parent: otel_context.Context) -> otel_context.Context:
     return trace.set_span_in_context(NonRecordingSpan(span_context), parent)
 
 
-def mark_error(span: trace.Span, exc: BaseException) -> None:
-    """Record ``exc`` on ``span`` as an error (callers skip cancellation)."""
-    span.record_exception(exc)
+def mark_error(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:
+    """Record ``exc`` on ``span`` as an error (callers skip cancellation), at
+    ``timestamp`` (ns since the epoch; default: now)."""
+    span.record_exception(exc, timestamp=timestamp)
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
@@ -172,12 +173,13 @@ class _Route:
     yields when the call is sampled (a class, not a generator: it runs on every call).
 
     A sampled call's span is either a span (``_span``) or, with ``_record_route``, the
-    fields kept here until the call ends (``_start_ns`` set).
+    fields kept here until the call ends and are handed to ``_record``, the
+    ``_record_route`` of the moment the call started.
     """
 
     __slots__ = (
         "_attributes", "_backoff_s", "_deployment", "_ids", "_metadata", "_method", "_parent", "_retries", "_span",
-        "_start_ns",
+        "_record", "_start_ns",
     )  # fmt: skip
 
     def __init__(
@@ -188,7 +190,7 @@ class _Route:
         self._metadata = metadata
         self._parent = parent
         self._span: trace.Span | None = None
-        self._start_ns = 0
+        self._record: RecordRoute | None = None
         self._retries = 0
         self._backoff_s = 0.0
 
@@ -221,6 +223,7 @@ class _Route:
             return _NO_ROUTE
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
         if _record_route is not None:
+            self._record = _record_route
             trace_id = under.trace_id if under is not None else _random_id(128)
             span_id = _random_id(64)
             self._ids = (trace_id, span_id, under.span_id if under is not None else 0)
@@ -238,8 +241,8 @@ class _Route:
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         span = self._span
         if span is None:
-            if self._start_ns:
-                self._record(exc)
+            if self._record is not None:
+                self._record_fields(exc)
             return
         if _ends_in_error(exc):
             mark_error(span, exc)  # type: ignore[arg-type]
@@ -248,7 +251,7 @@ class _Route:
             span.set_attribute("streamwise.backoff_s", self._backoff_s)
         span.end()
 
-    def _record(self, exc: BaseException | None) -> None:
+    def _record_fields(self, exc: BaseException | None) -> None:
         end_ns = time.time_ns()
         attributes = self._attributes
         if self._retries:
@@ -257,9 +260,7 @@ class _Route:
         trace_id, span_id, parent_id = self._ids
         name = f"route {self._deployment}.{self._method}"
         error = exc if _ends_in_error(exc) else None
-        record = _record_route
-        if record is not None:  # else tracing was turned off meanwhile
-            record(name, trace_id, span_id, parent_id, self._start_ns, end_ns, attributes, error)
+        self._record(name, trace_id, span_id, parent_id, self._start_ns, end_ns, attributes, error)  # type: ignore[misc]
 
 
 def serve(

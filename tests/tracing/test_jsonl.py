@@ -9,6 +9,7 @@ import os
 import threading
 
 import orjson
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -177,28 +178,44 @@ def test_span_line_is_the_span_record_as_json():
 
 
 def _routes(directory, record: bool) -> list[dict]:
-    """Three sampled route spans (chosen, retried, failed) under one caller, written to ``directory``."""
+    """Sampled route spans (chosen, retried, failed, cancelled, under a caller with
+    tracestate, a root), written to ``directory``; each record also gets the
+    ``traceparent`` its call carried, under "sent"."""
     switch = setup._Switch()
     switch.tracer = Provider(switch).get_tracer(SCOPE)
     switch.processors = [JsonLinesProcessor(str(directory), "driver", durable=False)]
     spans.set_enabled(True, 1.0, switch.tracer.start_sampled, switch.record_route if record else None)
     caller = propagation.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    with_state = propagation.extract(
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01", "tracestate": "vendor=1"}
+    )
+    sent: list[dict[str, str]] = [{} for _ in range(6)]
     try:
-        with spans.route("A", "ok", {}, caller) as route:
+        with spans.route("A", "ok", sent[0], caller) as route:
             route.chose("A#1")
-        with spans.route("A", "retried", {}, caller) as route:
+        with spans.route("A", "retried", sent[1], caller) as route:
             route.retried(0.25)
             route.chose("A#2")
-        with contextlib.suppress(ValueError), spans.route("A", "failed", {}, caller):
+        with contextlib.suppress(ValueError), spans.route("A", "failed", sent[2], caller):
             raise ValueError("boom")
+        with contextlib.suppress(asyncio.CancelledError), spans.route("A", "cancelled", sent[3], caller):
+            raise asyncio.CancelledError
+        with spans.route("A", "traced elsewhere", sent[4], with_state):
+            pass
+        with spans.route("A", "root", sent[5], otel_context.Context()):
+            pass
     finally:
         spans.set_enabled(False)
         switch.shutdown()
     records = [span.record for span in viewer.load(directory)]
-    for record in records:
-        del record["span_id"], record["start_ns"], record["end_ns"], record["resource"]["service.instance.id"]
+    for record, metadata in zip(records, sent, strict=True):
+        assert metadata["traceparent"] == f"00-{record['trace_id']}-{record['span_id']}-01"
+        record["sent"] = {**metadata, "traceparent": metadata["traceparent"][:35]}  # without the span id
         for event in record["events"]:
-            del event["time_ns"]
+            assert record["start_ns"] <= event.pop("time_ns") <= record["end_ns"]
+        del record["span_id"], record["start_ns"], record["end_ns"], record["resource"]["service.instance.id"]
+        if record["parent_id"] is None:  # a new trace: its id is new too
+            del record["trace_id"], record["sent"]["traceparent"]
     return records
 
 
@@ -206,6 +223,34 @@ def test_route_spans_written_from_fields_are_the_spans_they_stand_for(tmp_path):
     """A route span the JSON-lines exporter writes from its fields is the line its span would give."""
     from_fields = _routes(tmp_path / "fields", record=True)
     from_spans = _routes(tmp_path / "spans", record=False)
-    assert [r["attributes"].get("streamwise.retries") for r in from_fields] == [None, 1, None]
-    assert [r["status"] for r in from_fields] == ["UNSET", "UNSET", "ERROR"]
+    assert [r["attributes"].get("streamwise.retries") for r in from_fields] == [None, 1, None, None, None, None]
+    assert [r["status"] for r in from_fields] == ["UNSET", "UNSET", "ERROR", "UNSET", "UNSET", "UNSET"]
+    assert from_fields[4]["sent"]["tracestate"] == "vendor=1"
     assert from_fields == from_spans
+
+
+def test_route_fields_become_a_span_once_another_processor_is_installed(tmp_path):
+    """A route started while only JSON lines were exported, that ends after another processor
+    was installed, reaches that processor as a span."""
+    ended = []
+
+    class Keep(SpanProcessor):
+        def on_end(self, span):
+            ended.append(span)
+
+    switch = setup._Switch()
+    switch.tracer = Provider(switch).get_tracer(SCOPE)
+    switch.processors = [JsonLinesProcessor(str(tmp_path), "driver", durable=False)]
+    spans.set_enabled(True, 1.0, switch.tracer.start_sampled, switch.record_route)
+    metadata: dict[str, str] = {}
+    try:
+        with spans.route("A", "ok", metadata, otel_context.Context()) as route:
+            route.chose("A#1")
+            switch.shutdown()
+            switch.processors = [Keep()]  # as a new configure() with another exporter does
+            spans.set_enabled(True, 1.0, switch.tracer.start_sampled, None)
+    finally:
+        spans.set_enabled(False)
+        switch.shutdown()
+    assert [(span.name, span.attributes["streamwise.replica_id"]) for span in ended] == [("route A.ok", "A#1")]
+    assert metadata["traceparent"] == f"00-{ended[0].context.trace_id:032x}-{ended[0].context.span_id:016x}-01"

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from streamwise.config import TracingConfig
 from streamwise.tracing import spans
@@ -116,22 +116,49 @@ def span_line(span: ReadableSpan) -> bytes:
     if type(span) is not RecordingSpan or span._events or span._links:
         return orjson.dumps(span_record(span), default=str, option=orjson.OPT_APPEND_NEWLINE)
     # streamwise's own spans (most of them), written straight into the line's template.
-    status, parent_id, attributes = span._status, span.parent_id, span._attributes
+    attributes = span._attributes
     assert attributes is not None  # a RecordingSpan always has its own
     if type(attributes) is not dict:  # bounded, once user code set a value that needed cleaning
         attributes = dict(attributes)
-    return _LINE % (
+    return _line(
         span.trace_id,
         span.span_id,
-        b'"%016x"' % parent_id if parent_id else b"null",
-        orjson.dumps(span._name),
+        span.parent_id,
+        span._name,
         _KIND_BYTES[id(span._kind)],
-        span._start_time,
-        span._end_time,
+        span._start_time,  # type: ignore[arg-type]  # started
+        span._end_time,  # type: ignore[arg-type]  # ended
+        span._status,
+        attributes,
+        span._resource,
+    )
+
+
+def _line(
+    trace_id: int,
+    span_id: int,
+    parent_id: int,
+    name: str,
+    kind: bytes,
+    start_ns: int,
+    end_ns: int,
+    status: Status,
+    attributes: dict,
+    resource: Resource,
+) -> bytes:
+    """The JSON line of a span without events or links, from its fields."""
+    return _LINE % (
+        trace_id,
+        span_id,
+        b'"%016x"' % parent_id if parent_id else b"null",
+        orjson.dumps(name),
+        kind,
+        start_ns,
+        end_ns,
         b"UNSET" if status is UNSET else _CODE_BYTES[id(status.status_code)],
         b"null" if status is UNSET else orjson.dumps(status.description),
         orjson.dumps(attributes, default=str),
-        _converted(span._resource)[2],
+        _converted(resource)[2],
     )
 
 
@@ -284,19 +311,7 @@ class _Switch(SpanProcessor, Sampler):
                 if type(processor) is not JsonLinesProcessor:
                     break
             else:
-                line = _LINE % (
-                    trace_id,
-                    span_id,
-                    b'"%016x"' % parent_id if parent_id else b"null",
-                    orjson.dumps(name),
-                    b"CLIENT",
-                    start_ns,
-                    end_ns,
-                    b"UNSET",
-                    b"null",
-                    orjson.dumps(attributes, default=str),
-                    _converted(tracer.resource)[2],
-                )
+                line = _line(trace_id, span_id, parent_id, name, b"CLIENT", start_ns, end_ns, UNSET, attributes, tracer.resource)
                 for processor in processors:
                     processor.add(line)  # type: ignore[attr-defined]
                 return

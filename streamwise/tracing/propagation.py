@@ -20,8 +20,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _W3C = TraceContextTextMapPropagator()
 
 # A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# Its fields are at fixed offsets: trace id [3:35], span id [36:52], flags [53:55].
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 EMPTY = otel_context.Context()
+# The key under which a context holds its span, found through the public API once.
+_SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, EMPTY)))
 _FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
 
 
@@ -47,19 +50,18 @@ def parse(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContex
     header = metadata.get("traceparent")
     if header is None:
         return EMPTY, None, True
-    match = _TRACEPARENT.fullmatch(header)
-    if match is None or "tracestate" in metadata:
+    if "tracestate" in metadata or _TRACEPARENT.fullmatch(header) is None:
         context = _W3C.extract(metadata)
         span_context = trace.get_current_span(context).get_span_context()
         if not span_context.is_valid:
             return context, None, True
         return context, span_context if span_context.trace_flags.sampled else None, False
-    trace_id, span_id, flags = match.groups()
-    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:  # invalid ids
+    if header[3:35] == _ZERO_TRACE_ID or header[36:52] == _ZERO_SPAN_ID:  # invalid ids
         return EMPTY, None, True
-    if not int(flags, 16) & TraceFlags.SAMPLED:
-        return trace.set_span_in_context(UnsampledCaller(header), EMPTY), None, False
-    span_context = remote(trace_id, span_id, flags)
+    flags = header[53:]
+    if flags == "00" or not int(flags, 16) & TraceFlags.SAMPLED:
+        return otel_context.Context({_SPAN_KEY: UnsampledCaller(header)}), None, False
+    span_context = remote(header[3:35], header[36:52], flags)
     return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY), span_context, False
 
 

@@ -7,6 +7,7 @@ common case is parsed here without the SDK's propagator, with the same result.
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Mapping, MutableMapping
 
@@ -19,9 +20,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 # global composite propagator would add a baggage pass per hop.
 _W3C = TraceContextTextMapPropagator()
 
-# A well-formed version-00 traceparent; anything else goes to the SDK's propagator.
-# Its fields are at fixed offsets: trace id [3:35], span id [36:52], flags [53:55].
-_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# A well-formed version-00 traceparent with valid (not all-zero) ids; anything else
+# goes to the SDK's propagator. Its fields are at fixed offsets: trace id [3:35],
+# span id [36:52], flags [53:55].
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 EMPTY = otel_context.Context()
 # The key under which a context holds its span, found through the public API once.
 _SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, EMPTY)))
@@ -56,8 +58,6 @@ def parse(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContex
         if not span_context.is_valid:
             return context, None, True
         return context, span_context if span_context.trace_flags.sampled else None, False
-    if header[3:35] == _ZERO_TRACE_ID or header[36:52] == _ZERO_SPAN_ID:  # invalid ids
-        return EMPTY, None, True
     flags = header[53:]
     if flags == "00" or not int(flags, 16) & TraceFlags.SAMPLED:
         return otel_context.Context({_SPAN_KEY: UnsampledCaller(header)}), None, False
@@ -72,9 +72,9 @@ def remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
 
 
 class UnsampledCaller(NonRecordingSpan):
-    """The caller's span of a request that is not sampled, from a well-formed version-00
-    traceparent: its ids are parsed only if asked for, and a call made downstream
-    passes the header on as it came."""
+    """A span that is not sampled, known by its well-formed version-00 traceparent: a
+    caller's (from a request's metadata) or a new root's. Its ids are parsed only if
+    asked for, and a call made under it passes the header on as it is."""
 
     def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
         self.header = header
@@ -89,6 +89,14 @@ class UnsampledCaller(NonRecordingSpan):
             header = self.header
             self._parsed = remote(header[3:35], header[36:52], header[53:55])
         return self._parsed
+
+
+def unsampled_header() -> str:
+    """The traceparent of a new root that is not sampled, with random ids."""
+    ids = random.randbytes(24).hex()
+    if ids[:32] == _ZERO_TRACE_ID or ids[32:] == _ZERO_SPAN_ID:  # invalid: draw again (as likely as a collision)
+        return unsampled_header()
+    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
 def inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:

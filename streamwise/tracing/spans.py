@@ -19,16 +19,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (
     Link,
-    NonRecordingSpan,
     SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
 )
 
 from streamwise.tracing import propagation
-from streamwise.tracing.propagation import UnsampledCaller, inject
+from streamwise.tracing.propagation import UnsampledCaller, inject, unsampled_header
 
 _TRACER = trace.get_tracer("streamwise")
 _enabled = False
@@ -101,8 +99,8 @@ def _random_id(bits: int) -> int:
 
 
 def _unsampled_root(parent: otel_context.Context) -> otel_context.Context:
-    span_context = SpanContext(_random_id(128), _random_id(64), is_remote=False, trace_flags=TraceFlags(0))
-    return trace.set_span_in_context(NonRecordingSpan(span_context), parent)
+    # Kept as its header, which the calls made under it pass on as it is.
+    return trace.set_span_in_context(UnsampledCaller(unsampled_header()), parent)
 
 
 def mark_error(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:
@@ -159,8 +157,29 @@ _NO_SPAN = _NoSpan()
 def route(
     deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
 ) -> contextlib.AbstractContextManager[RouteSpan]:
-    """A client span around routing one call; its context goes into ``metadata``."""
-    return _Route(deployment, method, metadata, parent) if _enabled else _NO_ROUTE
+    """A client span around routing one call, under ``parent`` (default: the current
+    context); its context goes into ``metadata``.
+
+    Whether the call is sampled is decided here: a call that is not gets its
+    ``traceparent`` at once and nothing to record.
+    """
+    if not _enabled:
+        return _NO_ROUTE
+    context = parent if parent is not None else otel_context.get_current()
+    current = trace.get_current_span(context)
+    if type(current) is UnsampledCaller:  # serving a request that is not sampled
+        metadata["traceparent"] = current.header
+        return _NO_ROUTE
+    caller = current.get_span_context()
+    if caller.is_valid:
+        if caller.trace_flags.sampled:
+            return _Route(deployment, method, metadata, context, caller)
+        inject(metadata, caller)
+        return _NO_ROUTE
+    if _sample_root():
+        return _Route(deployment, method, metadata, context, None)
+    metadata["traceparent"] = unsampled_header()  # only the callee sees this root
+    return _NO_ROUTE
 
 
 def _ends_in_error(exc: BaseException | None) -> bool:
@@ -169,8 +188,8 @@ def _ends_in_error(exc: BaseException | None) -> bool:
 
 
 class _Route:
-    """The context manager ``route`` returns while tracing is on, and the RouteSpan it
-    yields when the call is sampled (a class, not a generator: it runs on every call).
+    """The context manager ``route`` returns for a sampled call, and the RouteSpan it
+    yields (a class, not a generator: it runs on every sampled call).
 
     A sampled call's span is either a span (``_span``) or, with ``_record_route``, the
     fields kept here until the call ends and are handed to ``_record``, the
@@ -179,16 +198,22 @@ class _Route:
 
     __slots__ = (
         "_attributes", "_backoff_s", "_deployment", "_ids", "_metadata", "_method", "_parent", "_retries", "_span",
-        "_record", "_start_ns",
+        "_record", "_start_ns", "_under",
     )  # fmt: skip
 
     def __init__(
-        self, deployment: str, method: str, metadata: MutableMapping[str, str], parent: otel_context.Context | None
+        self,
+        deployment: str,
+        method: str,
+        metadata: MutableMapping[str, str],
+        parent: otel_context.Context,
+        under: SpanContext | None,
     ) -> None:
         self._deployment = deployment
         self._method = method
         self._metadata = metadata
         self._parent = parent
+        self._under = under  # the new span's parent (sampled); None: a new trace
         self._span: trace.Span | None = None
         self._record: RecordRoute | None = None
         self._retries = 0
@@ -205,22 +230,7 @@ class _Route:
         self._backoff_s += backoff_s
 
     def __enter__(self) -> RouteSpan:
-        parent = self._parent if self._parent is not None else otel_context.get_current()
-        current = trace.get_current_span(parent)
-        if type(current) is UnsampledCaller:  # serving a request that is not sampled
-            self._metadata["traceparent"] = current.header
-            return _NO_ROUTE
-        caller = current.get_span_context()
-        under: SpanContext | None = caller  # the new span's parent; None: a new trace
-        if caller.is_valid:
-            if not caller.trace_flags.sampled:
-                inject(self._metadata, caller)
-                return _NO_ROUTE
-        elif _sample_root():
-            under = None
-        else:  # only the callee sees this root: no context object needed here
-            self._metadata["traceparent"] = f"00-{_random_id(128):032x}-{_random_id(64):016x}-00"
-            return _NO_ROUTE
+        under = self._under
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
         if _record_route is not None:
             self._record = _record_route
@@ -234,7 +244,7 @@ class _Route:
             self._start_ns = time.time_ns()
             return self
         name = f"route {self._deployment}.{self._method}"
-        span = self._span = _start(name, parent, under, SpanKind.CLIENT, attributes, ())
+        span = self._span = _start(name, self._parent, under, SpanKind.CLIENT, attributes, ())
         inject(self._metadata, span.get_span_context())
         return self
 

@@ -69,3 +69,24 @@ def test_unsampled_caller_is_passed_on_as_it_came():
     finally:
         spans.set_enabled(False)
     assert out == {"traceparent": header}
+
+
+def test_unsampled_root_is_passed_on_to_every_call_under_it():
+    """A request that starts an unsampled trace hands one traceparent, flagged not
+    sampled, to every call made while serving it, and is current as a valid span."""
+    spans.set_enabled(True, sampling_ratio=0.0)
+    try:
+        with spans.serve("Ingress/Method", {}, dict) as span:
+            assert span is None
+            current = trace.get_current_span().get_span_context()
+            sent = []
+            for _ in range(2):
+                out: dict[str, str] = {}
+                with spans.route("Downstream", "method", out, None):
+                    pass
+                sent.append(out)
+    finally:
+        spans.set_enabled(False)
+    assert current.is_valid and not current.trace_flags.sampled
+    assert sent[0] == sent[1] == {"traceparent": f"00-{current.trace_id:032x}-{current.span_id:016x}-00"}
+    assert _described(propagation.extract(sent[0]))[:3] == (current.trace_id, current.span_id, 0)

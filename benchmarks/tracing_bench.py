@@ -28,20 +28,14 @@ CPU time is less disturbed than wall time by whatever else the machine runs, tho
 on a shared VM it still differs from one process to the next by 10-20%.
 
 The work tracing adds to a call, which the throughput of a shared machine cannot
-resolve to 3%, is also timed on its own, in a process of its own per mode and round
-(the hidden ``--task hop`` flag): the helpers the router, the replica and the ingress run
-for one call, with the request encoded and decoded between them, at both ends in
-one process, against the same code with tracing off. Added to the CPU per call with
-tracing off (above, same round), it gives the loss of a CPU-bound server to that
-work alone: what the 3% and 15% targets are checked against there.
-
-Timed alone, those helpers run with warm caches. In the app, with py-spy installed
-(``pip install py-spy``; it needs permission to read other processes' memory), one
-more driver per mode serves each path for 10 s while py-spy samples the driver and
-its replica from outside; the share of their CPU samples with streamwise.tracing or
-OpenTelemetry code on the stack, over that of "off", is judged against the targets
-too. Neither figure counts what tracing costs other code (more garbage to collect,
-colder caches): the throughput and CPU figures above are the ones that do.
+resolve to 3%, is measured twice more (see _tracing_work.py), each judged against
+the targets as the loss of a CPU-bound server to that work alone:
+- timed alone, in a process per mode and round (hidden ``--task hop``), and added to
+  the CPU per call with tracing off of the same round;
+- in situ, with py-spy installed (``pip install py-spy``; it needs permission to
+  read other processes' memory): one more driver per mode (``--task profile``)
+  serves each path for 10 s while py-spy samples it and its replica; the share of
+  their samples in tracing code, over that of "off".
 
 And, from the spans read back at 1.0, how many spans each call wrote: a stream of
 100k items must write as many as a unary call (per call, not per item).
@@ -71,7 +65,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import statistics
@@ -98,12 +91,9 @@ from _common import (
     verdict,
     with_pythonpath,
 )
+from _tracing_work import hop_seconds, profile
 
 import streamwise
-from streamwise.proto import replica_pb2
-from streamwise.streaming import _wire
-from streamwise.tracing import setup as tracing_setup
-from streamwise.tracing import spans as tracing_spans
 from streamwise.tracing import viewer
 
 PAYLOAD = bytes(range(16))  # the argument and result of every unary handle call, as in handle_bench
@@ -128,8 +118,8 @@ class Sizes:
     handle_calls: int  # unary handle calls per measurement, made by CONCURRENCY callers
     stream_items: int  # items of the measured stream
     ingress_calls: int  # unary ingress calls per measurement, made by CONCURRENCY callers
-    hop_calls: int  # calls per timing of the tracing helpers alone (see _hop_seconds)
-    profile_s: int  # seconds of py-spy sampling per path and mode (see _profile)
+    hop_calls: int  # calls per timing of the tracing helpers alone (_tracing_work.hop_seconds)
+    profile_s: int  # seconds of py-spy sampling per path and mode (_tracing_work.profile)
 
 
 FULL = Sizes(
@@ -140,11 +130,6 @@ QUICK = Sizes(
     rounds=1, reps=1, warmup_calls=30, handle_calls=200, stream_items=10_000, ingress_calls=200,
     hop_calls=200, profile_s=2,
 )  # fmt: skip
-PY_SPY = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
-PROFILE_RATE_HZ = 250
-# A sample is in tracing code when any frame of its stack is.
-TRACING_CODE = re.compile(r"streamwise/tracing/|/opentelemetry/")
-HOP_REPS = 5  # timings of the tracing helpers per path; the best counts
 WARMUP_STREAM_ITEMS = 1_000
 
 
@@ -248,8 +233,8 @@ def _span_stats(traces_dir: str, counts: Counts) -> dict[str, Any]:
     return stats
 
 
-def _drive(mode: str, traces_dir: str, sizes: Sizes, profile: bool = False) -> dict[str, Any]:
-    """Start the app in ``mode``, measure (``profile``: sample with py-spy instead),
+def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> dict[str, Any]:
+    """Start the app in ``mode``, measure (``sample``: sample it with py-spy instead),
     shut down; the results as a JSON-able dict."""
     load = os.getloadavg()[0]
     began = perf_counter()
@@ -263,7 +248,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, profile: bool = False) -> d
     # one sample per measurement: what tracing costs, without the scheduling noise of
     # a throughput on a shared machine.
     cpu: dict[str, list[float]] = {"handle_unary": [], "ingress_unary": []}
-    shares: dict[str, list[int]] = {}  # with profile: samples in tracing code, and in all
+    shares: dict[str, list[int] | str] = {}  # sampled: [in tracing code, all], or why not
     client: Child | None = None
     try:
         handle = streamwise.run(
@@ -286,15 +271,17 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, profile: bool = False) -> d
                 client.ask("unary", calls=sizes.warmup_calls, concurrency=CONCURRENCY)
                 counts.Unary += 2 * sizes.warmup_calls
                 servers = _server_processes(client)
-                if profile:
+                if sample:
                     samples_dir = os.path.join(traces_dir, "py-spy")
-                    shares["handle"] = _profile(
-                        servers, sizes, samples_dir, lambda: runner.run(_unary_rate(handle, 500, CONCURRENCY, counts))
-                    )
-                    shares["ingress"] = _profile(
-                        servers, sizes, samples_dir, lambda: client.ask("unary", calls=300, concurrency=CONCURRENCY)
-                    )
-                for _ in range(0 if profile else sizes.reps):
+                    shares["handle"] = profile(
+                        servers, sizes.profile_s, samples_dir,
+                        lambda: runner.run(_unary_rate(handle, 500, CONCURRENCY, counts)),
+                    )  # fmt: skip
+                    shares["ingress"] = profile(
+                        servers, sizes.profile_s, samples_dir,
+                        lambda: client.ask("unary", calls=300, concurrency=CONCURRENCY),
+                    )  # fmt: skip
+                for _ in range(0 if sample else sizes.reps):
                     used = _cpu_seconds(servers)
                     rate = runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts))
                     cpu["handle_unary"].append((_cpu_seconds(servers) - used) / sizes.handle_calls)
@@ -320,103 +307,6 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, profile: bool = False) -> d
         "mode": mode, "load": load, "seconds": perf_counter() - began, **best, "cpu": cpu, "trace": spans,
         "profile": shares,
     }  # fmt: skip
-
-
-# -- in situ: the share of CPU samples in tracing code ------------------------------------
-# Timed alone (above), tracing's helpers run with warm caches; in the app they run
-# between gRPC, asyncio and the user's code. py-spy, when installed, samples the stacks
-# of the driver and its replica from outside while the app serves, and counts the
-# samples with a frame of streamwise.tracing or OpenTelemetry on their stack ("off"
-# counts the checks that find tracing off).
-
-
-def _profile(servers: list[psutil.Process], sizes: Sizes, out_dir: str, load: Any) -> list[int]:
-    """[samples in tracing code, all samples] of ``servers`` while ``load()`` runs in
-    turn for ``sizes.profile_s`` seconds; CPU time only (py-spy skips idle threads)."""
-    os.makedirs(out_dir, exist_ok=True)
-    spies = []
-    for process in servers:
-        out = os.path.join(out_dir, f"{process.pid}-{len(os.listdir(out_dir))}.txt")
-        args = [PY_SPY, "record", "--nonblocking", "--rate", str(PROFILE_RATE_HZ), "--format", "raw"]
-        args += ["-d", str(sizes.profile_s), "-p", str(process.pid), "-o", out]
-        spies.append((subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
-    while any(spy.poll() is None for spy, _ in spies):
-        load()
-    hits = total = 0
-    for spy, out in spies:
-        _, err = spy.communicate()
-        if spy.returncode != 0:
-            raise RuntimeError(f"py-spy failed (exit code {spy.returncode}): {err.strip()[-300:]}")
-        with open(out) as lines:
-            for line in lines:  # "frame;frame;... count"
-                stack, _, count = line.rstrip().rpartition(" ")
-                total += int(count)
-                hits += int(count) if TRACING_CODE.search(stack) else 0
-    return [hits, total]
-
-
-# -- tracing's own work per call: its helpers alone, both ends in one process -------------
-# The throughput of a shared 2-core VM drifts by more than the 3% allowed at 0.01 from
-# one process to the next; the work tracing adds to a call does not. It is timed here
-# as the calls the app makes run it, with nothing else around them: the caller's
-# route span writing the call's traceparent, the request encoded and decoded, and the
-# replica's span parented from it; for the ingress, inside the ingress's span of an
-# RPC that came without trace context. In "off" the same code runs with tracing off,
-# which is the baseline. At 0.01 the sampled 1% write their spans as they do in the
-# app (a replica's at once, the others batched on the running loop).
-
-
-async def _hop_calls(n: int, ingress: bool) -> None:
-    def replica_attributes() -> dict[str, Any]:
-        return {
-            "streamwise.deployment": "Hop",
-            "streamwise.replica_id": "Hop#1",
-            "streamwise.method": "call",
-            "streamwise.streaming": False,
-            "streamwise.request_id": received.metadata.get(_wire.REQUEST_ID, ""),
-        }
-
-    def ingress_attributes() -> dict[str, Any]:
-        return {"rpc.system": "grpc", "rpc.service": "swbench.Hop", "rpc.method": "Call"}
-
-    no_rpc = contextlib.nullcontext()
-    for i in range(n):
-        with tracing_spans.serve("swbench.Hop/Call", {}, ingress_attributes) if ingress else no_rpc:
-            request = replica_pb2.CallRequest(method="call", args=PAYLOAD)
-            request.metadata[_wire.REQUEST_ID] = f"{i:016x}"
-            with tracing_spans.route("Hop", "call", request.metadata, tracing_spans.capture()) as route:
-                route.chose("Hop#1")
-                received = replica_pb2.CallRequest.FromString(request.SerializeToString())
-                with tracing_spans.serve("Hop.call", received.metadata, replica_attributes):
-                    pass
-        if i % 32 == 31:
-            await asyncio.sleep(0)  # let batched writes fall due, as between calls in the app
-
-
-def _hop_seconds(mode: str, traces_dir: str, sizes: Sizes) -> dict[str, float]:
-    """Seconds per call of the tracing helpers on the handle and ingress paths, the
-    best of HOP_REPS timings (see above). Configured as a replica, whose server spans
-    are written as they end."""
-    if mode != "off":
-        config = streamwise.TracingConfig(sampling_ratio=float(mode), exporter="jsonl", jsonl_dir=traces_dir)
-        tracing_setup.configure(config, "hop", replica=True)
-    best = {"handle": float("inf"), "ingress": float("inf")}
-
-    async def measure() -> None:
-        for path in best:
-            await _hop_calls(sizes.hop_calls // 10, path == "ingress")  # warm-up
-        for _ in range(HOP_REPS):
-            for path in best:
-                start = perf_counter()
-                await _hop_calls(sizes.hop_calls, path == "ingress")
-                best[path] = min(best[path], (perf_counter() - start) / sizes.hop_calls)
-
-    try:
-        asyncio.run(measure())
-    finally:
-        tracing_setup.shutdown()
-        shutil.rmtree(traces_dir, ignore_errors=True)
-    return best
 
 
 def _server_processes(client: Child) -> list[psutil.Process]:
@@ -469,10 +359,10 @@ def _run_driver(
         except subprocess.TimeoutExpired:
             # Interrupt it: KeyboardInterrupt runs its cleanup (clients, shutdown()).
             process.send_signal(signal.SIGINT)
-            raise RuntimeError(f"driver --mode {mode} did not finish within {DRIVER_TIMEOUT_S:g} s") from None
+            raise RuntimeError(f"driver --mode {mode} --task {task} did not finish within {DRIVER_TIMEOUT_S:g} s") from None
         results = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
         if process.returncode != 0 or not results:
-            raise RuntimeError(f"driver --mode {mode} failed (exit code {process.returncode})")
+            raise RuntimeError(f"driver --mode {mode} --task {task} failed (exit code {process.returncode})")
         return json.loads(results[-1][len(RESULT_PREFIX):])
     finally:
         # On an error or Ctrl-C here (which the driver gets too), note what the driver
@@ -546,7 +436,7 @@ def _cpu_line(label: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> 
 
 
 def _hop_line(path: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> str:
-    """Tracing's own work per call on ``path`` (timed alone, see _hop_seconds), and the
+    """Tracing's own work per call on ``path`` (timed alone: _tracing_work), and the
     throughput a CPU-bound server loses to it: added / (CPU per call off + added), per
     round against "off" of the same round; the median of rounds."""
 
@@ -554,7 +444,7 @@ def _hop_line(path: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> s
         return statistics.median(r["off"]["cpu"][key])
 
     off = statistics.median(r["off"]["hop"][path] for r in rounds)
-    parts = [f"{f'work per {path} call':<30}tracing helpers alone, both ends: off {off * 1e6:.1f} us"]
+    parts = [f"{f'work per {path} call':<30}tracing helpers alone, both ends: baseline off {off * 1e6:.1f} us"]
     for mode in MODES[1:]:
         added = [r[mode]["hop"][path] - r["off"]["hop"][path] for r in rounds]
         losses = [a / (cpu_off(r) + a) * 100 for a, r in zip(added, rounds)]
@@ -567,14 +457,18 @@ def _hop_line(path: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> s
     return "   ".join(parts)
 
 
-def _profile_line(path: str, shares: dict[str, list[int]]) -> str:
+def _profile_line(path: str, shares: dict[str, Any]) -> str:
     """The share of CPU samples in tracing code on ``path``, per mode; over "off", as a
     loss of a CPU-bound server, judged against the targets."""
+    label = f"{f'in tracing code, {path}':<30}"
+    skipped = [why for why in shares.values() if isinstance(why, str)]
+    if skipped:
+        return f"{label}skipped: {skipped[0]}"
     off = shares["off"][0] / shares["off"][1]
     parts = [f"{f'in tracing code, {path}':<30}py-spy samples of driver + replica: off {off * 100:.2f}%"]
     for mode in MODES[1:]:
         hits, total = shares[mode]
-        loss = (hits / total - off) * 100
+        loss = (hits / total - off) / (1 - off) * 100
         target = LOSS_MAX_PERCENT[mode]
         parts.append(
             f"{mode} {hits / total * 100:.2f}% of {total:,} (CPU-bound loss {loss:.1f}%, target <= {target:g}%) "
@@ -670,12 +564,9 @@ def _orchestrate(quick: bool) -> None:
                     runs.append(result)
                     say(_progress(round_no, sizes.rounds, result))
             _report(sizes, runs)
-            if PY_SPY is None:
-                say(f"{'in tracing code, in situ':<30}skipped: py-spy is not installed (pip install py-spy)")
-            else:
-                profiles = {mode: _run_driver(mode, traces_root, len(runs), env, quick, "profile") for mode in MODES}
-                for path in ("handle", "ingress"):
-                    say(_profile_line(path, {mode: r["profile"][path] for mode, r in profiles.items()}))
+            profiles = {mode: _run_driver(mode, traces_root, len(runs), env, quick, "profile") for mode in MODES}
+            for path in ("handle", "ingress"):
+                say(_profile_line(path, {mode: r["profile"][path] for mode, r in profiles.items()}))
     finally:
         check_no_children()
         shutil.rmtree(traces_root, ignore_errors=True)
@@ -694,9 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--mode needs --traces-dir")
         sizes = QUICK if args.quick else FULL
         if args.task == "hop":
-            result = {"mode": args.mode, "hop": _hop_seconds(args.mode, args.traces_dir, sizes)}
+            result = {"mode": args.mode, "hop": hop_seconds(args.mode, args.traces_dir, sizes.hop_calls, PAYLOAD)}
         else:
-            result = _drive(args.mode, args.traces_dir, sizes, profile=args.task == "profile")
+            result = _drive(args.mode, args.traces_dir, sizes, sample=args.task == "profile")
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
     _orchestrate(args.quick)

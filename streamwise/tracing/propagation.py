@@ -65,20 +65,25 @@ def parse(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContex
     return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY), span_context, False
 
 
-def remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
+def remote(trace_id: str, span_id: str, flags: str, is_remote: bool = True) -> SpanContext:
     """The caller's span context from the hex fields of a well-formed traceparent."""
     trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
-    return SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
+    return SpanContext(int(trace_id, 16), int(span_id, 16), is_remote, trace_flags)
 
 
 class UnsampledCaller(NonRecordingSpan):
     """A span that is not sampled, known by its well-formed version-00 traceparent: a
     caller's (from a request's metadata) or a new root's. Its ids are parsed only if
-    asked for, and a call made under it passes the header on as it is."""
+    asked for, and a call made under it passes the header on as it is. ``remote``: the
+    span is another process's (a new root's is this process's)."""
 
-    def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
+    _parsed: SpanContext | None = None  # class defaults: set per instance only when needed
+    _remote = True
+
+    def __init__(self, header: str, remote: bool = True) -> None:  # no super().__init__: _context is lazy
         self.header = header
-        self._parsed: SpanContext | None = None
+        if not remote:
+            self._remote = False
 
     @property
     def _context(self) -> SpanContext:  # type: ignore[override]
@@ -87,7 +92,7 @@ class UnsampledCaller(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         if self._parsed is None:
             header = self.header
-            self._parsed = remote(header[3:35], header[36:52], header[53:55])
+            self._parsed = remote(header[3:35], header[36:52], header[53:55], self._remote)
         return self._parsed
 
 

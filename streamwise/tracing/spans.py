@@ -100,7 +100,7 @@ def _random_id(bits: int) -> int:
 
 def _unsampled_root(parent: otel_context.Context) -> otel_context.Context:
     # Kept as its header, which the calls made under it pass on as it is.
-    return trace.set_span_in_context(UnsampledCaller(unsampled_header()), parent)
+    return trace.set_span_in_context(UnsampledCaller(unsampled_header(), remote=False), parent)
 
 
 def mark_error(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:

@@ -39,8 +39,9 @@ def open_span(name: str, taken: Taken) -> trace.Span | None:
         "streamwise.batch.queue_length": taken.queue_length,
         "streamwise.multiplexed_model_id": taken.model_id,
     }
-    if taken.entries and len({link.context.trace_id for link in links}) == 1 and len(links) == len(taken.entries):
-        parent = taken.entries[0].context  # one trace: stay in it
+    entries = taken.entries
+    if len(entries) == 1 or (entries and len({link.context.trace_id for link in links}) == 1 and len(links) == len(entries)):
+        parent = entries[0].context  # one trace (or one request, whose trace may have no ids): stay in it
     else:
         parent = contextvars.Context()  # several traces: no request's child
     span = parent.run(spans.start_span, f"batch {name}", links, attributes)

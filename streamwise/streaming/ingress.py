@@ -201,6 +201,7 @@ class Ingress:
                 rpc.path.lstrip("/"),
                 metadata,
                 lambda: {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
+                external=True,
             ) as span:
                 try:
                     if self.options.request_timeout_s is None:

@@ -7,7 +7,6 @@ common case is parsed here without the SDK's propagator, with the same result.
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Mapping, MutableMapping
 
@@ -28,10 +27,6 @@ EMPTY = otel_context.Context()
 # The key under which a context holds its span, found through the public API once.
 _SPAN_KEY = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, EMPTY)))
 _FLAGS = {"00": TraceFlags(TraceFlags.DEFAULT), "01": TraceFlags(TraceFlags.SAMPLED)}
-
-
-_ZERO_TRACE_ID = "0" * 32
-_ZERO_SPAN_ID = "0" * 16
 
 
 def extract(metadata: Mapping[str, str]) -> otel_context.Context:
@@ -65,25 +60,21 @@ def parse(metadata: Mapping[str, str]) -> tuple[otel_context.Context, SpanContex
     return trace.set_span_in_context(NonRecordingSpan(span_context), EMPTY), span_context, False
 
 
-def remote(trace_id: str, span_id: str, flags: str, is_remote: bool = True) -> SpanContext:
+def remote(trace_id: str, span_id: str, flags: str) -> SpanContext:
     """The caller's span context from the hex fields of a well-formed traceparent."""
     trace_flags = _FLAGS[flags] if flags in _FLAGS else TraceFlags(int(flags, 16))
-    return SpanContext(int(trace_id, 16), int(span_id, 16), is_remote, trace_flags)
+    return SpanContext(int(trace_id, 16), int(span_id, 16), True, trace_flags)
 
 
 class UnsampledCaller(NonRecordingSpan):
-    """A span that is not sampled, known by its well-formed version-00 traceparent: a
-    caller's (from a request's metadata) or a new root's. Its ids are parsed only if
-    asked for, and a call made under it passes the header on as it is. ``remote``: the
-    span is another process's (a new root's is this process's)."""
+    """A caller's span that is not sampled, known by its well-formed version-00
+    traceparent. Its ids are parsed only if asked for, and a call made under it passes
+    the header on as it is."""
 
-    _parsed: SpanContext | None = None  # class defaults: set per instance only when needed
-    _remote = True
+    _parsed: SpanContext | None = None  # a class default: set per instance only when needed
 
-    def __init__(self, header: str, remote: bool = True) -> None:  # no super().__init__: _context is lazy
+    def __init__(self, header: str) -> None:  # no super().__init__: _context is lazy
         self.header = header
-        if not remote:
-            self._remote = False
 
     @property
     def _context(self) -> SpanContext:  # type: ignore[override]
@@ -92,16 +83,8 @@ class UnsampledCaller(NonRecordingSpan):
     def get_span_context(self) -> SpanContext:
         if self._parsed is None:
             header = self.header
-            self._parsed = remote(header[3:35], header[36:52], header[53:55], self._remote)
+            self._parsed = remote(header[3:35], header[36:52], header[53:55])
         return self._parsed
-
-
-def unsampled_header() -> str:
-    """The traceparent of a new root that is not sampled, with random ids."""
-    ids = random.randbytes(24).hex()
-    if ids[:32] == _ZERO_TRACE_ID or ids[32:] == _ZERO_SPAN_ID:  # invalid: draw again (as likely as a collision)
-        return unsampled_header()
-    return f"00-{ids[:32]}-{ids[32:]}-00"
 
 
 def inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> None:

@@ -25,16 +25,11 @@ from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from streamwise.config import TracingConfig
-from streamwise.tracing import spans
+from streamwise.tracing import sampling, spans
 from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan, Tracer
 
 # Every span of a process shares one Resource: it is converted once. (The entry holds
@@ -382,7 +377,7 @@ def configure(config: TracingConfig | None, service: str, *, replica: bool = Fal
         _switch = switch
     _switch.shutdown()
     _switch.processors = _processors(config, service, replica)
-    _switch.sampler = ParentBased(TraceIdRatioBased(config.sampling_ratio))
+    _switch.sampler = sampling.sampler(config.sampling_ratio)
     record_route = _switch.record_route if _switch.tracer is not None and _switch.lines_only() else None
     spans.set_enabled(True, config.sampling_ratio, _start, record_route)
 

@@ -18,7 +18,9 @@ from typing import Any, Protocol
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
     Link,
+    NonRecordingSpan,
     SpanContext,
     SpanKind,
     Status,
@@ -26,7 +28,7 @@ from opentelemetry.trace import (
 )
 
 from streamwise.tracing import propagation
-from streamwise.tracing.propagation import UnsampledCaller, inject, unsampled_header
+from streamwise.tracing.propagation import EMPTY, UnsampledCaller, inject
 
 _TRACER = trace.get_tracer("streamwise")
 _enabled = False
@@ -86,8 +88,15 @@ def capture() -> otel_context.Context | None:
 
 
 # Sampling is parent-based: a sampled parent is followed, an unsampled one too. A
-# root is sampled with the configured ratio; an unsampled root still gets ids
-# (flagged not sampled) so that every downstream process agrees without SDK work.
+# root is sampled with the configured ratio. A new trace that is not sampled gets no
+# ids: nothing would ever be recorded under them, so nothing about it crosses a hop,
+# and a replica takes a call without ``traceparent`` (every streamwise caller traces
+# when its callee does) as one whose caller did not sample it. Its requests are
+# current as UNSAMPLED, under which the installed sampler starts nothing either.
+
+# The span of a request whose new trace is not sampled (told apart by identity).
+UNSAMPLED = NonRecordingSpan(INVALID_SPAN_CONTEXT)
+_UNSAMPLED_CONTEXT = trace.set_span_in_context(UNSAMPLED, EMPTY)
 
 
 def _sample_root() -> bool:
@@ -96,11 +105,6 @@ def _sample_root() -> bool:
 
 def _random_id(bits: int) -> int:
     return random.getrandbits(bits) or 1  # all-zero ids are invalid
-
-
-def _unsampled_root(parent: otel_context.Context) -> otel_context.Context:
-    # Kept as its header, which the calls made under it pass on as it is.
-    return trace.set_span_in_context(UnsampledCaller(unsampled_header(), remote=False), parent)
 
 
 def mark_error(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:
@@ -160,14 +164,17 @@ def route(
     """A client span around routing one call, under ``parent`` (default: the current
     context); its context goes into ``metadata``.
 
-    Whether the call is sampled is decided here: a call that is not gets its
-    ``traceparent`` at once and nothing to record.
+    Whether the call is sampled is decided here: a call that is not gets the
+    ``traceparent`` of a caller that has one (a client's, or a user's span) at once,
+    and nothing to record.
     """
     if not _enabled:
         return _NO_ROUTE
     context = parent if parent is not None else otel_context.get_current()
     current = trace.get_current_span(context)
-    if type(current) is UnsampledCaller:  # serving a request that is not sampled
+    if current is UNSAMPLED:  # serving a request whose new trace is not sampled
+        return _NO_ROUTE
+    if type(current) is UnsampledCaller:  # serving a request its caller did not sample
         metadata["traceparent"] = current.header
         return _NO_ROUTE
     caller = current.get_span_context()
@@ -178,8 +185,7 @@ def route(
         return _NO_ROUTE
     if _sample_root():
         return _Route(deployment, method, metadata, context, None)
-    metadata["traceparent"] = unsampled_header()  # only the callee sees this root
-    return _NO_ROUTE
+    return _NO_ROUTE  # a new trace, not sampled: the callee gets no traceparent
 
 
 def _ends_in_error(exc: BaseException | None) -> bool:
@@ -274,28 +280,42 @@ class _Route:
 
 
 def serve(
-    name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None = None
+    name: str,
+    metadata: Mapping[str, str],
+    attributes: Callable[[], dict[str, Any]],
+    links: list[Link] | None = None,
+    *,
+    external: bool = False,
 ) -> contextlib.AbstractContextManager[trace.Span | None]:
     """A server span made current for the request, parented from ``metadata``.
 
     Yields None when tracing is off or the request is not sampled (the unsampled
-    context is still made current, so downstream calls carry it on).
+    context is still made current, so that nothing under it is sampled either).
+    ``external``: the request comes from outside streamwise (the ingress), where one
+    without a valid ``traceparent`` starts a trace; inside, a streamwise caller sends
+    none only for a request whose new trace it did not sample.
     """
-    return _Serve(name, metadata, attributes, links) if _enabled else _NO_SPAN
+    return _Serve(name, metadata, attributes, links, external) if _enabled else _NO_SPAN
 
 
 class _Serve:
     """The context manager ``serve`` returns while tracing is on."""
 
-    __slots__ = ("_name", "_metadata", "_attributes", "_links", "_span", "_token")
+    __slots__ = ("_name", "_metadata", "_attributes", "_links", "_external", "_span", "_token")
 
     def __init__(
-        self, name: str, metadata: Mapping[str, str], attributes: Callable[[], dict[str, Any]], links: list[Link] | None
+        self,
+        name: str,
+        metadata: Mapping[str, str],
+        attributes: Callable[[], dict[str, Any]],
+        links: list[Link] | None,
+        external: bool,
     ) -> None:
         self._name = name
         self._metadata = metadata
         self._attributes = attributes
         self._links = links
+        self._external = external
         self._span: trace.Span | None = None
         self._token: object = None
 
@@ -305,8 +325,8 @@ class _Serve:
             if not root:  # the caller's span is not sampled: neither is this one
                 self._token = otel_context.attach(parent)
                 return None
-            if not _sample_root():
-                self._token = otel_context.attach(_unsampled_root(parent))
+            if not (self._external and _sample_root()):
+                self._token = otel_context.attach(_UNSAMPLED_CONTEXT)
                 return None
         # start + attach rather than start_as_current_span: the same span, without
         # the SDK's three nested context managers on every request.

@@ -34,3 +34,28 @@ def test_batch_span_links_every_request(serve, tmp_path):
     assert batch.record["attributes"]["streamwise.batch.size"] == 3
     (forward,) = [s for s in spans if s.name == "model-forward"]
     assert forward.parent_id == batch.span_id
+
+
+@streamwise.deployment
+class OneAtATime:
+    @streamwise.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    async def double(self, items):
+        with trace.get_tracer("user").start_as_current_span("model-forward"):
+            return [2 * item for item in items]
+
+
+def test_batch_of_one_request_follows_its_sampling(serve, tmp_path):
+    """A batch of one request is in that request's trace, kept or dropped with it: a
+    request that is not sampled starts no trace of its own for its batch."""
+    config = streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path), sampling_ratio=0.5)
+    handle = serve(OneAtATime.bind(), tracing=config)
+    calls = 20
+    assert [handle.double.remote(i).result(timeout_s=30) for i in range(calls)] == [2 * i for i in range(calls)]
+    streamwise.shutdown()
+    spans = viewer.load(tmp_path)
+    requests = {s.span_id: s for s in spans if s.name == "OneAtATime.double"}
+    batches = [s for s in spans if s.name == "batch OneAtATime.double"]
+    assert 0 < len(requests) < calls  # 2**-19 that this fails by chance
+    assert sorted(b.parent_id for b in batches) == sorted(requests)
+    assert all(b.trace_id == requests[b.parent_id].trace_id for b in batches)
+    assert len([s for s in spans if s.name == "model-forward"]) == len(batches)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from streamwise.tracing import propagation, spans
+from streamwise.tracing import propagation, sampling, spans
 
 VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -71,22 +72,40 @@ def test_unsampled_caller_is_passed_on_as_it_came():
     assert out == {"traceparent": header}
 
 
-def test_unsampled_root_is_passed_on_to_every_call_under_it():
-    """A request that starts an unsampled trace hands one traceparent, flagged not
-    sampled, to every call made while serving it, and is current as a valid span."""
+def test_unsampled_new_trace_sends_nothing_and_samples_nothing_under_it():
+    """A request that starts a trace which is not sampled gets no ids: the calls made
+    while serving it carry no traceparent, and the installed sampler starts no span
+    under it, though it samples every new trace elsewhere."""
+    sampler = sampling.sampler(1.0)
     spans.set_enabled(True, sampling_ratio=0.0)
     try:
-        with spans.serve("Ingress/Method", {}, dict) as span:
-            assert span is None
-            current = trace.get_current_span().get_span_context()
+        with spans.serve("Ingress/Method", {}, dict, external=True) as span:
+            current = trace.get_current_span()
             sent = []
             for _ in range(2):
                 out: dict[str, str] = {}
                 with spans.route("Downstream", "method", out, None):
                     pass
                 sent.append(out)
+            under = sampler.should_sample(otel_context.get_current(), 1, "user-work").decision
     finally:
         spans.set_enabled(False)
-    assert current.is_valid and not current.trace_flags.sampled and not current.is_remote
-    assert sent[0] == sent[1] == {"traceparent": f"00-{current.trace_id:032x}-{current.span_id:016x}-00"}
-    assert _described(propagation.extract(sent[0]))[:3] == (current.trace_id, current.span_id, 0)
+    assert span is None and current is spans.UNSAMPLED and not current.get_span_context().is_valid
+    assert sent == [{}, {}]
+    assert under is Decision.DROP
+    assert sampler.should_sample(otel_context.get_current(), 1, "user-work").decision is Decision.RECORD_AND_SAMPLE
+
+
+def test_only_the_ingress_starts_a_trace_for_a_request_without_traceparent():
+    """A replica takes a call without traceparent as one its caller did not sample,
+    whatever the ratio; the ingress, serving a request from outside, samples it."""
+    spans.set_enabled(True, sampling_ratio=1.0)
+    try:
+        with spans.serve("Replica.method", {}, dict) as in_replica:
+            current = trace.get_current_span()
+        with spans.serve("Ingress/Method", {}, dict, external=True) as in_ingress:
+            pass
+    finally:
+        spans.set_enabled(False)
+    assert in_replica is None and current is spans.UNSAMPLED
+    assert in_ingress is not None

@@ -13,14 +13,20 @@ measurements of it:
   span is written as it ends (at 1.0 the ingress's too, which the app's driver
   batches instead: one write per call more than the app does); other spans are
   batched on the running loop as in the app.
+- ``paired`` (in situ, everything included): the driver and its replica serve the
+  same load in turn with tracing on and paused (``spans.pause``), in the same
+  processes, many times over; each pair's difference is free of the differences
+  between processes, which on a shared VM are larger than the targets. Pausing keeps
+  the SDK installed; the rounds of tracing_bench compare with no SDK at all.
 - ``profile``: py-spy, when installed, samples the stacks of the driver and its
   replica from outside while the app serves; the samples with streamwise.tracing or
   OpenTelemetry code on their stack are counted ("off" counts the checks that find
   tracing off). Unlike the timing alone, this runs with the caches as the app leaves
   them.
 
-Neither counts what tracing costs other code (more garbage to collect, colder
-caches); tracing_bench's throughput and CPU figures do.
+Neither the timing alone nor py-spy counts what tracing costs other code (more
+garbage to collect, colder caches, a changed rhythm of the event loops); ``paired``
+and tracing_bench's throughput and CPU figures do.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from time import perf_counter
 from typing import Any
 
 import psutil
+from _common import verdict
 
 import streamwise
 from streamwise.proto import replica_pb2
@@ -67,7 +74,7 @@ async def _hop_calls(n: int, ingress: bool, payload: bytes) -> None:
 
     no_rpc = contextlib.nullcontext()
     for i in range(n):
-        with tracing_spans.serve("swbench.Hop/Call", {}, ingress_attributes) if ingress else no_rpc:
+        with tracing_spans.serve("swbench.Hop/Call", {}, ingress_attributes, external=True) if ingress else no_rpc:
             request = replica_pb2.CallRequest(method="call", args=payload)
             request.metadata[_wire.REQUEST_ID] = f"{i:016x}"
             with tracing_spans.route("Hop", "call", request.metadata, tracing_spans.capture()) as route:
@@ -103,6 +110,59 @@ def hop_seconds(mode: str, traces_dir: str, calls: int, payload: bytes) -> dict[
         tracing_setup.shutdown()
         shutil.rmtree(traces_dir, ignore_errors=True)
     return {path: statistics.median(seconds) for path, seconds in timings.items()}
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+# A path's load: runs one measurement, returns (calls per second, calls made).
+Load = Callable[[], tuple[float, int]]
+
+
+def paired(
+    processes: list[psutil.Process], pairs: int, pause: Callable[[bool], None], loads: dict[str, Load]
+) -> dict[str, list[list[float]]]:
+    """Per path, ``pairs`` of [CPU seconds per call paused, on, calls/s paused, on] of
+    ``processes``: each load is measured with tracing paused (``pause(True)``) and on,
+    back to back, in turn first (paused-on, then on-paused), so that a drift falls on
+    both alike. Tracing is left on."""
+    out: dict[str, list[list[float]]] = {path: [] for path in loads}
+    try:
+        for i in range(pairs):
+            for path, load in loads.items():
+                measured: dict[bool, tuple[float, float]] = {}
+                for paused in (True, False) if i % 2 == 0 else (False, True):
+                    pause(paused)
+                    used = cpu_seconds(processes)
+                    rate, calls = load()
+                    measured[paused] = ((cpu_seconds(processes) - used) / calls, rate)
+                out[path].append([measured[True][0], measured[False][0], measured[True][1], measured[False][1]])
+    finally:
+        pause(False)
+    return out
+
+
+def paired_line(label: str, mode: str, rows: list[list[float]], target: float) -> str:
+    """The losses of tracing on against paused, per pair: of a CPU-bound server
+    (1 - CPU paused / CPU on) and of throughput; mean and twice its standard error."""
+
+    def mean_2se(xs: list[float]) -> str:
+        spread = 2 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+        return f"{statistics.mean(xs):.1f}% +- {spread:.1f}"
+
+    cpu = [(1 - paused / on) * 100 for paused, on, _, _ in rows]
+    rate = [(1 - on / paused) * 100 for _, _, paused, on in rows]
+    cpu_paused = statistics.median(row[0] for row in rows) * 1e6
+    return (
+        f"{label:<30}{mode}, on vs paused in the same processes, {len(rows)} pairs (CPU paused {cpu_paused:.0f} us/call): "
+        f"CPU-bound loss {mean_2se(cpu)}, throughput loss {mean_2se(rate)} (mean +- 2 s.e., target <= {target:g}%) "
+        f"{verdict(statistics.mean(cpu) <= target and statistics.mean(rate) <= target)}"
+    )
 
 
 def profile(processes: list[psutil.Process], seconds: int, out_dir: str, load: Callable[[], object]) -> list[int] | str:

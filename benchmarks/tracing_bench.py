@@ -91,9 +91,10 @@ from _common import (
     verdict,
     with_pythonpath,
 )
-from _tracing_work import hop_seconds, profile
+from _tracing_work import cpu_seconds, hop_seconds, paired, paired_line, profile
 
 import streamwise
+from streamwise.tracing import spans as tracing_spans
 from streamwise.tracing import viewer
 
 PAYLOAD = bytes(range(16))  # the argument and result of every unary handle call, as in handle_bench
@@ -103,6 +104,7 @@ INGRESS_BENCH = str(pathlib.Path(__file__).resolve().with_name("ingress_bench.py
 MODES = ("off", "0.01", "1.0")
 LOSS_MAX_PERCENT = {"0.01": 3.0, "1.0": 15.0}
 DRIVER_TIMEOUT_S = 180.0  # one driver run; a stuck run fails the benchmark instead of hanging it
+PAIR_TIMEOUT_S = 20.0  # and this more per pair of --task paired
 RESULT_PREFIX = "RESULT "
 
 # The generated modules; imported by _import_generated() once they exist.
@@ -156,6 +158,9 @@ class Bench:
 
     async def Unary(self, msg):  # swbench.Bench/Unary, as ingress_bench's BenchService
         return bench_pb2.Msg(data=msg.data, n=msg.n + 1)
+
+    def pause_tracing(self, paused: bool) -> None:  # for --task paired, in the replica's process
+        tracing_spans.pause(paused)
 
 
 # -- the driver: one tracing mode, in its own process -----------------------------------
@@ -233,9 +238,10 @@ def _span_stats(traces_dir: str, counts: Counts) -> dict[str, Any]:
     return stats
 
 
-def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> dict[str, Any]:
-    """Start the app in ``mode``, measure (``sample``: sample it with py-spy instead),
-    shut down; the results as a JSON-able dict."""
+def _drive(mode: str, traces_dir: str, sizes: Sizes, task: str = "measure", pairs: int = 0) -> dict[str, Any]:
+    """Start the app in ``mode``, measure (task "profile": sample it with py-spy;
+    "paired": ``pairs`` pairs of tracing on and paused instead), shut down; the
+    results as a JSON-able dict."""
     load = os.getloadavg()[0]
     began = perf_counter()
     _import_generated()
@@ -249,6 +255,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> di
     # a throughput on a shared machine.
     cpu: dict[str, list[float]] = {"handle_unary": [], "ingress_unary": []}
     shares: dict[str, list[int] | str] = {}  # sampled: [in tracing code, all], or why not
+    in_pairs: dict[str, list[list[float]]] = {}
     client: Child | None = None
     try:
         handle = streamwise.run(
@@ -271,7 +278,21 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> di
                 client.ask("unary", calls=sizes.warmup_calls, concurrency=CONCURRENCY)
                 counts.Unary += 2 * sizes.warmup_calls
                 servers = _server_processes(client)
-                if sample:
+                if task == "paired":
+
+                    def pause(paused: bool) -> None:
+                        tracing_spans.pause(paused)  # the driver: the caller's routes, the ingress
+                        handle.pause_tracing.remote(paused).result(timeout_s=30)
+
+                    def handle_load() -> tuple[float, int]:
+                        return runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts)), sizes.handle_calls
+
+                    def ingress_load() -> tuple[float, int]:
+                        rate = client.ask("unary", calls=sizes.ingress_calls, concurrency=CONCURRENCY)["rate"]
+                        return rate, sizes.ingress_calls
+
+                    in_pairs = paired(servers, pairs, pause, {"handle": handle_load, "ingress": ingress_load})
+                if task == "profile":
                     samples_dir = os.path.join(traces_dir, "py-spy")
                     shares["handle"] = profile(
                         servers, sizes.profile_s, samples_dir,
@@ -281,16 +302,16 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> di
                         servers, sizes.profile_s, samples_dir,
                         lambda: client.ask("unary", calls=300, concurrency=CONCURRENCY),
                     )  # fmt: skip
-                for _ in range(0 if sample else sizes.reps):
-                    used = _cpu_seconds(servers)
+                for _ in range(sizes.reps if task == "measure" else 0):
+                    used = cpu_seconds(servers)
                     rate = runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts))
-                    cpu["handle_unary"].append((_cpu_seconds(servers) - used) / sizes.handle_calls)
+                    cpu["handle_unary"].append((cpu_seconds(servers) - used) / sizes.handle_calls)
                     best["handle_unary"] = max(best["handle_unary"], rate)
                     rate = runner.run(_stream(handle, sizes.stream_items, counts))
                     best["stream"] = max(best["stream"], rate)
-                    used = _cpu_seconds(servers)
+                    used = cpu_seconds(servers)
                     rate = client.ask("unary", calls=sizes.ingress_calls, concurrency=CONCURRENCY)["rate"]
-                    cpu["ingress_unary"].append((_cpu_seconds(servers) - used) / sizes.ingress_calls)
+                    cpu["ingress_unary"].append((cpu_seconds(servers) - used) / sizes.ingress_calls)
                     counts.Unary += sizes.ingress_calls
                     best["ingress_unary"] = max(best["ingress_unary"], rate)
             finally:
@@ -305,7 +326,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, sample: bool = False) -> di
     shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
     return {
         "mode": mode, "load": load, "seconds": perf_counter() - began, **best, "cpu": cpu, "trace": spans,
-        "profile": shares,
+        "profile": shares, "paired": in_pairs,
     }  # fmt: skip
 
 
@@ -313,14 +334,6 @@ def _server_processes(client: Child) -> list[psutil.Process]:
     """This process and its replicas: everything but the ingress client."""
     me = psutil.Process()
     return [me, *(p for p in me.children(recursive=True) if p.pid != client.process.pid)]
-
-
-def _cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        times = process.cpu_times()
-        total += times.user + times.system
-    return total
 
 
 # -- the orchestrator: rounds of driver processes -----------------------------------------
@@ -345,21 +358,22 @@ def _stop_driver(process: subprocess.Popen[str], descendants: list[psutil.Proces
 
 
 def _run_driver(
-    mode: str, traces_root: str, index: int, env: dict[str, str], quick: bool, task: str = "measure"
+    mode: str, traces_root: str, index: int, env: dict[str, str], quick: bool, task: str = "measure", pairs: int = 0
 ) -> dict[str, Any]:
-    """One driver process in ``mode`` doing ``task`` (measure, hop or profile); its JSON result."""
+    """One driver process in ``mode`` doing ``task`` (measure, hop, profile or paired); its JSON result."""
     traces_dir = os.path.join(traces_root, f"{index:02d}-{mode}-{task}")
-    args = [sys.executable, __file__, "--mode", mode, "--traces-dir", traces_dir, "--task", task]
+    args = [sys.executable, __file__, "--mode", mode, "--traces-dir", traces_dir, "--task", task, "--pairs", str(pairs)]
     args += ["--quick"] if quick else []
+    timeout_s = DRIVER_TIMEOUT_S + pairs * PAIR_TIMEOUT_S
     process = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)
     descendants: list[psutil.Process] = []
     try:
         try:
-            out, _ = process.communicate(timeout=DRIVER_TIMEOUT_S)
+            out, _ = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             # Interrupt it: KeyboardInterrupt runs its cleanup (clients, shutdown()).
             process.send_signal(signal.SIGINT)
-            raise RuntimeError(f"driver --mode {mode} --task {task} did not finish within {DRIVER_TIMEOUT_S:g} s") from None
+            raise RuntimeError(f"driver --mode {mode} --task {task} did not finish within {timeout_s:g} s") from None
         results = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
         if process.returncode != 0 or not results:
             raise RuntimeError(f"driver --mode {mode} --task {task} failed (exit code {process.returncode})")
@@ -533,7 +547,7 @@ def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
         )
 
 
-def _orchestrate(quick: bool) -> None:
+def _orchestrate(quick: bool, pairs: int) -> None:
     sizes = QUICK if quick else FULL
     began = perf_counter()
     say(
@@ -567,6 +581,11 @@ def _orchestrate(quick: bool) -> None:
             profiles = {mode: _run_driver(mode, traces_root, len(runs), env, quick, "profile") for mode in MODES}
             for path in ("handle", "ingress"):
                 say(_profile_line(path, {mode: r["profile"][path] for mode, r in profiles.items()}))
+            for mode in MODES[1:] if pairs else ():
+                rows = _run_driver(mode, traces_root, len(runs), env, quick, "paired", pairs)["paired"]
+                for path in ("handle", "ingress"):
+                    label = f"paired, {path} unary"
+                    say(paired_line(label, mode, rows[path], LOSS_MAX_PERCENT[mode]))
     finally:
         check_no_children()
         shutil.rmtree(traces_root, ignore_errors=True)
@@ -578,7 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--traces-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--task", choices=("measure", "hop", "profile"), default="measure", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pairs", type=int, default=0, metavar="N",
+        help="also measure N pairs of tracing on and paused in the same processes, per sampling ratio "
+        "(0: skip; 100 pairs take about 6 minutes per ratio)",
+    )  # fmt: skip
+    parser.add_argument("--task", choices=("measure", "hop", "profile", "paired"), default="measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode:
         if not args.traces_dir:
@@ -587,10 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "hop":
             result = {"mode": args.mode, "hop": hop_seconds(args.mode, args.traces_dir, sizes.hop_calls, PAYLOAD)}
         else:
-            result = _drive(args.mode, args.traces_dir, sizes, sample=args.task == "profile")
+            result = _drive(args.mode, args.traces_dir, sizes, args.task, args.pairs)
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
-    _orchestrate(args.quick)
+    _orchestrate(args.quick, args.pairs)
     return 0
 
 

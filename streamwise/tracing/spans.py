@@ -31,7 +31,8 @@ from streamwise.tracing import propagation
 from streamwise.tracing.propagation import EMPTY, UnsampledCaller, inject
 
 _TRACER = trace.get_tracer("streamwise")
-_enabled = False
+_enabled = False  # configured and not paused
+_configured = False
 _ratio = 1.0
 
 # Starts a span that is to be sampled: (name, parent context, the parent's span
@@ -71,11 +72,20 @@ def set_enabled(
     route spans, which are never made current, are handed to it as fields instead of
     being made as spans.
     """
-    global _enabled, _ratio, _start, _record_route
-    _enabled = enabled
+    global _enabled, _configured, _ratio, _start, _record_route
+    _enabled = _configured = enabled
     _ratio = sampling_ratio
     _start = start if start is not None else _start_with_api
     _record_route = record_route
+
+
+def pause(paused: bool) -> None:
+    """Pause (or resume) streamwise's spans in this process, keeping how they were
+    configured: while paused, every helper here does what it does with tracing off.
+    For A/B measurements of tracing within one process; spans that user code starts
+    are still sampled by the installed sampler."""
+    global _enabled
+    _enabled = _configured and not paused
 
 
 def enabled() -> bool:

@@ -1,7 +1,7 @@
-"""Tracing's own work per call, for tracing_bench.py: timed alone, and sampled in situ.
+"""Tracing's work per call, for tracing_bench.py: timed alone, sampled in situ, paired.
 
 The throughput of a shared 2-core VM drifts by more than the 3% allowed at sampling
-0.01 from one process to the next; the work tracing adds to a call does not. Two
+0.01 from one process to the next; the work tracing adds to a call does not. Three
 measurements of it:
 
 - ``hop_seconds``: the tracing helpers the router, the replica and the ingress run

@@ -283,6 +283,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, task: str = "measure", pair
                     def pause(paused: bool) -> None:
                         tracing_spans.pause(paused)  # the driver: the caller's routes, the ingress
                         handle.pause_tracing.remote(paused).result(timeout_s=30)
+                        runner.run(_unary_rate(handle, 2 * CONCURRENCY, CONCURRENCY, counts))  # settle, unmeasured
 
                     def handle_load() -> tuple[float, int]:
                         return runner.run(_unary_rate(handle, sizes.handle_calls, CONCURRENCY, counts)), sizes.handle_calls
@@ -322,7 +323,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, task: str = "measure", pair
             client.stop()
         streamwise.shutdown()
         check_no_children()
-    spans = _span_stats(traces_dir, counts)
+    spans = _span_stats(traces_dir, counts) if task == "measure" else {}  # paired: too many to read back
     shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
     return {
         "mode": mode, "load": load, "seconds": perf_counter() - began, **best, "cpu": cpu, "trace": spans,
@@ -604,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--task", choices=("measure", "hop", "profile", "paired"), default="measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pairs < 0 or args.pairs % 2:
+        parser.error("--pairs must be an even number >= 0 (half of the pairs measure tracing paused first)")
     if args.mode:
         if not args.traces_dir:
             parser.error("--mode needs --traces-dir")

@@ -1,7 +1,8 @@
 """W3C trace context (``traceparent`` / ``tracestate``) in a request's metadata map.
 
 Every hop reads the caller's context from the request's metadata and writes its own
-into the requests it makes; external gRPC clients' headers take the same path. The
+into the requests it makes (none for a new trace that is not sampled: see spans.py);
+external gRPC clients' headers take the same path. The
 common case is parsed here without the SDK's propagator, with the same result.
 """
 

@@ -379,7 +379,7 @@ def configure(config: TracingConfig | None, service: str, *, replica: bool = Fal
     _switch.processors = _processors(config, service, replica)
     _switch.sampler = sampling.sampler(config.sampling_ratio)
     record_route = _switch.record_route if _switch.tracer is not None and _switch.lines_only() else None
-    spans.set_enabled(True, config.sampling_ratio, _start, record_route)
+    spans.set_enabled(True, config.sampling_ratio, _start, record_route, foreign_sampler=_start is None)
 
 
 def flush() -> None:

@@ -25,6 +25,7 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
+    TraceFlags,
 )
 
 from streamwise.tracing import propagation
@@ -62,7 +63,11 @@ _record_route: RecordRoute | None = None
 
 
 def set_enabled(
-    enabled: bool, sampling_ratio: float = 1.0, start: StartSampled | None = None, record_route: RecordRoute | None = None
+    enabled: bool,
+    sampling_ratio: float = 1.0,
+    start: StartSampled | None = None,
+    record_route: RecordRoute | None = None,
+    foreign_sampler: bool = False,
 ) -> None:
     """Turn streamwise's spans on or off in this process.
 
@@ -70,10 +75,12 @@ def set_enabled(
     with ``sampling_ratio``. ``start`` makes the spans that are sampled (default: the
     installed provider's tracer, whose sampler is asked again). With ``record_route``,
     route spans, which are never made current, are handed to it as fields instead of
-    being made as spans.
+    being made as spans. ``foreign_sampler``: the installed provider's sampler is not
+    streamwise's (sampling.py), which knows UNSAMPLED.
     """
-    global _enabled, _configured, _ratio, _start, _record_route
+    global _enabled, _configured, _ratio, _start, _record_route, _foreign_sampler
     _enabled = _configured = enabled
+    _foreign_sampler = foreign_sampler
     _ratio = sampling_ratio
     _start = start if start is not None else _start_with_api
     _record_route = record_route
@@ -83,7 +90,8 @@ def pause(paused: bool) -> None:
     """Pause (or resume) streamwise's spans in this process, keeping how they were
     configured: while paused, every helper here does what it does with tracing off.
     For A/B measurements of tracing within one process; spans that user code starts
-    are still sampled by the installed sampler."""
+    are still sampled by the installed sampler. ``set_enabled`` (a new configuration)
+    resumes."""
     global _enabled
     _enabled = _configured and not paused
 
@@ -107,6 +115,33 @@ def capture() -> otel_context.Context | None:
 # The span of a request whose new trace is not sampled (told apart by identity).
 UNSAMPLED = NonRecordingSpan(INVALID_SPAN_CONTEXT)
 _UNSAMPLED_CONTEXT = trace.set_span_in_context(UNSAMPLED, EMPTY)
+_foreign_sampler = False  # the installed sampler is not streamwise's (see _UnsampledWithIds)
+
+
+class _UnsampledWithIds(NonRecordingSpan):
+    """UNSAMPLED where the installed sampler is not streamwise's and so does not know
+    it: the same, but with ids of its own, drawn when first asked for, so that any
+    parent-based sampler drops what user code starts under it. They cross no hop."""
+
+    _ids: SpanContext | None = None
+
+    def __init__(self) -> None:  # no super().__init__: _context is lazy
+        pass
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        if self._ids is None:
+            self._ids = SpanContext(_random_id(128), _random_id(64), False, TraceFlags(TraceFlags.DEFAULT))
+        return self._ids
+
+
+def _unsampled_context() -> otel_context.Context:
+    if _foreign_sampler:
+        return trace.set_span_in_context(_UnsampledWithIds(), EMPTY)
+    return _UNSAMPLED_CONTEXT
 
 
 def _sample_root() -> bool:
@@ -182,7 +217,7 @@ def route(
         return _NO_ROUTE
     context = parent if parent is not None else otel_context.get_current()
     current = trace.get_current_span(context)
-    if current is UNSAMPLED:  # serving a request whose new trace is not sampled
+    if current is UNSAMPLED or type(current) is _UnsampledWithIds:  # serving a request whose new trace is not sampled
         return _NO_ROUTE
     if type(current) is UnsampledCaller:  # serving a request its caller did not sample
         metadata["traceparent"] = current.header
@@ -303,7 +338,8 @@ def serve(
     context is still made current, so that nothing under it is sampled either).
     ``external``: the request comes from outside streamwise (the ingress), where one
     without a valid ``traceparent`` starts a trace; inside, a streamwise caller sends
-    none only for a request whose new trace it did not sample.
+    none only for a request whose new trace it did not sample. A request that is
+    cancelled ends its span without an error status; any other exception sets one.
     """
     return _Serve(name, metadata, attributes, links, external) if _enabled else _NO_SPAN
 
@@ -336,7 +372,7 @@ class _Serve:
                 self._token = otel_context.attach(parent)
                 return None
             if not (self._external and _sample_root()):
-                self._token = otel_context.attach(_UNSAMPLED_CONTEXT)
+                self._token = otel_context.attach(_unsampled_context())
                 return None
         # start + attach rather than start_as_current_span: the same span, without
         # the SDK's three nested context managers on every request.

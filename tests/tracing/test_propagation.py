@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -109,3 +112,55 @@ def test_only_the_ingress_starts_a_trace_for_a_request_without_traceparent():
         spans.set_enabled(False)
     assert in_replica is None and current is spans.UNSAMPLED
     assert in_ingress is not None
+
+
+def test_pause_keeps_the_configuration():
+    """Paused, the helpers do what they do with tracing off; resumed, what they did."""
+    spans.set_enabled(True, sampling_ratio=1.0)
+    try:
+        sent = []
+        for paused in (True, False):
+            spans.pause(paused)
+            out: dict[str, str] = {}
+            with spans.route("Downstream", "method", out, otel_context.Context()):
+                pass
+            sent.append(out)
+    finally:
+        spans.set_enabled(False)
+    spans.pause(False)
+    assert sent[0] == {} and list(sent[1]) == ["traceparent"]
+    assert not spans.enabled()  # resuming does not turn on what is not configured
+
+
+_FOREIGN_PROVIDER = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import streamwise
+from streamwise.tracing import setup, spans
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()  # its default sampler: parent-based, new traces always
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+setup.configure(streamwise.TracingConfig(sampling_ratio=0.0, exporter="console"), "replica", replica=True)
+with spans.serve("Replica.method", {}, dict) as span:
+    with trace.get_tracer("user").start_as_current_span("user-work"):
+        pass
+    out = {}
+    with spans.route("Downstream", "method", out, None):
+        pass
+setup.shutdown()
+print(span, len(exporter.get_finished_spans()), out)
+"""
+
+
+def test_unsampled_request_under_a_provider_installed_before_streamwise():
+    """A process that had a tracer provider keeps its sampler, which does not know
+    UNSAMPLED: an unsampled request still drops the spans user code starts in it,
+    and still sends nothing downstream."""
+    done = subprocess.run([sys.executable, "-c", _FOREIGN_PROVIDER], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "0", "{}"]

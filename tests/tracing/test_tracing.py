@@ -79,14 +79,15 @@ def _jsonl(tmp_path, **kw):
     return streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path), **kw)
 
 
-def _predict(traceparent: str) -> bytes:
-    """Predict through the ingress, as an external gRPC client sending ``traceparent``."""
+def _predict(traceparent: str | None) -> bytes:
+    """Predict through the ingress, as an external gRPC client sending ``traceparent`` (if any)."""
 
     async def main():
         async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
             stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
             return await stub.Predict(
-                predict_pb2.PredictRequest(input={"text": b"p q"}), metadata=(("traceparent", traceparent),)
+                predict_pb2.PredictRequest(input={"text": b"p q"}),
+                metadata=(("traceparent", traceparent),) if traceparent else (),
             )
 
     return asyncio.run(main()).prediction
@@ -189,6 +190,27 @@ def test_sampling_decision_follows_the_trace(serve, tmp_path):
     whole = ["Model.generate", "Tokenizer.stream", "route Model.generate", "route Tokenizer.stream", "user-work"]
     assert all(sorted(names) == whole for names in traces.values()), traces
     assert 0 < len(traces) < calls  # 2**-39 that this fails by chance
+
+
+def test_ingress_samples_whole_traces_of_requests_without_traceparent(serve, tmp_path):
+    """The ingress starts the trace of a client's request that has none; at a ratio
+    between 0 and 1 each is kept or dropped whole, in every process."""
+    serve(
+        Model.bind(Tokenizer.bind()),
+        tracing=_jsonl(tmp_path, sampling_ratio=0.5),
+        grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
+    )
+    calls = 20
+    for _ in range(calls):
+        assert _predict(None) == b"p q"
+    streamwise.shutdown()
+    traces: dict[str, list[str]] = {}
+    for span in viewer.load(tmp_path):
+        traces.setdefault(span.trace_id, []).append(span.name)
+    shapes = {tuple(sorted(names)) for names in traces.values()}
+    assert len(shapes) == 1, traces
+    assert {"streamwise.PredictAPIsService/Predict", "Model.Predict", "Tokenizer.stream"} <= set(next(iter(shapes)))
+    assert 0 < len(traces) < calls  # 2**-19 that this fails by chance
 
 
 def test_unsampled_client_traceparent_records_nothing(serve, tmp_path):

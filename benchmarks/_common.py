@@ -158,14 +158,17 @@ def stop_process(process: subprocess.Popen[Any]) -> None:
         process.stdout.close()
 
 
-def check_no_children() -> None:
-    """Wait for this process's children to exit; warn about and kill any that do not."""
-    children = psutil.Process().children(recursive=True)
-    _, alive = psutil.wait_procs(children, timeout=10)
+def check_no_children(processes: list[psutil.Process] | None = None) -> None:
+    """Wait for ``processes`` (default: this process's children) to exit; warn about
+    and kill any that do not."""
+    if processes is None:
+        processes = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(processes, timeout=10)
     if alive:
         print(f"WARNING: processes left behind: {[p.pid for p in alive]}; killing them", file=sys.stderr)
         for process in alive:
-            process.kill()
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 async def serve_until_stdin_closes(server: grpc.aio.Server) -> None:

@@ -44,7 +44,6 @@ from time import perf_counter
 from typing import Any
 
 import psutil
-from _common import verdict
 
 import streamwise
 from streamwise.proto import replica_pb2
@@ -145,24 +144,6 @@ def paired(
     finally:
         pause(False)
     return out
-
-
-def paired_line(label: str, mode: str, rows: list[list[float]], target: float) -> str:
-    """The losses of tracing on against paused, per pair: of a CPU-bound server
-    (1 - CPU paused / CPU on) and of throughput; mean and twice its standard error."""
-
-    def mean_2se(xs: list[float]) -> str:
-        spread = 2 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
-        return f"{statistics.mean(xs):.1f}% +- {spread:.1f}"
-
-    cpu = [(1 - paused / on) * 100 for paused, on, _, _ in rows]
-    rate = [(1 - on / paused) * 100 for _, _, paused, on in rows]
-    cpu_paused = statistics.median(row[0] for row in rows) * 1e6
-    return (
-        f"{label:<30}{mode}, on vs paused in the same processes, {len(rows)} pairs (CPU paused {cpu_paused:.0f} us/call): "
-        f"CPU-bound loss {mean_2se(cpu)}, throughput loss {mean_2se(rate)} (mean +- 2 s.e., target <= {target:g}%) "
-        f"{verdict(statistics.mean(cpu) <= target and statistics.mean(rate) <= target)}"
-    )
 
 
 def profile(processes: list[psutil.Process], seconds: int, out_dir: str, load: Callable[[], object]) -> list[int] | str:

@@ -2,64 +2,51 @@
 
 Run from the repository root:
 
-    python benchmarks/tracing_bench.py           # full run, about five minutes on 2 cores
-    python benchmarks/tracing_bench.py --quick   # smoke run with small counts
+    python benchmarks/tracing_bench.py             # full run, about five minutes on 2 cores
+    python benchmarks/tracing_bench.py --quick     # smoke run with small counts
+    python benchmarks/tracing_bench.py --pairs 100 # and tracing on vs paused in the same processes
 
-Three tracing modes are compared: tracing off (``run(..., tracing=None)``), and
-``TracingConfig(sampling_ratio=0.01)`` and ``TracingConfig(sampling_ratio=1.0)``, both
-with the JSON-lines exporter (``exporter="jsonl"``) writing into a temporary
-directory that is deleted afterwards: an exporter that does real work (every sampled
-span is encoded and written to a file by the process that made it, within 50 ms, in
-a replica before the reply) but that is cheap next to a network exporter's tail.
-Figures, each judged as the loss of throughput against tracing off:
+Three modes: tracing off (``run(..., tracing=None)``), and sampling 0.01 and 1.0, both
+with the JSON-lines exporter writing every sampled span to a file in a temporary
+directory (within 50 ms, in a replica before the reply): an exporter doing real
+work, cheap next to a network exporter's tail. Each figure is the loss against off,
+with the targets <= 3% at 0.01 and <= 15% at 1.0:
 
-    handle unary calls/s, 32 concurrent            loss <= 3% at 0.01, <= 15% at 1.0
-      (async code in the driver, ``await handle.echo.remote(b)``, 16-byte payload)
-    handle stream items/s, one stream of 100k      same targets; tracing costs per call,
-      8-byte items                                   not per item, so expect ~no loss
-    ingress unary req/s, 32 concurrent             same targets
-      (an external client process -> the gRPC ingress -> the replica, as in
-      ingress_bench.py, with its client and benchmarks/protos/bench.proto)
+    handle unary calls/s, 32 concurrent    ``await handle.echo.remote(16 bytes)`` from the driver
+    handle stream items/s, one stream      of 200k 8-byte items; tracing costs per call, not per
+                                             item, so expect ~no loss
+    ingress unary req/s, 32 concurrent     an external client process (ingress_bench.py's, with
+                                             benchmarks/protos/bench.proto) -> ingress -> replica
 
 For reference, the CPU time per unary call of the driver and its replica (not the
-ingress client): on a CPU-bound server the loss of throughput is 1 - (CPU off / CPU
-with tracing), paired within a round and the median of rounds as for throughput.
-CPU time is less disturbed than wall time by whatever else the machine runs, though
-on a shared VM it still differs from one process to the next by 10-20%.
+ingress client): on a CPU-bound server, the loss is 1 - (CPU off / CPU with tracing).
+It is less disturbed than wall time, though it still differs by 10-20% from one
+process to the next on a shared VM, which cannot resolve 3% in throughput either. So
+the work tracing adds is measured three more ways, each judged as the loss of a
+CPU-bound server (see _tracing_work.py): timed alone (a process per mode and round,
+hidden ``--task hop``, added to the CPU per call off of the same round); sampled by
+py-spy in situ (``pip install py-spy``; it needs permission to read other processes'
+memory); and, with ``--pairs``, tracing on vs paused in the same processes. From the
+spans read back at 1.0: how many each call wrote (a stream of 200k items must write
+as many as a unary call). The traces directory is deleted afterwards.
 
-The work tracing adds to a call, which the throughput of a shared machine cannot
-resolve to 3%, is measured twice more (see _tracing_work.py), each judged against
-the targets as the loss of a CPU-bound server to that work alone:
-- timed alone, in a process per mode and round (hidden ``--task hop``), and added to
-  the CPU per call with tracing off of the same round;
-- in situ, with py-spy installed (``pip install py-spy``; it needs permission to
-  read other processes' memory): one more driver per mode (``--task profile``)
-  serves each path for 10 s while py-spy samples it and its replica; the share of
-  their samples in tracing code, over that of "off".
-
-And, from the spans read back at 1.0, how many spans each call wrote: a stream of
-100k items must write as many as a unary call (per call, not per item).
-
-OpenTelemetry lets a process set its global tracer provider once, so each mode runs
-in its own driver process: this file run with a hidden ``--mode off|0.01|1.0`` flag,
-which starts the app (one replica), warms up, measures each figure a few times,
-shuts down, reads back the spans and prints its results as one JSON line (the best
-of its measurements of each figure). The modes run in rounds, in turn forwards and
-backwards (off, 0.01, 1.0, then 1.0, 0.01, off, ...), and each mode is compared
-with "off" of its own round: the loss printed is the median of those per-round
-losses, with their range. A shared machine drifts by more than the targets from one
-minute to the next; pairing within a round and taking the median keeps that drift
-and the odd outlier out of the figure. The load average is printed at start and end. ``STREAMWISE_TRACING*`` variables are
-removed from the drivers' environment, so that "off" is off. Code for the .proto is
-generated with grpc_tools.protoc into a temporary directory (on PYTHONPATH for the
-child processes) and removed at the end.
+A process sets its global tracer provider once, so each mode runs in a driver
+process of its own (this file with a hidden ``--mode``), which starts the app (one
+replica), warms up, measures each figure a few times, shuts down, reads back the
+spans and prints one JSON line (the best of its measurements of each figure). The
+modes run in rounds, forwards and backwards in turn, and each is compared with off
+of its own round; the figure is the median of the rounds' losses, printed with
+their range, which keeps the drift of a shared machine and the odd outlier out of
+it; the load average is printed at start and end. ``STREAMWISE_TRACING*`` variables
+are removed from the drivers' environment, so that off is off. The .proto's code is
+generated (grpc_tools.protoc) into a temporary directory, on the children's
+PYTHONPATH, and removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import json
@@ -67,7 +54,6 @@ import os
 import pathlib
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,21 +74,18 @@ from _common import (
     generated_code,
     import_generated,
     say,
-    verdict,
     with_pythonpath,
 )
-from _tracing_work import cpu_seconds, hop_seconds, paired, paired_line, profile
+from _tracing_report import LOSS_MAX_PERCENT, MODES, paired_line, profile_line, progress, report, span_stats
+from _tracing_work import cpu_seconds, hop_seconds, paired, profile
 
 import streamwise
 from streamwise.tracing import spans as tracing_spans
-from streamwise.tracing import viewer
 
 PAYLOAD = bytes(range(16))  # the argument and result of every unary handle call, as in handle_bench
 CONCURRENCY = 32  # as in handle_bench and ingress_bench
 # ingress_bench.py --client ADDRESS: its external client process, driven by JSON lines.
 INGRESS_BENCH = str(pathlib.Path(__file__).resolve().with_name("ingress_bench.py"))
-MODES = ("off", "0.01", "1.0")
-LOSS_MAX_PERCENT = {"0.01": 3.0, "1.0": 15.0}
 DRIVER_TIMEOUT_S = 180.0  # one driver run; a stuck run fails the benchmark instead of hanging it
 PAIR_TIMEOUT_S = 20.0  # and this more per pair of --task paired
 RESULT_PREFIX = "RESULT "
@@ -175,6 +158,9 @@ class Counts:
     streams: list[int] = dataclasses.field(default_factory=list)  # items asked of each stream
     Unary: int = 0
 
+    def calls(self) -> dict[str, int]:
+        return {"echo": self.echo, "items": self.items, "Unary": self.Unary}
+
 
 async def _stream(handle: streamwise.DeploymentHandle, n: int, counts: Counts) -> float:
     """Items per second of one stream of ``n`` items, from the call to its last item."""
@@ -205,37 +191,6 @@ async def _warm_handle(handle: streamwise.DeploymentHandle, sizes: Sizes, counts
     counts.echo += sizes.warmup_calls
     await _unary_rate(handle, sizes.warmup_calls, CONCURRENCY, counts)
     await _stream(handle, WARMUP_STREAM_ITEMS, counts)
-
-
-def _span_stats(traces_dir: str, counts: Counts) -> dict[str, Any]:
-    """What the exporter wrote, related to the calls made (read after shutdown)."""
-    files = list(pathlib.Path(traces_dir).glob("*.jsonl"))
-    stats: dict[str, Any] = {
-        "files": len(files),
-        "bytes": sum(f.stat().st_size for f in files),
-        "spans": 0,
-        "by_call": {},
-        "stream_items_ok": None,
-    }
-    if not files:
-        return stats
-    spans = viewer.load(traces_dir)
-    stats["spans"] = len(spans)
-    by_call: collections.Counter[str] = collections.Counter()
-    recorded_items = []
-    for span in spans:
-        call = span.name.rsplit(".", 1)[-1].rsplit("/", 1)[-1]  # "route Bench.echo", "swbench.Bench/Unary"
-        by_call[call if call in ("echo", "items", "Unary") else "other"] += 1
-        if span.name == "Bench.items":  # the replica's span of a stream counts its items
-            recorded_items.append(span.record["attributes"].get("streamwise.items"))
-    calls = {"echo": counts.echo, "items": counts.items, "Unary": counts.Unary}
-    stats["by_call"] = {
-        name: {"spans": by_call.get(name, 0), "calls": calls.get(name, 0)} for name in (*calls, "other")
-    }
-    if recorded_items:
-        # When every stream was sampled, each replica span must record its whole stream.
-        stats["stream_items_ok"] = sorted(recorded_items) == sorted(counts.streams)
-    return stats
 
 
 def _drive(mode: str, traces_dir: str, sizes: Sizes, task: str = "measure", pairs: int = 0) -> dict[str, Any]:
@@ -323,7 +278,7 @@ def _drive(mode: str, traces_dir: str, sizes: Sizes, task: str = "measure", pair
             client.stop()
         streamwise.shutdown()
         check_no_children()
-    spans = _span_stats(traces_dir, counts) if task == "measure" else {}  # paired: too many to read back
+    spans = span_stats(traces_dir, counts.calls(), counts.streams) if task == "measure" else {}  # paired: too many to read back
     shutil.rmtree(traces_dir, ignore_errors=True)  # keep the disk use of a run to one driver's
     return {
         "mode": mode, "load": load, "seconds": perf_counter() - began, **best, "cpu": cpu, "trace": spans,
@@ -350,12 +305,7 @@ def _stop_driver(process: subprocess.Popen[str], descendants: list[psutil.Proces
             process.wait()
     if process.stdout is not None:
         process.stdout.close()
-    # Its replicas and client, in case it died without stopping them.
-    _, alive = psutil.wait_procs(descendants, timeout=10)
-    for leftover in alive:
-        print(f"WARNING: process {leftover.pid} left behind by a driver; killing it", file=sys.stderr)
-        with contextlib.suppress(psutil.Error):
-            leftover.kill()
+    check_no_children(descendants)  # its replicas and client, in case it died without stopping them
 
 
 def _run_driver(
@@ -388,166 +338,6 @@ def _run_driver(
         _stop_driver(process, descendants)
 
 
-def _fmt(rate: float, unit: str) -> str:
-    return f"{rate:,.0f} {unit}"
-
-
-def _loss(off: float, rate: float) -> float:
-    return (off - rate) / off * 100
-
-
-def _by_round(runs: list[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
-    """The runs of each round, by mode."""
-    rounds: dict[int, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
-    for r in runs:
-        rounds[r["round"]][r["mode"]] = r
-    return [rounds[k] for k in sorted(rounds)]
-
-
-def _losses(rounds: list[dict[str, dict[str, Any]]], mode: str, key: str) -> list[float]:
-    """The loss of ``mode`` against "off" of the same round, one per round."""
-    return [_loss(r["off"][key], r[mode][key]) for r in rounds]
-
-
-def _figure_line(label: str, rounds: list[dict[str, dict[str, Any]]], key: str, unit: str) -> str:
-    off = statistics.median(r["off"][key] for r in rounds)
-    parts = [f"{label:<30}off {_fmt(off, unit):>17}"]
-    for mode in MODES[1:]:
-        rate = statistics.median(r[mode][key] for r in rounds)
-        losses = _losses(rounds, mode, key)
-        loss = statistics.median(losses)
-        target = LOSS_MAX_PERCENT[mode]
-        parts.append(
-            f"{mode:>4} {_fmt(rate, unit):>17} loss {loss:5.1f}% (rounds {min(losses):.0f}..{max(losses):.0f}%, "
-            f"target <= {target:g}%) {verdict(loss <= target):<4}"
-        )
-    return "   ".join(parts).rstrip()
-
-
-def _progress(round_no: int, rounds: int, r: dict[str, Any]) -> str:
-    return (
-        f"  round {round_no}/{rounds} {r['mode']:>4}: handle {_fmt(r['handle_unary'], 'calls/s'):>13}  "
-        f"stream {_fmt(r['stream'], 'items/s'):>17}  ingress {_fmt(r['ingress_unary'], 'req/s'):>11}  "
-        f"({r['trace']['spans']:,} spans, {r['trace']['bytes'] / 1e6:.1f} MB written; "
-        f"load {r['load']:.2f} at start, {r['seconds']:.1f} s)"
-    )
-
-
-def _cpu_line(label: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> str:
-    """CPU per call of each mode, and the throughput a CPU-bound server would lose:
-    per round, each driver run's median against that of "off" in the same round; the
-    median of rounds."""
-
-    def cpu(run: dict[str, Any]) -> float:
-        return statistics.median(run["cpu"][key])
-
-    off = statistics.median(cpu(r["off"]) for r in rounds)
-    parts = [f"{'  for reference':<30}CPU per {label} call (driver + replica, median): off {off * 1e6:.0f} us"]
-    for mode in MODES[1:]:
-        used = statistics.median(cpu(r[mode]) for r in rounds)
-        loss = statistics.median((1 - cpu(r["off"]) / cpu(r[mode])) * 100 for r in rounds)
-        parts.append(f"{mode} {used * 1e6:.0f} us (CPU-bound loss {loss:.1f}%)")
-    return ", ".join(parts)
-
-
-def _hop_line(path: str, rounds: list[dict[str, dict[str, Any]]], key: str) -> str:
-    """Tracing's own work per call on ``path`` (timed alone: _tracing_work), and the
-    throughput a CPU-bound server loses to it: added / (CPU per call off + added), per
-    round against "off" of the same round; the median of rounds."""
-
-    def cpu_off(r: dict[str, dict[str, Any]]) -> float:
-        return statistics.median(r["off"]["cpu"][key])
-
-    off = statistics.median(r["off"]["hop"][path] for r in rounds)
-    parts = [f"{f'work per {path} call':<30}tracing helpers alone, both ends: baseline off {off * 1e6:.1f} us"]
-    for mode in MODES[1:]:
-        added = [r[mode]["hop"][path] - r["off"]["hop"][path] for r in rounds]
-        losses = [a / (cpu_off(r) + a) * 100 for a, r in zip(added, rounds)]
-        loss = statistics.median(losses)
-        target = LOSS_MAX_PERCENT[mode]
-        parts.append(
-            f"{mode} {statistics.median(added) * 1e6:+.1f} us (CPU-bound loss {loss:.1f}%, rounds "
-            f"{min(losses):.1f}..{max(losses):.1f}%, target <= {target:g}%) {verdict(loss <= target)}"
-        )
-    return "   ".join(parts)
-
-
-def _profile_line(path: str, shares: dict[str, Any]) -> str:
-    """The share of CPU samples in tracing code on ``path``, per mode; over "off", as a
-    loss of a CPU-bound server, judged against the targets."""
-    label = f"{f'in tracing code, {path}':<30}"
-    skipped = [why for why in shares.values() if isinstance(why, str)]
-    if skipped:
-        return f"{label}skipped: {skipped[0]}"
-    off = shares["off"][0] / shares["off"][1]
-    parts = [f"{f'in tracing code, {path}':<30}py-spy samples of driver + replica: off {off * 100:.2f}%"]
-    for mode in MODES[1:]:
-        hits, total = shares[mode]
-        loss = (hits / total - off) / (1 - off) * 100
-        target = LOSS_MAX_PERCENT[mode]
-        parts.append(
-            f"{mode} {hits / total * 100:.2f}% of {total:,} (CPU-bound loss {loss:.1f}%, target <= {target:g}%) "
-            f"{verdict(loss <= target)}"
-        )
-    return "   ".join(parts)
-
-
-def _per_call(stats: dict[str, Any], call: str) -> str:
-    entry = stats["by_call"].get(call, {"spans": 0, "calls": 0})
-    if not entry["calls"]:
-        return "no calls"
-    return f"{entry['spans'] / entry['calls']:.3g} spans/call ({entry['spans']:,} for {entry['calls']:,})"
-
-
-def _report(sizes: Sizes, runs: list[dict[str, Any]]) -> None:
-    rounds = _by_round(runs)
-    say(
-        f"median of {sizes.rounds} round(s), each mode the best of {sizes.reps} measurement(s) per figure; "
-        f"loss = (off - mode) / off, against off of the same round"
-    )
-    say(_figure_line(f"handle unary {CONCURRENCY} concurrent", rounds, "handle_unary", "calls/s"))
-    say(_figure_line(f"handle stream {sizes.stream_items:,} items", rounds, "stream", "items/s"))
-    say(_figure_line(f"ingress unary {CONCURRENCY} concurrent", rounds, "ingress_unary", "req/s"))
-
-    for key, label in (("handle_unary", "handle unary"), ("ingress_unary", "ingress unary")):
-        say(_cpu_line(label, rounds, key))
-    for path, key in (("handle", "handle_unary"), ("ingress", "ingress_unary")):
-        say(_hop_line(path, rounds, key))
-
-    # Per call, not per item: every call at 1.0 writes the same spans, whatever it streams.
-    full = [r["trace"] for r in runs if r["mode"] == "1.0"]
-    unary_spans = sum(t["by_call"]["echo"]["spans"] for t in full)
-    unary_calls = sum(t["by_call"]["echo"]["calls"] for t in full)
-    stream_spans = sum(t["by_call"]["items"]["spans"] for t in full)
-    stream_calls = sum(t["by_call"]["items"]["calls"] for t in full)
-    items_ok = all(t["stream_items_ok"] for t in full)
-    per_unary = unary_spans / unary_calls if unary_calls else 0.0
-    per_stream = stream_spans / stream_calls if stream_calls else 0.0
-    ok = stream_calls > 0 and per_stream == per_unary == 2.0 and items_ok
-    stream_extra_ms = statistics.median(
-        (1 / r["1.0"]["stream"] - 1 / r["off"]["stream"]) * sizes.stream_items * 1e3 for r in rounds
-    )
-    unary_extra_us = statistics.median((1 / r["1.0"]["handle_unary"] - 1 / r["off"]["handle_unary"]) * 1e6 for r in rounds)
-    say(
-        f"{'per call, not per item':<30}at 1.0: {per_stream:.3g} spans per stream ({stream_calls} streams, of up to "
-        f"{sizes.stream_items:,} items), {per_unary:.3g} per unary handle call (route + replica); every replica "
-        f"span counted its stream's items: {'yes' if items_ok else 'NO'}  {verdict(ok)}"
-    )
-    say(
-        f"{'  for reference':<30}time added at 1.0 (median of rounds): {stream_extra_ms:+.1f} ms per "
-        f"{sizes.stream_items:,}-item stream ({stream_extra_ms * 1e6 / sizes.stream_items:+.0f} ns/item); "
-        f"{unary_extra_us:+.1f} us per unary handle call, amortized over {CONCURRENCY} concurrent"
-    )
-    for mode in MODES[1:]:
-        traces = [r["trace"] for r in runs if r["mode"] == mode]
-        n = len(traces)
-        say(
-            f"{f'  exporter at {mode}':<30}jsonl: {sum(t['spans'] for t in traces) / n:,.0f} spans, "
-            f"{sum(t['bytes'] for t in traces) / n / 1e6:.1f} MB per driver run; handle unary "
-            f"{_per_call(traces[0], 'echo')}, ingress unary {_per_call(traces[0], 'Unary')} (first run)"
-        )
-
-
 def _orchestrate(quick: bool, pairs: int) -> None:
     sizes = QUICK if quick else FULL
     began = perf_counter()
@@ -577,11 +367,11 @@ def _orchestrate(quick: bool, pairs: int) -> None:
                     result["hop"] = _run_driver(mode, traces_root, len(runs), env, quick, "hop")["hop"]
                     result["round"] = round_no
                     runs.append(result)
-                    say(_progress(round_no, sizes.rounds, result))
-            _report(sizes, runs)
+                    say(progress(round_no, sizes.rounds, result))
+            report(runs, reps=sizes.reps, stream_items=sizes.stream_items, concurrency=CONCURRENCY)
             profiles = {mode: _run_driver(mode, traces_root, len(runs), env, quick, "profile") for mode in MODES}
             for path in ("handle", "ingress"):
-                say(_profile_line(path, {mode: r["profile"][path] for mode, r in profiles.items()}))
+                say(profile_line(path, {mode: r["profile"][path] for mode, r in profiles.items()}))
             for mode in MODES[1:] if pairs else ():
                 rows = _run_driver(mode, traces_root, len(runs), env, quick, "paired", pairs)["paired"]
                 for path in ("handle", "ingress"):

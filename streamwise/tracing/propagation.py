@@ -2,18 +2,21 @@
 
 Every hop reads the caller's context from the request's metadata and writes its own
 into the requests it makes (none for a new trace that is not sampled: see spans.py);
-external gRPC clients' headers take the same path. The
-common case is parsed here without the SDK's propagator, with the same result.
+external gRPC clients' headers take the same path. The common case is parsed here
+without the SDK's propagator, with the same result. Also here: the spans made current
+in place of a real one when nothing is sampled: a caller's (UnsampledCaller) and a
+new trace's (UNSAMPLED, UnsampledWithIds; used in spans.py).
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 # W3C trace context is what crosses every hop, external clients' included; the
@@ -94,3 +97,33 @@ def inject(metadata: MutableMapping[str, str], span_context: SpanContext) -> Non
     metadata["traceparent"] = "00-%032x-%016x-%02x" % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
     if span_context.trace_state:
         metadata["tracestate"] = span_context.trace_state.to_header()
+
+
+def random_id(bits: int) -> int:
+    """A random trace (128 bits) or span (64 bits) id."""
+    return random.getrandbits(bits) or 1  # all-zero ids are invalid
+
+
+# The span of a request whose new trace is not sampled (told apart by identity): no
+# ids, and nothing about it crosses a hop (see spans.py).
+UNSAMPLED = NonRecordingSpan(INVALID_SPAN_CONTEXT)
+
+
+class UnsampledWithIds(NonRecordingSpan):
+    """UNSAMPLED where the installed sampler is not streamwise's and so does not know
+    it: the same, but with ids of its own, drawn when first asked for, so that any
+    parent-based sampler drops what user code starts under it. They cross no hop."""
+
+    _ids: SpanContext | None = None
+
+    def __init__(self) -> None:  # no super().__init__: _context is lazy
+        pass
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        if self._ids is None:
+            self._ids = SpanContext(random_id(128), random_id(64), False, TraceFlags(TraceFlags.DEFAULT))
+        return self._ids

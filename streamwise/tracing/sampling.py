@@ -2,7 +2,7 @@
 
 A span with a parent follows the parent's decision. A new trace is sampled with the
 configured ratio, except under a request whose own new trace was not sampled (it is
-current as :data:`streamwise.tracing.spans.UNSAMPLED`, which has no ids): a span the
+current as :data:`streamwise.tracing.propagation.UNSAMPLED`, which has no ids): a span the
 user's code starts while serving it is not sampled either, so that the request's
 trace is dropped whole, as it would be were its ids passed on.
 """
@@ -18,7 +18,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from streamwise.tracing import spans
+from streamwise.tracing.propagation import UNSAMPLED
 
 _DROP = SamplingResult(Decision.DROP)
 
@@ -39,7 +39,7 @@ class _NewTraces(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        if trace.get_current_span(parent_context) is spans.UNSAMPLED:
+        if trace.get_current_span(parent_context) is UNSAMPLED:
             return _DROP
         return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 

@@ -17,19 +17,10 @@ from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import (
-    INVALID_SPAN_CONTEXT,
-    Link,
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-)
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 from streamwise.tracing import propagation
-from streamwise.tracing.propagation import EMPTY, UnsampledCaller, inject
+from streamwise.tracing.propagation import EMPTY, UNSAMPLED, UnsampledCaller, UnsampledWithIds, inject, random_id
 
 _TRACER = trace.get_tracer("streamwise")
 _enabled = False  # configured and not paused
@@ -112,44 +103,18 @@ def capture() -> otel_context.Context | None:
 # when its callee does) as one whose caller did not sample it. Its requests are
 # current as UNSAMPLED, under which the installed sampler starts nothing either.
 
-# The span of a request whose new trace is not sampled (told apart by identity).
-UNSAMPLED = NonRecordingSpan(INVALID_SPAN_CONTEXT)
 _UNSAMPLED_CONTEXT = trace.set_span_in_context(UNSAMPLED, EMPTY)
-_foreign_sampler = False  # the installed sampler is not streamwise's (see _UnsampledWithIds)
-
-
-class _UnsampledWithIds(NonRecordingSpan):
-    """UNSAMPLED where the installed sampler is not streamwise's and so does not know
-    it: the same, but with ids of its own, drawn when first asked for, so that any
-    parent-based sampler drops what user code starts under it. They cross no hop."""
-
-    _ids: SpanContext | None = None
-
-    def __init__(self) -> None:  # no super().__init__: _context is lazy
-        pass
-
-    @property
-    def _context(self) -> SpanContext:  # type: ignore[override]
-        return self.get_span_context()
-
-    def get_span_context(self) -> SpanContext:
-        if self._ids is None:
-            self._ids = SpanContext(_random_id(128), _random_id(64), False, TraceFlags(TraceFlags.DEFAULT))
-        return self._ids
+_foreign_sampler = False  # the installed sampler is not streamwise's (see UnsampledWithIds)
 
 
 def _unsampled_context() -> otel_context.Context:
     if _foreign_sampler:
-        return trace.set_span_in_context(_UnsampledWithIds(), EMPTY)
+        return trace.set_span_in_context(UnsampledWithIds(), EMPTY)
     return _UNSAMPLED_CONTEXT
 
 
 def _sample_root() -> bool:
     return _ratio >= 1.0 or random.random() < _ratio
-
-
-def _random_id(bits: int) -> int:
-    return random.getrandbits(bits) or 1  # all-zero ids are invalid
 
 
 def mark_error(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:
@@ -217,7 +182,7 @@ def route(
         return _NO_ROUTE
     context = parent if parent is not None else otel_context.get_current()
     current = trace.get_current_span(context)
-    if current is UNSAMPLED or type(current) is _UnsampledWithIds:  # serving a request whose new trace is not sampled
+    if current is UNSAMPLED or type(current) is UnsampledWithIds:  # serving a request whose new trace is not sampled
         return _NO_ROUTE
     if type(current) is UnsampledCaller:  # serving a request its caller did not sample
         metadata["traceparent"] = current.header
@@ -285,8 +250,8 @@ class _Route:
         attributes: dict[str, Any] = {"streamwise.deployment": self._deployment, "streamwise.method": self._method}
         if _record_route is not None:
             self._record = _record_route
-            trace_id = under.trace_id if under is not None else _random_id(128)
-            span_id = _random_id(64)
+            trace_id = under.trace_id if under is not None else random_id(128)
+            span_id = random_id(64)
             self._ids = (trace_id, span_id, under.span_id if under is not None else 0)
             self._attributes = attributes
             self._metadata["traceparent"] = "00-%032x-%016x-01" % (trace_id, span_id)

@@ -93,7 +93,7 @@ def test_unsampled_new_trace_sends_nothing_and_samples_nothing_under_it():
             under = sampler.should_sample(otel_context.get_current(), 1, "user-work").decision
     finally:
         spans.set_enabled(False)
-    assert span is None and current is spans.UNSAMPLED and not current.get_span_context().is_valid
+    assert span is None and current is propagation.UNSAMPLED and not current.get_span_context().is_valid
     assert sent == [{}, {}]
     assert under is Decision.DROP
     assert sampler.should_sample(otel_context.get_current(), 1, "user-work").decision is Decision.RECORD_AND_SAMPLE
@@ -110,7 +110,7 @@ def test_only_the_ingress_starts_a_trace_for_a_request_without_traceparent():
             pass
     finally:
         spans.set_enabled(False)
-    assert in_replica is None and current is spans.UNSAMPLED
+    assert in_replica is None and current is propagation.UNSAMPLED
     assert in_ingress is not None
 
 

@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", type=int, default=0, metavar="N",
         help="also measure N pairs of tracing on and paused in the same processes, per sampling ratio "
-        "(0: skip; 100 pairs take about 6 minutes per ratio)",
+        "(0: skip; 100 pairs take about 8 minutes per ratio on 2 cores)",
     )  # fmt: skip
     parser.add_argument("--task", choices=("measure", "hop", "profile", "paired"), default="measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

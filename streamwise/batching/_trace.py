@@ -3,8 +3,9 @@
 A batch serves many requests, so its span links each request's span (callers that
 join a continuous batch later are linked as they join). When every request of the
 batch belongs to one trace, or the batch has one request (whose trace, if not
-sampled, may have no ids), the span sits in that trace (under its first request);
-when the requests come from several traces it starts a trace of its own. While the batch runs its span is
+sampled, may have no ids), the span sits in that trace (under its first request),
+and a request that is not sampled gets none; when the requests come from several
+traces it starts a trace of its own. While the batch runs its span is
 current in the runner task, so spans the user's function makes are its children.
 Nothing happens unless tracing is set up in this process.
 """

@@ -113,6 +113,11 @@ def _unsampled_context() -> otel_context.Context:
     return _UNSAMPLED_CONTEXT
 
 
+def _in_unsampled_trace(span: trace.Span) -> bool:
+    """Whether ``span`` is that of a request whose new trace is not sampled."""
+    return span is UNSAMPLED or type(span) is UnsampledWithIds
+
+
 def _sample_root() -> bool:
     return _ratio >= 1.0 or random.random() < _ratio
 
@@ -182,7 +187,7 @@ def route(
         return _NO_ROUTE
     context = parent if parent is not None else otel_context.get_current()
     current = trace.get_current_span(context)
-    if current is UNSAMPLED or type(current) is UnsampledWithIds:  # serving a request whose new trace is not sampled
+    if current is UNSAMPLED or type(current) is UnsampledWithIds:  # inline _in_unsampled_trace: every call
         return _NO_ROUTE
     if type(current) is UnsampledCaller:  # serving a request its caller did not sample
         metadata["traceparent"] = current.header
@@ -389,7 +394,9 @@ def current_link() -> Link | None:
 
 
 def start_span(name: str, links: list[Link], attributes: Mapping[str, Any]) -> trace.Span | None:
-    """A root-less span linking to others (a batch links every request in it)."""
-    if not _enabled:
+    """A span linking to others (a batch links every request in it), under the
+    current context; None under a request whose new trace is not sampled, where
+    nothing is recorded."""
+    if not _enabled or _in_unsampled_trace(trace.get_current_span()):
         return None
     return _TRACER.start_span(name, links=links, attributes=dict(attributes))

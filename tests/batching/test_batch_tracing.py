@@ -40,17 +40,20 @@ def test_batch_span_links_every_request(serve, tmp_path):
 class OneAtATime:
     @streamwise.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def double(self, items):
+        context = trace.get_current_span().get_span_context()
+        minted = context.is_valid and not context.trace_flags.sampled  # ids of a trace nobody records
         with trace.get_tracer("user").start_as_current_span("model-forward"):
-            return [2 * item for item in items]
+            return [(2 * item, minted) for item in items]
 
 
 def test_batch_of_one_request_follows_its_sampling(serve, tmp_path):
     """A batch of one request is in that request's trace, kept or dropped with it: a
-    request that is not sampled starts no trace of its own for its batch."""
+    request that is not sampled starts no trace of its own for its batch, nor gets
+    ids for one (which calls from the batch would send on)."""
     config = streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path), sampling_ratio=0.5)
     handle = serve(OneAtATime.bind(), tracing=config)
     calls = 20
-    assert [handle.double.remote(i).result(timeout_s=30) for i in range(calls)] == [2 * i for i in range(calls)]
+    assert [handle.double.remote(i).result(timeout_s=30) for i in range(calls)] == [(2 * i, False) for i in range(calls)]
     streamwise.shutdown()
     spans = viewer.load(tmp_path)
     requests = {s.span_id: s for s in spans if s.name == "OneAtATime.double"}

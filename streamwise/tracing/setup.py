@@ -300,16 +300,11 @@ class _Switch(SpanProcessor, Sampler):
         a new ``configure`` meanwhile) the span is made and ended as a span."""
         tracer = self.tracer
         assert tracer is not None
-        processors = self.processors
-        if error is None:
-            for processor in processors:
-                if type(processor) is not JsonLinesProcessor:
-                    break
-            else:
-                line = _line(trace_id, span_id, parent_id, name, b"CLIENT", start_ns, end_ns, UNSET, attributes, tracer.resource)
-                for processor in processors:
-                    processor.add(line)  # type: ignore[attr-defined]
-                return
+        if error is None and self.lines_only():
+            line = _line(trace_id, span_id, parent_id, name, b"CLIENT", start_ns, end_ns, UNSET, attributes, tracer.resource)
+            for processor in self.processors:
+                processor.add(line)  # type: ignore[attr-defined]
+            return
         parent = SpanContext(trace_id, parent_id, True, _SAMPLED) if parent_id else None
         span = RecordingSpan(tracer, name, trace_id, span_id, True, None, parent, SpanKind.CLIENT, attributes, (), start_ns)
         if error is not None:

@@ -271,9 +271,8 @@ class _Route:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         span = self._span
-        if span is None:
-            if self._record is not None:
-                self._record_fields(exc)
+        if span is None:  # recorded as fields (__enter__ set _record)
+            self._record_fields(exc)
             return
         if _ends_in_error(exc):
             mark_error(span, exc)  # type: ignore[arg-type]

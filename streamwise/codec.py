@@ -6,11 +6,21 @@ msgpack and orjson carry only plain data (None, bool, int, float, str, lists, di
 msgpack also bytes) but are faster and never execute code on load. Every codec raises
 :class:`~streamwise.exceptions.SerializationError` naming itself when it cannot handle
 a value.
+
+Code pickled by value (functions and classes of ``__main__``, of test modules, or
+defined inside functions) keeps its file name: :class:`CloudPickler` carries each code
+object as ``marshal`` writes it, so a replica's traceback names the user's file and
+line and shows the source line. cloudpickle 3.1.3 and later write ``<dynamic-code>``
+there instead, which is deterministic but leaves remote tracebacks unreadable.
 """
 
 from __future__ import annotations
 
+import io
+import marshal
 import pickle
+import types
+from collections import ChainMap
 from typing import Any, Protocol
 
 import cloudpickle
@@ -19,7 +29,33 @@ import orjson
 
 from streamwise.exceptions import SerializationError, UsageError
 
-__all__ = ["Codec", "CODECS", "get_codec"]
+__all__ = ["Codec", "CODECS", "CloudPickler", "cloudpickle_dumps", "get_codec"]
+
+_cloudpickle_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    # marshal keeps every field of a code object (co_filename included) and is what
+    # CPython itself stores code with; the reading process runs the same interpreter,
+    # as cloudpickle's own reduction already requires. A code object marshal cannot
+    # write (one built by hand with odd constants) goes cloudpickle's way.
+    try:
+        return marshal.loads, (marshal.dumps(code),)
+    except ValueError:
+        return _cloudpickle_code_reduce(code)
+
+
+class CloudPickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, keeping the file name of every code object it carries."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def cloudpickle_dumps(value: Any, protocol: int = pickle.HIGHEST_PROTOCOL) -> bytes:
+    """``cloudpickle.dumps`` through :class:`CloudPickler`."""
+    with io.BytesIO() as file:
+        CloudPickler(file, protocol=protocol).dump(value)
+        return file.getvalue()
 
 
 class Codec(Protocol):
@@ -35,7 +71,7 @@ class _CloudpickleCodec:
 
     def dumps(self, value: Any) -> bytes:
         try:
-            return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            return cloudpickle_dumps(value)
         except Exception as exc:
             raise SerializationError(self.name, f"{type(exc).__name__}: {exc}") from exc
 

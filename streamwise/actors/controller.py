@@ -17,10 +17,9 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 
-import cloudpickle
 import grpc
 
-from streamwise import objectstore
+from streamwise import codec, objectstore
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
 from streamwise.exceptions import DeploymentStartupError
@@ -60,7 +59,7 @@ class _Deployment:
     def __init__(self, spec: ReplicaSpec) -> None:
         self.spec = spec
         self.config = spec.config
-        self.spec_bytes = cloudpickle.dumps(spec)
+        self.spec_bytes = codec.cloudpickle_dumps(spec)
         self.replicas: dict[str, _Replica] = {}
         self.version = 0
         self.changed = asyncio.Event()

@@ -26,7 +26,6 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cloudpickle
 
 from streamwise import codec as codecs
 from streamwise.exceptions import SerializationError, StreamwiseError
@@ -271,7 +270,7 @@ def _pickler_class(base: type) -> type:
     return _Pickler
 
 
-_PICKLERS = {"cloudpickle": _pickler_class(cloudpickle.Pickler), "pickle": _pickler_class(pickle.Pickler)}
+_PICKLERS = {"cloudpickle": _pickler_class(codecs.CloudPickler), "pickle": _pickler_class(pickle.Pickler)}
 
 
 def encode(store: Store, value: Any, codec: str, threshold: int, *, store_main: bool = False) -> Payload:

@@ -116,7 +116,8 @@ def test_constructor_failure_raises_user_error(serve):
     err = info.value
     assert err.remote_type == "RuntimeError"
     assert "weights missing" in err.remote_message
-    assert "raise RuntimeError" in err.remote_traceback
+    assert f'File "{__file__}"' in err.remote_traceback
+    assert 'raise RuntimeError("weights missing")' in err.remote_traceback
     assert err.deployment == "Broken"
     assert not psutil.Process().children(), "failed app left replicas running"
 

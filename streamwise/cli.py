@@ -94,10 +94,12 @@ def _trace_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from streamwise import objectstore
+    from streamwise import _auth, objectstore
 
     removed = objectstore.cleanup_stale()
     print(f"streamwise: removed {len(removed)} stale object store session(s)", *removed, sep="\n  ")
+    run_dirs = _auth.sweep_stale_run_dirs()
+    print(f"streamwise: removed {len(run_dirs)} stale run directory(ies)", *run_dirs, sep="\n  ")
     return 0
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", choices=["chrome"], default="chrome")
     export.add_argument("-o", "--output", required=True)
     export.set_defaults(handler=_cmd_trace_export)
-    cleanup = commands.add_parser("cleanup", help="delete shared memory left by killed streamwise processes")
+    cleanup = commands.add_parser("cleanup", help="delete shared memory and run directories left by killed streamwise processes")
     cleanup.set_defaults(handler=_cmd_cleanup)
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 import streamwise
+from streamwise.actors._runtime import RUNTIME
 
 
 def _streamwise_threads() -> set[threading.Thread]:
@@ -39,6 +40,7 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def serve(transport):
     """Yield ``streamwise.run``; afterwards shut down and assert nothing is left behind."""
     yield streamwise.run
+    credentials = RUNTIME.credentials
     streamwise.shutdown()
     me = psutil.Process()
     children = me.children(recursive=True)
@@ -46,3 +48,5 @@ def serve(transport):
     assert not alive, f"processes left after shutdown: {alive}"
     assert not _streamwise_threads(), f"threads left after shutdown: {_streamwise_threads()}"
     assert not _streamwise_shm(), f"shared memory left after shutdown: {_streamwise_shm()}"
+    if credentials is not None:
+        assert not os.path.exists(credentials.run_dir), "run directory left after shutdown"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from streamwise.exceptions import DeploymentNotFoundError, UsageError
 
 if TYPE_CHECKING:
+    from streamwise._auth import Credentials
     from streamwise.routing.router import Router, RouterKey
     from streamwise.routing.transport import Transport
 
@@ -64,6 +65,7 @@ class ProcessRuntime:
 
     def __init__(self) -> None:
         self.controller_address: str | None = None
+        self.credentials: Credentials | None = None  # the app's secret, with the controller
         self.core: CoreLoop | None = None  # driver only
         self.core_loop: asyncio.AbstractEventLoop | None = None
         self.replica_id: str | None = None  # set in replica processes
@@ -71,10 +73,15 @@ class ProcessRuntime:
         self.routers: dict[RouterKey, Router] = {}
         self.transport: Transport | None = None
 
-    def require_controller(self, what: str) -> str:
-        if self.controller_address is None:
+    def set_controller(self, address: str | None, credentials: Credentials | None) -> None:
+        self.controller_address = address
+        self.credentials = credentials
+
+    def require_controller(self, what: str) -> tuple[str, Credentials]:
+        """The controller's address and the credentials its app's calls carry."""
+        if self.controller_address is None or self.credentials is None:
             raise DeploymentNotFoundError(what, "streamwise is not running; call streamwise.run() first")
-        return self.controller_address
+        return self.controller_address, self.credentials
 
     async def close_routing(self) -> None:
         """Close every router and channel (on the core loop, before it stops)."""

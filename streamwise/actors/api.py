@@ -109,7 +109,7 @@ def _ensure_driver() -> _Driver:
             raise UsageError("streamwise already runs on an event loop here (open_app); run() cannot start too")
         _driver = _Driver()
         _active = _driver.services
-        RUNTIME.controller_address = _driver.address
+        RUNTIME.set_controller(_driver.address, _driver.services.controller.credentials)
         RUNTIME.core = _driver.core
         RUNTIME.core_loop = _driver.core.loop
     return _driver
@@ -170,7 +170,7 @@ async def open_app(
     services = _Services()
     try:
         async with services.controller as controller:
-            RUNTIME.controller_address = controller.address
+            RUNTIME.set_controller(controller.address, controller.credentials)
             _active = services
             try:
                 tracing_setup.configure(tracing, "driver")
@@ -184,7 +184,7 @@ async def open_app(
     finally:
         with _lock:
             _active = None
-            RUNTIME.controller_address = None
+            RUNTIME.set_controller(None, None)
             RUNTIME.core_loop = None
         tracing_setup.shutdown()
         objectstore.close_session()
@@ -215,7 +215,7 @@ def shutdown() -> None:
                 try:
                     driver.close()
                 finally:
-                    RUNTIME.controller_address = None
+                    RUNTIME.set_controller(None, None)
                     RUNTIME.core = None
                     RUNTIME.core_loop = None
                     tracing_setup.shutdown()

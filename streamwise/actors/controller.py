@@ -3,8 +3,10 @@
 It starts every replica of an app in parallel, waits until each is attached (ready)
 or its constructor has failed ``max_constructor_attempts`` times, restarts replicas
 that die or fail health checks, and pushes every change of a deployment's replica set
-to all routers watching it. It runs as a gRPC service on 127.0.0.1 so replicas and
-routers in any process reach it the same way.
+to all routers watching it. It runs as a gRPC service on a Unix socket in the app's
+run directory, so replicas and routers in any process reach it the same way; only
+callers holding the app's secret are served (``streamwise._auth``), and only the
+process launched for a replica may fetch its spec or attach as it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from streamwise import codec, objectstore
+from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
 from streamwise.exceptions import DeploymentStartupError
@@ -43,6 +45,7 @@ class ReplicaState(enum.Enum):
 class _Replica:
     replica_id: str
     process: ReplicaProcess
+    token: str  # proves the process is the one launched for replica_id
     state: ReplicaState = ReplicaState.STARTING
     address: str = ""
     local_address: str = ""
@@ -97,17 +100,23 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._ids = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self.address = ""
+        self.credentials: auth.Credentials | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> str:
-        """Start the control service; returns its address."""
-        server = grpc.aio.server(options=_wire.GRPC_OPTIONS)
-        controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        """Make the app's credentials and start the control service; returns its address."""
+        credentials = self.credentials = auth.new_credentials()
+        try:
+            server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
+            controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
+            address = auth.bind_unix(server, credentials.socket("controller"))
+            await server.start()
+        except BaseException:
+            auth.remove_run_dir(credentials)
+            raise
         self._server = server
-        self.address = f"127.0.0.1:{port}"
+        self.address = address
         return self.address
 
     async def aclose(self) -> None:
@@ -117,6 +126,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         if self._server is not None:
             await self._server.stop(0.5)
             self._server = None
+        if self.credentials is not None:
+            auth.remove_run_dir(self.credentials)
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -231,8 +242,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def _spawn(self, dep: _Deployment) -> _Replica:
         replica_id = f"{dep.config.name}#{next(self._ids)}"
-        process = await self._launcher.start(replica_id, self.address)
-        replica = _Replica(replica_id, process)
+        assert self.credentials is not None
+        token = auth.new_token()
+        process = await self._launcher.start(replica_id, self.address, auth.write_handoff(self.credentials, token))
+        replica = _Replica(replica_id, process, token)
         dep.replicas[replica_id] = replica
         self._replicas[replica_id] = (dep, replica)
         return replica
@@ -269,7 +282,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def _healthy(self, stub: replica_pb2_grpc.ReplicaStub, dep: _Deployment, replica: _Replica) -> bool:
         try:
-            reply = await stub.CheckHealth(replica_pb2.HealthRequest(), timeout=dep.config.health_check_timeout_s)
+            reply = await stub.CheckHealth(
+                replica_pb2.HealthRequest(), timeout=dep.config.health_check_timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             log.warning("health check of %s failed: %s", replica.replica_id, exc.code().name)
             return dep.stopping
@@ -296,18 +311,28 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     # -- gRPC service ----------------------------------------------------------------
 
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        assert self.credentials is not None
+        return self.credentials.metadata
+
+    async def _launched(self, replica_id: str, context: grpc.aio.ServicerContext) -> tuple[_Deployment, _Replica]:
+        """The replica ``replica_id``, if the caller is the process launched for it."""
+        found = self._replicas.get(replica_id)
+        token = auth.presented(context.invocation_metadata(), auth.REPLICA_TOKEN_KEY)
+        if found is None or token is None or not auth.same(token, found[1].token):
+            log.warning("refused a replica's call for %r: not the process launched for it", replica_id)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"not the process launched for replica {replica_id!r}"
+            )
+        return found
+
     async def GetReplicaSpec(self, request: controller_pb2.SpecRequest, context: grpc.aio.ServicerContext) -> controller_pb2.SpecReply:
-        found = self._replicas.get(request.replica_id)
-        if found is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown replica {request.replica_id!r}")
-        dep, _ = found
+        dep, _ = await self._launched(request.replica_id, context)
         return controller_pb2.SpecReply(sys_path=[p for p in sys.path if p], spec=dep.spec_bytes)
 
     async def Attach(self, request: controller_pb2.AttachRequest, context: grpc.aio.ServicerContext) -> None:
-        found = self._replicas.get(request.replica_id)
-        if found is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown replica {request.replica_id!r}")
-        _, replica = found
+        _, replica = await self._launched(request.replica_id, context)
         if request.HasField("error"):
             if not replica.attached.done():
                 replica.attached.set_result(request.error)

@@ -28,7 +28,10 @@ class ReplicaProcess(Protocol):
 
 
 class Launcher(Protocol):
-    async def start(self, replica_id: str, controller_address: str) -> ReplicaProcess: ...
+    async def start(self, replica_id: str, controller_address: str, handoff: bytes) -> ReplicaProcess:
+        """Start the process of ``replica_id``; ``handoff`` (its credentials) must
+        reach it through a channel only it can read."""
+        ...
 
 
 class _LocalProcess:
@@ -54,7 +57,10 @@ class _LocalProcess:
 
 
 class LocalProcessLauncher:
-    """Starts each replica as a child process running ``python -m streamwise.actors.replica``."""
+    """Starts each replica as a child process running ``python -m streamwise.actors.replica``.
+
+    The credentials go down the child's standard input, a pipe only it reads.
+    """
 
     def __init__(self) -> None:
         package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
@@ -66,7 +72,7 @@ class LocalProcessLauncher:
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
 
-    async def start(self, replica_id: str, controller_address: str) -> ReplicaProcess:
+    async def start(self, replica_id: str, controller_address: str, handoff: bytes) -> ReplicaProcess:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -80,6 +86,14 @@ class LocalProcessLauncher:
             "--store-session",
             objectstore.session_name(),  # the replica's object store is the driver's
             env=self._env,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
         )
+        assert process.stdin is not None
+        process.stdin.write(handoff)
+        try:
+            await process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died at once: the controller sees it exit
+        finally:
+            process.stdin.close()
         return _LocalProcess(process)

@@ -1,9 +1,10 @@
 """The replica process: one user object, one event loop, one gRPC server.
 
-Started by a launcher as ``python -m streamwise.actors.replica``. It fetches its spec
-from the controller, builds the user object, serves it on 127.0.0.1 (port 0, the port
-it got is reported back through ``Attach``), and keeps the ``Attach`` stream open for
-its whole life: when that stream breaks the controller is gone and the replica
+Started by a launcher as ``python -m streamwise.actors.replica``, with its app's
+credentials and its own token on standard input (``streamwise._auth``). It fetches its
+spec from the controller, builds the user object, serves it on Unix sockets in the
+app's run directory (gRPC, and the same-node socket; the addresses are reported back
+through ``Attach``), and keeps the ``Attach`` stream open for its whole life: when that stream breaks the controller is gone and the replica
 drains and exits. SIGTERM also drains: new calls are refused, running ones get
 ``graceful_shutdown_timeout_s`` to finish, then the server stops.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import inspect
 import os
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cloudpickle
 import grpc
 
-from streamwise import objectstore
+from streamwise import _auth as auth, objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.config import env_local_transport
@@ -77,10 +79,10 @@ async def _follow_controller(
         stop.set()
 
 
-async def serve(controller_address: str, replica_id: str) -> int:
+async def serve(controller_address: str, replica_id: str, credentials: auth.Credentials, token: str) -> int:
     """Run the replica until told to stop; the exit code says whether it started."""
     loop = asyncio.get_running_loop()
-    RUNTIME.controller_address = controller_address
+    RUNTIME.set_controller(controller_address, credentials)
     RUNTIME.core_loop = loop
     RUNTIME.replica_id = replica_id
     stop = asyncio.Event()
@@ -98,8 +100,9 @@ async def serve(controller_address: str, replica_id: str) -> int:
 
     channel = grpc.aio.insecure_channel(controller_address, options=_wire.GRPC_OPTIONS)
     stub = controller_pb2_grpc.ControllerStub(channel)
+    as_launched = (*credentials.metadata, (auth.REPLICA_TOKEN_KEY, token))
     try:
-        reply = await stub.GetReplicaSpec(controller_pb2.SpecRequest(replica_id=replica_id))
+        reply = await stub.GetReplicaSpec(controller_pb2.SpecRequest(replica_id=replica_id), metadata=as_launched)
         for entry in reversed(reply.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -123,12 +126,14 @@ async def serve(controller_address: str, replica_id: str) -> int:
                 rpcs = rpc_table(spec.servicer_functions, spec.methods)
         except Exception as exc:
             # Report the failure and wait for the controller to close the stream.
-            failed = stub.Attach(controller_pb2.AttachRequest(replica_id=replica_id, error=_wire.error_to_proto(exc)))
+            failed = stub.Attach(
+                controller_pb2.AttachRequest(replica_id=replica_id, error=_wire.error_to_proto(exc)), metadata=as_launched
+            )
             async for _ in failed:
                 pass
             return 1
 
-        server = grpc.aio.server(options=_wire.GRPC_OPTIONS)
+        server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
         servicer = ReplicaServicer(
             user_object,
             spec.methods,
@@ -140,16 +145,18 @@ async def serve(controller_address: str, replica_id: str) -> int:
             rpcs=rpcs,
         )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        grpc_path = credentials.socket(f"{os.getpid()}.grpc")
+        address = auth.bind_unix(server, grpc_path)
         await server.start()
-        local = LocalServer(servicer) if env_local_transport() else None
+        local = LocalServer(servicer, credentials) if env_local_transport() else None
         attach = stub.Attach(
             controller_pb2.AttachRequest(
                 replica_id=replica_id,
-                address=f"127.0.0.1:{port}",
-                local_address=await local.start() if local is not None else "",
+                address=address,
+                local_address=await local.start(credentials.socket(f"{os.getpid()}.local")) if local is not None else "",
                 node=_local_wire.node_id(),
-            )
+            ),
+            metadata=as_launched,
         )
         follower = loop.create_task(_follow_controller(attach, user_object, stop))
         try:
@@ -160,6 +167,8 @@ async def serve(controller_address: str, replica_id: str) -> int:
             if local is not None:
                 await local.aclose()
             await server.stop(0)
+            with contextlib.suppress(OSError):
+                os.unlink(grpc_path)
             await asyncio.gather(follower, return_exceptions=True)
             await RUNTIME.close_routing()
             executor.shutdown(wait=False, cancel_futures=True)
@@ -176,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--store-session", required=True)
     args = parser.parse_args(argv)
+    credentials, token = auth.read_handoff(sys.stdin.buffer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _die_with_parent(args.parent_pid)
     objectstore.join_session(args.store_session)
     try:
-        return asyncio.run(serve(args.controller, args.replica_id))
+        return asyncio.run(serve(args.controller, args.replica_id, credentials, token))
     finally:
         # The last process of a dead driver's session deletes its shared memory.
         objectstore.close_session(driver_gone=_driver_gone)

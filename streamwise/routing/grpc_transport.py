@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from streamwise import exceptions
+from streamwise._auth import Credentials
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
 from streamwise.streaming import _wire
@@ -122,7 +123,8 @@ class GrpcFrameStream:
 class GrpcTransport:
     """Channels to replicas, shared by every router on one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: Credentials) -> None:
+        self._metadata = credentials.metadata
         self._conns: dict[str, _Connection] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -146,7 +148,7 @@ class GrpcTransport:
     async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
         """Run a unary call. Cancelling the awaiting task cancels the RPC."""
         conn = self._acquire(target.address)
-        call = conn.stub.Call(request)
+        call = conn.stub.Call(request, metadata=self._metadata)
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
@@ -175,9 +177,9 @@ class GrpcTransport:
         """
         conn = self._acquire(target.address)
         if inputs is None:
-            call = conn.stub.Stream(request)
+            call = conn.stub.Stream(request, metadata=self._metadata)
         else:
-            call = conn.stub.Channel()
+            call = conn.stub.Channel(metadata=self._metadata)
         try:
             if inputs is not None:
                 await call.write(replica_pb2.StreamInput(call=request))

@@ -21,6 +21,7 @@ import asyncio
 import grpc
 
 from streamwise import exceptions
+from streamwise._auth import Credentials
 from streamwise.proto import replica_pb2
 from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
 from streamwise.streaming import _local_wire as lw
@@ -131,7 +132,8 @@ class LocalFrameStream:
 class LocalTransport:
     """Pooled Unix-socket connections to the replicas of this machine."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: Credentials) -> None:
+        self._hello = lw.message(lw.AUTH, credentials.secret.encode())
         self._idle: dict[str, list[_Connection]] = {}
         self._live: set[_Connection] = set()  # every open connection, idle or in a call
         self._opening: set[asyncio.Task[None]] = set()
@@ -145,6 +147,7 @@ class LocalTransport:
         except OSError as exc:
             self.unreachable.add(target.local_address)
             raise Unreachable(target.local_address) from exc
+        writer.write(self._hello)  # goes out with the connection's first call
         conn = _Connection(reader, writer)
         self._live.add(conn)
         return conn

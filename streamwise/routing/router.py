@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import grpc
 from opentelemetry import context as otel_context
 
+from streamwise._auth import Credentials
 from streamwise.config import RouterConfig
 from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
@@ -33,11 +34,17 @@ class Router:
     """Routes calls of one deployment from one event loop."""
 
     def __init__(
-        self, key: RouterKey, controller_address: str, transport: Transport, config: RouterConfig
+        self,
+        key: RouterKey,
+        controller_address: str,
+        credentials: Credentials,
+        transport: Transport,
+        config: RouterConfig,
     ) -> None:
         self.key = key
         self._name = key[1]
         self._controller_address = controller_address
+        self._credentials = credentials
         self._transport = transport
         self._config = config
         self._replicas: list[ReplicaTarget] = []
@@ -56,7 +63,7 @@ class Router:
         try:
             stub = controller_pb2_grpc.ControllerStub(channel)
             request = controller_pb2.WatchRequest(app=self.key[0], deployment=self.key[1])
-            async for snapshot in stub.WatchReplicas(request):
+            async for snapshot in stub.WatchReplicas(request, metadata=self._credentials.metadata):
                 self._apply(snapshot)
             self._set_deleted("the controller closed its replica-set stream")
         except grpc.aio.AioRpcError as exc:
@@ -252,8 +259,8 @@ def router_for(key: RouterKey) -> Router:
         # with a fresh watch; the old router's watch has already ended.
         router = None
     if router is None:
-        address = RUNTIME.require_controller(key[1])
+        address, credentials = RUNTIME.require_controller(key[1])
         if RUNTIME.transport is None:
-            RUNTIME.transport = Transport(local=env_local_transport())
-        router = RUNTIME.routers[key] = Router(key, address, RUNTIME.transport, env_router_config())
+            RUNTIME.transport = Transport(credentials, local=env_local_transport())
+        router = RUNTIME.routers[key] = Router(key, address, credentials, RUNTIME.transport, env_router_config())
     return router

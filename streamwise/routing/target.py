@@ -25,7 +25,7 @@ from streamwise.streaming import _wire
 class ReplicaTarget:
     deployment: str
     replica_id: str
-    address: str  # host:port of the replica's gRPC server
+    address: str  # gRPC target of the replica (unix:PATH on this machine)
     local_address: str = ""  # its same-node socket, when the caller is on its machine
 
 

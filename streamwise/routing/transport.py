@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from streamwise._auth import Credentials
 from streamwise.proto import replica_pb2
 from streamwise.routing.grpc_transport import GrpcTransport
 from streamwise.routing.local_transport import LocalTransport, Unreachable
@@ -23,9 +24,9 @@ __all__ = ["FrameStream", "NotAccepted", "ReplicaTarget", "Transport"]
 class Transport:
     """Every connection of one event loop to replicas, on the transport each one allows."""
 
-    def __init__(self, local: bool) -> None:
-        self._grpc = GrpcTransport()
-        self._local = LocalTransport() if local else None
+    def __init__(self, credentials: Credentials, local: bool) -> None:
+        self._grpc = GrpcTransport(credentials)
+        self._local = LocalTransport(credentials) if local else None
 
     def _same_node(self, target: ReplicaTarget) -> bool:
         local = self._local

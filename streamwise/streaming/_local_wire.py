@@ -5,10 +5,12 @@ A caller on the same machine as a replica skips gRPC and speaks the same protoco
 in the abstract namespace, which leaves no file behind. Calls with an input stream
 stay on gRPC, for its flow control. A connection carries one call at a time and is
 reused for the next call once the previous one ended cleanly; a caller cancels a
-call by closing its connection. Every message is a 5-byte header (body length,
-kind) and a body:
+call by closing its connection. A connection's first message is AUTH, the app's
+secret; the replica reads nothing else before it has checked it. Every message is a
+5-byte header (body length, kind) and a body:
 
-    caller -> replica   CALL (CallRequest)  unary call
+    caller -> replica   AUTH (the app secret)  first message of every connection
+                        CALL (CallRequest)  unary call
                         STREAM (CallRequest)  server stream
     replica -> caller   ACK  admitted, user code is about to run
                         REPLY (CallReply)  the unary call's result, last message
@@ -28,7 +30,7 @@ import grpc
 
 HEADER = struct.Struct("!IB")
 
-CALL, STREAM = 1, 2
+CALL, STREAM, AUTH = 1, 2, 3
 ACK, REPLY, FRAME, STATUS = 10, 11, 12, 13
 
 OK = "OK"

@@ -3,8 +3,10 @@
 Serves the same :class:`~streamwise.streaming.servicer.ReplicaServicer` as the
 replica's gRPC server, through a stand-in for the gRPC servicer context, so admission,
 acks, frames, errors and spans behave identically on both transports (framing in
-``_local_wire``). Only processes of the same user may connect (checked with the
-peer's credentials): the protocol carries pickled values.
+``_local_wire``). The protocol carries pickled values, so a connection is served
+only once it proved to be part of the app: its peer runs as this user (checked with
+the peer's credentials; the socket lives in the app's private run directory anyway)
+and its first message is the app secret. Nothing else it sent is read before that.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
 import struct
 from typing import Any
 
 import grpc
 
+from streamwise._auth import Credentials
 from streamwise.proto import replica_pb2
 from streamwise.streaming import _local_wire as lw
 from streamwise.streaming.servicer import ReplicaServicer
@@ -27,6 +29,7 @@ from streamwise.streaming.servicer import ReplicaServicer
 BACKLOG = 1024
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_MAX_SECRET = 256  # an AUTH body longer than any secret is not read
 
 
 class _Aborted(Exception):
@@ -61,17 +64,17 @@ class _Context:
 class LocalServer:
     """Accepts same-node callers on an abstract Unix socket until ``aclose()``."""
 
-    def __init__(self, servicer: ReplicaServicer) -> None:
+    def __init__(self, servicer: ReplicaServicer, credentials: Credentials) -> None:
         self._servicer = servicer
+        self._credentials = credentials
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self.address = ""
 
-    async def start(self) -> str:
-        """Listen; returns the address callers use (``@name`` for the abstract namespace)."""
-        name = f"streamwise/{os.getpid()}/{secrets.token_hex(6)}"
-        self._server = await asyncio.start_unix_server(self._accept, "\0" + name, backlog=BACKLOG)
-        self.address = lw.ABSTRACT_PREFIX + name
+    async def start(self, path: str) -> str:
+        """Listen on the Unix socket ``path``; returns the address callers use."""
+        self._server = await asyncio.start_unix_server(self._accept, path, backlog=BACKLOG)
+        self.address = path
         return self.address
 
     async def aclose(self) -> None:
@@ -86,19 +89,31 @@ class LocalServer:
         await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
+            with contextlib.suppress(OSError):
+                os.unlink(self.address)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
-            if _same_user(writer):
+            if _same_user(writer) and await self._authenticated(reader):
                 await self._serve(reader, writer)
         except asyncio.CancelledError:
             pass  # the replica is stopping
         finally:
             self._connections.discard(task)
             writer.transport.abort()
+
+    async def _authenticated(self, reader: asyncio.StreamReader) -> bool:
+        """Whether the connection's first message is AUTH with the app secret."""
+        try:
+            length, kind = lw.HEADER.unpack(await reader.readexactly(lw.HEADER.size))
+            if kind != lw.AUTH or length > _MAX_SECRET:
+                return False
+            return self._credentials.accepts(await reader.readexactly(length))
+        except (asyncio.IncompleteReadError, OSError):
+            return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read the caller's messages; its calls run one at a time as tasks.

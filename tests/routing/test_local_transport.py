@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 
 import psutil
 import pytest
 
 import streamwise
+from streamwise.actors._runtime import RUNTIME
 from streamwise.streaming import _local_wire as lw
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux-only")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peer credentials are Linux-only")
 
 
 @streamwise.deployment
@@ -36,7 +36,7 @@ class Echo:
 
 
 def _named_sockets(pid: int) -> list[str]:
-    return [c.laddr for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr.startswith("@streamwise/")]
+    return [c.laddr for c in psutil.Process(pid).net_connections(kind="unix") if c.laddr.endswith(f"/{pid}.local")]
 
 
 def _socket_address(pid: int) -> tuple[str, int]:
@@ -74,14 +74,19 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _hello() -> bytes:
+    assert RUNTIME.credentials is not None
+    return lw.message(lw.AUTH, RUNTIME.credentials.secret.encode())
+
+
 def test_garbage_is_dropped_and_the_replica_keeps_serving(serve):
     handle = serve(Echo.bind())
     address, _ = _socket_address(handle.pid.remote().result())
     with _connect(address) as sock:  # an unknown message kind: the connection is dropped
-        sock.sendall(lw.message(99, b"hello"))
+        sock.sendall(_hello() + lw.message(99, b"hello"))
         assert _read_all(sock) == b""
     with _connect(address) as sock:  # a call whose request does not decode: an error status
-        sock.sendall(lw.message(lw.CALL, b"\xff\xff\xff"))
+        sock.sendall(_hello() + lw.message(lw.CALL, b"\xff\xff\xff"))
         sock.shutdown(socket.SHUT_WR)
         reply = _read_all(sock)
     length, kind = lw.HEADER.unpack(reply[: lw.HEADER.size])
@@ -91,34 +96,22 @@ def test_garbage_is_dropped_and_the_replica_keeps_serving(serve):
     assert handle.remote("still serving").result() == "still serving"
 
 
-_OTHER_USER = """
-import os, socket, sys
-os.setgid(65534)
-os.setuid(65534)
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-sock.settimeout(10)
-sock.connect("\\0" + sys.argv[1][1:])
-try:
-    sock.sendall(bytes.fromhex(sys.argv[2]))
-    print("closed" if sock.recv(100) == b"" else "answered")
-except (BrokenPipeError, ConnectionResetError):  # closed before or after our request
-    print("closed")
-"""
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
-def test_other_users_are_refused(serve):
+@pytest.mark.parametrize(
+    "first",
+    [lw.message(lw.STREAM, b""), lw.message(lw.AUTH, b"0" * 64), lw.message(lw.AUTH, b"x" * 100_000)],
+    ids=["no-secret", "wrong-secret", "oversized"],
+)
+def test_callers_without_the_secret_are_dropped_unanswered(serve, first):
+    """A connection whose first message is not the app secret gets no byte back; nothing runs."""
     handle = serve(Echo.bind())
     address, _ = _socket_address(handle.pid.remote().result())
-    request = lw.message(lw.STREAM, b"")
-    result = subprocess.run(
-        [sys.executable, "-c", _OTHER_USER, address, request.hex()],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "closed"  # without a word: no ack, nothing ran
+    with _connect(address) as sock:
+        try:
+            sock.sendall(first + lw.message(lw.CALL, b""))
+            answer = _read_all(sock)
+        except (BrokenPipeError, ConnectionResetError):  # closed before or after the request
+            answer = b""
+    assert answer == b""
     assert handle.remote(1).result() == 1
 
 

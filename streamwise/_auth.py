@@ -1,0 +1,250 @@
+"""Who may speak the internal protocol: the processes of one app, and nobody else.
+
+The internal protocol carries pickles, so whoever can send a call to a replica can
+run code in it. Three things keep everyone else out (the README's "Security" section
+draws the whole picture):
+
+- **A run directory.** ``run()`` makes a private directory (mode 0700) and every
+  internal server of the app, the controller's and each replica's gRPC server and
+  same-node socket, listens on a Unix socket inside it. Only its owner can connect
+  to such a socket, or create one there, so no other user can reach a server, nor
+  stand in for one that has gone.
+- **An app secret.** 32 random bytes made at ``run()``. Every call carries it (gRPC
+  metadata ``sw-auth``; the first message of a same-node connection), and every
+  server compares it in constant time before it reads the request: a caller without
+  it gets ``UNAUTHENTICATED`` and none of its bytes are decoded. This keeps out the
+  user's own processes that are not part of the app.
+- **A token per replica process.** The controller accepts an ``Attach`` or hands out
+  a replica's spec only to the process it launched for that replica id, which proves
+  it with a token of its own.
+
+Replicas get the secret and their token on their standard input, a pipe only the
+launching process writes and only the replica reads: never in argv or the
+environment, which other processes can read, and never in a log or an error.
+
+The driver holds a lock on ``driver.lock`` in its run directory for its whole life;
+a run directory whose lock nobody holds belongs to a killed driver and is swept by
+the next start or by ``streamwise cleanup``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hmac
+import json
+import os
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+import grpc
+
+from streamwise.exceptions import UsageError
+
+SECRET_KEY = "sw-auth"
+REPLICA_TOKEN_KEY = "sw-replica-token"
+
+# Unix socket paths hold at most 107 bytes; the run directory leaves room for names.
+_MAX_RUN_DIR = 80
+
+_REJECTED = "streamwise: this peer is not part of the app (missing or wrong credentials)"
+
+
+_RUN_PREFIX = "streamwise-run-"
+_LOCK = "driver.lock"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class Credentials:
+    """An app's secret and run directory (``repr`` never shows the secret)."""
+
+    secret: str
+    run_dir: str
+    lock_fd: int = -1  # the driver's: held open (and locked) while the app runs
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC call metadata that authenticates a call."""
+        return ((SECRET_KEY, self.secret),)
+
+    def accepts(self, presented: str | bytes) -> bool:
+        """Whether ``presented`` is the secret (compared in constant time)."""
+        return same(presented, self.secret)
+
+    def socket(self, name: str) -> str:
+        """The path of a socket named ``name`` in the run directory."""
+        return os.path.join(self.run_dir, name)
+
+    def __repr__(self) -> str:
+        return f"Credentials(run_dir={self.run_dir!r}, secret=<hidden>)"
+
+
+def _run_root() -> str:
+    root = tempfile.gettempdir()
+    return root if len(root) <= _MAX_RUN_DIR - 20 else "/tmp"
+
+
+def new_credentials() -> Credentials:
+    """A fresh secret and a new private run directory, locked by this process
+    (``remove_run_dir`` deletes it).
+
+    The directory is made under a hidden name and renamed once locked, so a
+    concurrent sweep never finds a live run directory unlocked.
+    """
+    root = _run_root()
+    sweep_stale_run_dirs()
+    hidden = tempfile.mkdtemp(prefix="." + _RUN_PREFIX, dir=root)  # mode 0700, a name nobody had
+    try:
+        fd = os.open(os.path.join(hidden, _LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run_dir = os.path.join(root, os.path.basename(hidden)[1:])
+        os.rename(hidden, run_dir)
+    except BaseException:
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    return Credentials(secret=secrets.token_hex(32), run_dir=run_dir, lock_fd=fd)
+
+
+def remove_run_dir(credentials: Credentials) -> None:
+    shutil.rmtree(credentials.run_dir, ignore_errors=True)
+    if credentials.lock_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(credentials.lock_fd)
+
+
+def sweep_stale_run_dirs() -> list[str]:
+    """Delete this user's run directories whose driver is gone; their paths.
+
+    Directories of other users, and anything that is not a plain directory, are
+    left alone without being opened.
+    """
+    root = _run_root()
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
+        for entry in entries:
+            if not entry.name.startswith(_RUN_PREFIX):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            if _abandoned(os.path.join(entry.path, _LOCK)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.path)
+    return removed
+
+
+def _abandoned(lock_path: str) -> bool:
+    """Whether ``lock_path`` is a run directory's lock that no driver holds.
+
+    A directory without one is not a run directory and is never removed.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held (BlockingIOError) or not lockable: leave it
+    finally:
+        os.close(fd)
+    return True
+
+
+def check_run_dir(path: str) -> None:
+    """Refuse a run directory that is not a private directory of this user."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise UsageError(f"run directory {path} is not a private directory of this user")
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def same(presented: str | bytes, expected: str) -> bool:
+    """Constant-time equality of a presented credential and the expected one."""
+    if isinstance(presented, str):
+        presented = presented.encode(errors="replace")
+    return hmac.compare_digest(presented, expected.encode())
+
+
+# -- handing credentials to a replica process -----------------------------------------
+
+
+def write_handoff(credentials: Credentials, replica_token: str) -> bytes:
+    """The line a launcher writes to a replica's standard input."""
+    return (
+        json.dumps({"secret": credentials.secret, "run_dir": credentials.run_dir, "token": replica_token}) + "\n"
+    ).encode()
+
+
+def read_handoff(stream: IO[bytes]) -> tuple[Credentials, str]:
+    """The replica's side: its app's credentials and its own token, from ``stream``."""
+    try:
+        fields = json.loads(stream.readline())
+        credentials = Credentials(secret=str(fields["secret"]), run_dir=str(fields["run_dir"]))
+        token = str(fields["token"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError("a replica process must be started by streamwise (no credentials on stdin)") from None
+    check_run_dir(credentials.run_dir)
+    return credentials, token
+
+
+def presented(metadata: Any, key: str) -> str | None:
+    """The value of ``key`` in a call's invocation metadata, if any."""
+    for item in metadata or ():
+        if item[0] == key:
+            value = item[1]
+            return value if isinstance(value, str) else None
+    return None
+
+
+# -- the server side ----------------------------------------------------------------
+
+
+async def _reject(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REJECTED)
+
+
+# A stream-stream handler without deserializers: it reads no request message at all.
+_REJECT_HANDLER = grpc.stream_stream_rpc_method_handler(_reject)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Ends every call that does not carry the app secret, before its request is read."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        secret = presented(handler_call_details.invocation_metadata, SECRET_KEY)
+        if secret is not None and self._credentials.accepts(secret):
+            return await continuation(handler_call_details)
+        return _REJECT_HANDLER
+
+
+def internal_server(credentials: Credentials, options: Any) -> grpc.aio.Server:
+    """A grpc.aio server that serves only callers holding ``credentials``."""
+    return grpc.aio.server(interceptors=(AuthInterceptor(credentials),), options=options)
+
+
+def bind_unix(server: grpc.aio.Server, path: str) -> str:
+    """Listen on the Unix socket ``path``; returns the gRPC target callers use."""
+    target = f"unix:{path}"
+    server.add_insecure_port(target)
+    return target

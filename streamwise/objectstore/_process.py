@@ -58,9 +58,12 @@ def join_session(name: str) -> None:
     global _store
     session = Session(name, _capacity())
     try:
-        fd = os.open(session.lock_path, os.O_RDWR | os.O_CLOEXEC)
+        session.check_private()
+        fd = os.open(session.lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ObjectLostError(name, "the driver's object store session is gone") from None
+    except PermissionError as exc:
+        raise ObjectLostError(name, f"the object store session is not this user's own: {exc}") from None
     _session.lock_byte(fd, SESSION_BYTE)
     with _lock:
         _store = Store(session, fd, owner=False)

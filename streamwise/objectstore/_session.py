@@ -1,8 +1,11 @@
 """The files of one store session in /dev/shm, and the rules that free them.
 
-A *session* is the store of one driver and its replicas. Every file it creates is
-named ``streamwise-<driver pid>-<token>-<kind>`` so a later start, or ``streamwise
-cleanup``, can find what a killed driver left behind::
+A *session* is the store of one driver and its replicas. Its files live in a
+directory of their own, ``/dev/shm/streamwise-<driver pid>-<token>/``, made with mode
+0700 (files 0600): no other user can read, plant or remove anything in it, so what
+the session lists and opens there is always its own. A later start, or ``streamwise
+cleanup``, finds what a killed driver left behind by these names, and looks only at
+directories of this user::
 
     lock                          session lock: each live process of the session holds a
                                   read lock on byte 0; an *anchor* is a read lock on
@@ -29,6 +32,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -93,7 +97,8 @@ class Session:
 
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name
-        self.prefix = os.path.join(SHM_DIR, name + "-")
+        self.dir = os.path.join(SHM_DIR, name)
+        self.prefix = self.dir + "/"
         self.lock_path = self.prefix + "lock"
         self.capacity = capacity
         # Freed segments kept warm for reuse, at most this many bytes in all.
@@ -119,12 +124,11 @@ class Session:
 
     def entries(self) -> Iterator[tuple[str, list[str]]]:
         """(path, fields) of every file of this session except the lock."""
-        mine = self.name + "-"
-        skip = len(mine)
+        prefix = self.prefix
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.listdir(SHM_DIR):
-                if entry.startswith(mine) and entry[skip:] != "lock":
-                    yield os.path.join(SHM_DIR, entry), entry[skip:].split("-")
+            for entry in os.listdir(self.dir):
+                if entry != "lock":
+                    yield prefix + entry, entry.split("-")
 
     def usage(self) -> tuple[int, list[tuple[int, str]]]:
         """Bytes held by segments, pooled and partly written files; and the pool."""
@@ -203,29 +207,51 @@ class Session:
                 self.free_if_unused(fields[1], int(fields[2]))
 
     def remove_all(self) -> None:
-        """Delete every file of the session, the lock last."""
+        """Delete every file of the session, the lock last, then its directory."""
         for path, _ in list(self.entries()):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.lock_path)
+        with contextlib.suppress(OSError):  # not empty: a process still writing; a later sweep
+            os.rmdir(self.dir)
+
+    def check_private(self) -> None:
+        """Refuse a session directory that is not this user's own, private one."""
+        try:
+            info = os.lstat(self.dir)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "object store session is gone", self.dir) from None
+        if not _is_private_dir(info):
+            raise PermissionError(errno.EPERM, "not a private directory of this user", self.dir)
+
+
+def _is_private_dir(info: os.stat_result) -> bool:
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 def create_lock(session: Session) -> int:
-    """Create the session lock file, read-locked, then publish it under its name.
+    """Create the session's directory and its lock file, read-locked; publish both
+    under the session's name.
 
-    Creating it under a hidden name first means a concurrent cleanup never sees the
-    lock file of a live session unlocked.
+    Making them under a hidden name first means a concurrent cleanup never sees a
+    live session without its lock, or its lock unlocked.
     """
     hidden = os.path.join(SHM_DIR, f".{session.name}-init")
-    fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.mkdir(hidden, 0o700)
+    fd = -1
     try:
+        os.chmod(hidden, 0o700)  # whatever the umask
+        fd = os.open(os.path.join(hidden, "lock"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         lock_byte(fd, SESSION_BYTE)
-        os.rename(hidden, session.lock_path)
+        os.rename(hidden, session.dir)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(hidden)
+            os.unlink(os.path.join(hidden, "lock"))
+        with contextlib.suppress(OSError):
+            os.rmdir(hidden)
         raise
     return fd
 
@@ -236,38 +262,40 @@ def cleanup_stale(keep: str | None = None) -> list[str]:
     A session is stale when no process read-locks byte 0 of its lock file (locks
     vanish with their process, so a SIGKILLed driver and replicas count as gone), or
     when its lock file is missing (removed last at shutdown, created first at start).
+    Only this user's private session directories are looked at: anything else in
+    /dev/shm that looks like a session, another user's or planted, is left alone
+    without being opened, so it can neither be removed by mistake nor make this hang.
     """
-    sessions: dict[str, bool] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.listdir(SHM_DIR):
-            if not entry.startswith(NAME_PREFIX):
+    names = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(SHM_DIR) as entries:
+        for entry in entries:
+            parts = entry.name.split("-")
+            if not entry.name.startswith(NAME_PREFIX) or len(parts) != 3 or not parts[1].isdigit():
                 continue
-            parts = entry.split("-", 3)
-            if len(parts) < 4 or not parts[1].isdigit():
+            try:
+                private = _is_private_dir(entry.stat(follow_symlinks=False))
+            except OSError:
                 continue
-            name = "-".join(parts[:3])
-            sessions[name] = sessions.get(name, False) or parts[3] == "lock"
+            if private and entry.name != keep:
+                names.append(entry.name)
     removed = []
-    for name, has_lock in sorted(sessions.items()):
-        if name == keep:
-            continue
+    for name in sorted(names):
         session = Session(name, capacity=0)
-        if has_lock and not _lock_is_free(session.lock_path):
-            continue
-        session.remove_all()
-        removed.append(name)
+        if _lock_is_free(session.lock_path):
+            session.remove_all()
+            removed.append(name)
     return removed
 
 
 def _lock_is_free(path: str) -> bool:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
-    except PermissionError:
-        return False  # another user's session: not ours to judge
+    except OSError:
+        return False  # not a lock file we can judge
     try:
-        return byte_is_free(fd, SESSION_BYTE)
+        return stat.S_ISREG(os.fstat(fd).st_mode) and byte_is_free(fd, SESSION_BYTE)
     finally:
         os.close(fd)
 

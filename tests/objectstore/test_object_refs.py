@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import subprocess
@@ -35,8 +36,7 @@ def address_of(buffer) -> int:
 
 def segments() -> list[str]:
     """Stored segments of this process's store session (what values occupy)."""
-    mine = f"streamwise-{os.getpid()}-"
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(mine) and "-o-" in n)
+    return sorted(glob.glob(f"/dev/shm/streamwise-{os.getpid()}-*/o-*"))
 
 
 def in_shared_memory(buffer) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import signal
 import subprocess
@@ -18,18 +19,20 @@ import streamwise
 MB = 1_000_000  # above the default by-reference threshold (100 KiB)
 
 
-def session_files(prefix: str, kind: str = "") -> list[str]:
-    """Files in /dev/shm starting with ``prefix`` (and of one kind: "o" segments, "n" pins)."""
-    marker = f"-{kind}-" if kind else ""
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix) and marker in n)
+def session_files(sessions: str, kind: str = "") -> list[str]:
+    """Files of the store sessions matching ``sessions`` (of one kind: "o" segments, "n" pins);
+    without a kind, their directories too."""
+    if kind:
+        return sorted(glob.glob(f"/dev/shm/{sessions}/{kind}-*"))
+    return sorted(glob.glob(f"/dev/shm/{sessions}") + glob.glob(f"/dev/shm/{sessions}/*"))
 
 
 def segments() -> list[str]:
-    return session_files(f"streamwise-{os.getpid()}-", "o")
+    return session_files(f"streamwise-{os.getpid()}-*", "o")
 
 
 def pins() -> list[str]:
-    return session_files(f"streamwise-{os.getpid()}-", "n")
+    return session_files(f"streamwise-{os.getpid()}-*", "n")
 
 
 @streamwise.deployment(max_ongoing_requests=8)
@@ -156,7 +159,7 @@ def start_driver():
         started.append((proc, 0))
         name, replica = proc.stdout.readline().split()
         started[-1] = (proc, int(replica))
-        assert session_files(name + "-", "o")
+        assert session_files(name, "o")
         return proc, name, int(replica)
 
     yield start
@@ -189,7 +192,7 @@ def _stale_session(start_driver) -> str:
     proc.wait()
     os.kill(replica, signal.SIGKILL)
     _wait_gone(replica)
-    assert session_files(name + "-", "o")
+    assert session_files(name, "o")
     return name
 
 

@@ -40,6 +40,17 @@ DEFAULT_GRPC_HOST = "0.0.0.0"
 DEFAULT_MAX_MESSAGE_LENGTH = 4 * 1024 * 1024
 DEFAULT_REPLICA_WAIT_TIMEOUT_S = 5.0
 DEFAULT_INGRESS_DRAIN_TIMEOUT_S = 20.0
+# What one external client may hold of the ingress. Connections are also capped at
+# half of the process's file descriptor limit, so a flood never starves the app's
+# own sockets; a connection that has not finished its handshake after
+# handshake_timeout_s, or has run no call for idle_timeout_s, is closed.
+DEFAULT_INGRESS_MAX_CONNECTIONS = 4096
+DEFAULT_INGRESS_MAX_CONCURRENT_STREAMS = 100
+DEFAULT_INGRESS_HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_INGRESS_IDLE_TIMEOUT_S = 300.0
+DEFAULT_INGRESS_KEEPALIVE_TIME_S = 60.0
+DEFAULT_INGRESS_KEEPALIVE_TIMEOUT_S = 20.0
+DEFAULT_INGRESS_MIN_PING_INTERVAL_S = 10.0
 
 # Payloads (arguments, results, stream items) of at least this many bytes travel
 # through the shared-memory object store. Around 100 KiB one hop costs about the same
@@ -344,6 +355,14 @@ class GrpcOptions:
     ``streamwise.PredictAPIsService`` is always served. ``port=0`` binds a free port
     (see ``streamwise.ingress_address()``). ``ssl_*`` are PEM bytes: a certificate and
     key turn on TLS, and a client CA on top requires clients to present certificates.
+
+    Limits on what clients may hold: ``max_connections`` open at once (at most half
+    the process's descriptor limit), ``max_concurrent_streams`` calls per connection,
+    ``handshake_timeout_s`` for a new connection to say something, ``idle_timeout_s``
+    (None: never) for a connection running no call; the server pings every
+    ``keepalive_time_s`` and closes a peer that does not answer within
+    ``keepalive_timeout_s``, and closes clients that ping more often than
+    ``min_client_ping_interval_s`` while idle.
     """
 
     port: int = DEFAULT_GRPC_PORT
@@ -356,9 +375,30 @@ class GrpcOptions:
     ssl_certificate: bytes | None = None
     ssl_private_key: bytes | None = None
     ssl_client_ca: bytes | None = None
+    max_connections: int = DEFAULT_INGRESS_MAX_CONNECTIONS
+    max_concurrent_streams: int = DEFAULT_INGRESS_MAX_CONCURRENT_STREAMS
+    handshake_timeout_s: float = DEFAULT_INGRESS_HANDSHAKE_TIMEOUT_S
+    idle_timeout_s: float | None = DEFAULT_INGRESS_IDLE_TIMEOUT_S
+    keepalive_time_s: float = DEFAULT_INGRESS_KEEPALIVE_TIME_S
+    keepalive_timeout_s: float = DEFAULT_INGRESS_KEEPALIVE_TIMEOUT_S
+    min_client_ping_interval_s: float = DEFAULT_INGRESS_MIN_PING_INTERVAL_S
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "servicer_functions", tuple(self.servicer_functions))
+        for name in ("max_connections", "max_concurrent_streams"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value > 0, f"{name} must be an int > 0, got {value!r}")
+        for name in ("handshake_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}")
+        _check(
+            self.idle_timeout_s is None or self.idle_timeout_s > 0,
+            f"idle_timeout_s must be None or > 0, got {self.idle_timeout_s!r}",
+        )
+        _check(
+            self.min_client_ping_interval_s >= 0,
+            f"min_client_ping_interval_s must be >= 0, got {self.min_client_ping_interval_s!r}",
+        )
         _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port must be 0..65535, got {self.port!r}")
         _check(
             isinstance(self.max_message_length, int) and self.max_message_length > 0,

@@ -29,7 +29,7 @@ from streamwise.exceptions import UsageError
 from streamwise.proto import replica_pb2
 from streamwise.routing.handle import open_frames
 from streamwise.routing.router import router_for
-from streamwise.streaming import _wire
+from streamwise.streaming import _limits, _wire
 from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import RpcMethod, rpc_table, service_names
 from streamwise.tracing import spans
@@ -90,10 +90,7 @@ class Ingress:
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port`` (the bound port when port=0)."""
-        limit = self.options.max_message_length
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-        )
+        server = grpc.aio.server(options=_limits.server_options(self.options))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = service_names(self._rpcs)
         reflection.enable_server_reflection(

@@ -34,6 +34,7 @@ import dataclasses
 import fcntl
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -44,7 +45,10 @@ from typing import IO, Any
 
 import grpc
 
+from streamwise.config import env_internal_auth
 from streamwise.exceptions import UsageError
+
+log = logging.getLogger("streamwise.auth")
 
 SECRET_KEY = "sw-auth"
 REPLICA_TOKEN_KEY = "sw-replica-token"
@@ -65,12 +69,13 @@ class Credentials:
 
     secret: str
     run_dir: str
+    required: bool = True  # False only with STREAMWISE_INTERNAL_AUTH=0, for measuring
     lock_fd: int = -1  # the driver's: held open (and locked) while the app runs
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC call metadata that authenticates a call."""
-        return ((SECRET_KEY, self.secret),)
+        return ((SECRET_KEY, self.secret),) if self.required else ()
 
     def accepts(self, presented: str | bytes) -> bool:
         """Whether ``presented`` is the secret (compared in constant time)."""
@@ -93,21 +98,24 @@ def new_credentials() -> Credentials:
     """A fresh secret and a new private run directory, locked by this process
     (``remove_run_dir`` deletes it).
 
-    The directory is made under a hidden name and renamed once locked, so a
-    concurrent sweep never finds a live run directory unlocked.
+    The lock is made under another name inside the directory and renamed once held,
+    so a sweep never finds a live run directory's lock unlocked; and no name outside
+    the private directory is ever renamed, so nobody can get in the way.
     """
-    root = _run_root()
     sweep_stale_run_dirs()
-    hidden = tempfile.mkdtemp(prefix="." + _RUN_PREFIX, dir=root)  # mode 0700, a name nobody had
+    run_dir = tempfile.mkdtemp(prefix=_RUN_PREFIX, dir=_run_root())  # mode 0700, a name nobody had
     try:
-        fd = os.open(os.path.join(hidden, _LOCK), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        starting = os.path.join(run_dir, "." + _LOCK)
+        fd = os.open(starting, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        run_dir = os.path.join(root, os.path.basename(hidden)[1:])
-        os.rename(hidden, run_dir)
+        os.rename(starting, os.path.join(run_dir, _LOCK))
     except BaseException:
-        shutil.rmtree(hidden, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return Credentials(secret=secrets.token_hex(32), run_dir=run_dir, lock_fd=fd)
+    required = env_internal_auth()
+    if not required:
+        log.warning("STREAMWISE_INTERNAL_AUTH=0: the app's internal servers serve any process of this user")
+    return Credentials(secret=secrets.token_hex(32), run_dir=run_dir, required=required, lock_fd=fd)
 
 
 def remove_run_dir(credentials: Credentials) -> None:
@@ -184,16 +192,22 @@ def same(presented: str | bytes, expected: str) -> bool:
 
 def write_handoff(credentials: Credentials, replica_token: str) -> bytes:
     """The line a launcher writes to a replica's standard input."""
-    return (
-        json.dumps({"secret": credentials.secret, "run_dir": credentials.run_dir, "token": replica_token}) + "\n"
-    ).encode()
+    fields = {
+        "secret": credentials.secret,
+        "run_dir": credentials.run_dir,
+        "required": credentials.required,
+        "token": replica_token,
+    }
+    return (json.dumps(fields) + "\n").encode()
 
 
 def read_handoff(stream: IO[bytes]) -> tuple[Credentials, str]:
     """The replica's side: its app's credentials and its own token, from ``stream``."""
     try:
         fields = json.loads(stream.readline())
-        credentials = Credentials(secret=str(fields["secret"]), run_dir=str(fields["run_dir"]))
+        credentials = Credentials(
+            secret=str(fields["secret"]), run_dir=str(fields["run_dir"]), required=fields["required"] is not False
+        )
         token = str(fields["token"])
     except (ValueError, KeyError, TypeError):
         raise UsageError("a replica process must be started by streamwise (no credentials on stdin)") from None
@@ -240,7 +254,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def internal_server(credentials: Credentials, options: Any) -> grpc.aio.Server:
     """A grpc.aio server that serves only callers holding ``credentials``."""
-    return grpc.aio.server(interceptors=(AuthInterceptor(credentials),), options=options)
+    interceptors = (AuthInterceptor(credentials),) if credentials.required else ()
+    return grpc.aio.server(interceptors=interceptors, options=options)
 
 
 def bind_unix(server: grpc.aio.Server, path: str) -> str:

@@ -296,6 +296,19 @@ def env_local_transport() -> bool:
     return _env_flag("STREAMWISE_LOCAL_TRANSPORT")
 
 
+def env_internal_auth() -> bool:
+    """Whether internal calls must carry the app's secret (the default).
+
+    ``STREAMWISE_INTERNAL_AUTH=0`` is for measuring what the check costs
+    (``benchmarks/auth_bench.py``): the app's internal servers then serve any process
+    of this user. Other users stay out either way: the sockets are in a private
+    directory.
+    """
+    if os.environ.get("STREAMWISE_INTERNAL_AUTH", "").strip() == "":
+        return True
+    return _env_flag("STREAMWISE_INTERNAL_AUTH")
+
+
 _transport_config: TransportConfig | None = None
 
 

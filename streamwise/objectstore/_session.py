@@ -10,6 +10,7 @@ directories of this user::
     lock                          session lock: each live process of the session holds a
                                   read lock on byte 0; an *anchor* is a read lock on
                                   another byte, held by a caller while its calls run
+    lock-init                     the lock of a session being created, until it is held
     o-<segment>-<size>            a segment: one stored part of a value
     n-<anchor>-<call>-<seq>-<segment>-<size>
                                   a pin: a hard link to a segment that keeps it alive while
@@ -100,6 +101,7 @@ class Session:
         self.dir = os.path.join(SHM_DIR, name)
         self.prefix = self.dir + "/"
         self.lock_path = self.prefix + "lock"
+        self.starting_lock_path = self.prefix + "lock-init"
         self.capacity = capacity
         # Freed segments kept warm for reuse, at most this many bytes in all.
         self.pool_limit = capacity // 4
@@ -127,7 +129,7 @@ class Session:
         prefix = self.prefix
         with contextlib.suppress(FileNotFoundError):
             for entry in os.listdir(self.dir):
-                if entry != "lock":
+                if entry not in ("lock", "lock-init"):
                     yield prefix + entry, entry.split("-")
 
     def usage(self) -> tuple[int, list[tuple[int, str]]]:
@@ -211,8 +213,9 @@ class Session:
         for path, _ in list(self.entries()):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.lock_path)
+        for lock in (self.lock_path, self.starting_lock_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
         with contextlib.suppress(OSError):  # not empty: a process still writing; a later sweep
             os.rmdir(self.dir)
 
@@ -231,27 +234,24 @@ def _is_private_dir(info: os.stat_result) -> bool:
 
 
 def create_lock(session: Session) -> int:
-    """Create the session's directory and its lock file, read-locked; publish both
-    under the session's name.
+    """Create the session's directory and its lock file, read-locked.
 
-    Making them under a hidden name first means a concurrent cleanup never sees a
-    live session without its lock, or its lock unlocked.
+    The lock is made as ``lock-init`` and renamed to ``lock`` once held: a concurrent
+    cleanup takes a session whose ``lock-init`` is held for a live one (and one with
+    neither file for a stale one, which makes this raise FileNotFoundError). Only
+    names inside the private directory are renamed, so nobody can get in the way.
     """
-    hidden = os.path.join(SHM_DIR, f".{session.name}-init")
-    os.mkdir(hidden, 0o700)
+    os.mkdir(session.dir, 0o700)
     fd = -1
     try:
-        os.chmod(hidden, 0o700)  # whatever the umask
-        fd = os.open(os.path.join(hidden, "lock"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.chmod(session.dir, 0o700)  # whatever the umask
+        fd = os.open(session.starting_lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         lock_byte(fd, SESSION_BYTE)
-        os.rename(hidden, session.dir)
+        os.rename(session.starting_lock_path, session.lock_path)
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(hidden, "lock"))
-        with contextlib.suppress(OSError):
-            os.rmdir(hidden)
+        session.remove_all()
         raise
     return fd
 
@@ -260,8 +260,9 @@ def cleanup_stale(keep: str | None = None) -> list[str]:
     """Remove the files of every session no live process belongs to; their names.
 
     A session is stale when no process read-locks byte 0 of its lock file (locks
-    vanish with their process, so a SIGKILLed driver and replicas count as gone), or
-    when its lock file is missing (removed last at shutdown, created first at start).
+    vanish with their process, so a SIGKILLed driver and replicas count as gone), nor
+    of ``lock-init`` (the lock of a session being created); a missing file counts as
+    unlocked (the lock is removed last at shutdown).
     Only this user's private session directories are looked at: anything else in
     /dev/shm that looks like a session, another user's or planted, is left alone
     without being opened, so it can neither be removed by mistake nor make this hang.
@@ -281,7 +282,7 @@ def cleanup_stale(keep: str | None = None) -> list[str]:
     removed = []
     for name in sorted(names):
         session = Session(name, capacity=0)
-        if _lock_is_free(session.lock_path):
+        if _lock_is_free(session.lock_path) and _lock_is_free(session.starting_lock_path):
             session.remove_all()
             removed.append(name)
     return removed

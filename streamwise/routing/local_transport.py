@@ -133,7 +133,7 @@ class LocalTransport:
     """Pooled Unix-socket connections to the replicas of this machine."""
 
     def __init__(self, credentials: Credentials) -> None:
-        self._hello = lw.message(lw.AUTH, credentials.secret.encode())
+        self._hello = lw.message(lw.AUTH, credentials.secret.encode()) if credentials.required else b""
         self._idle: dict[str, list[_Connection]] = {}
         self._live: set[_Connection] = set()  # every open connection, idle or in a call
         self._opening: set[asyncio.Task[None]] = set()
@@ -147,7 +147,8 @@ class LocalTransport:
         except OSError as exc:
             self.unreachable.add(target.local_address)
             raise Unreachable(target.local_address) from exc
-        writer.write(self._hello)  # goes out with the connection's first call
+        if self._hello:
+            writer.write(self._hello)  # goes out with the connection's first call
         conn = _Connection(reader, writer)
         self._live.add(conn)
         return conn

@@ -97,7 +97,7 @@ class LocalServer:
         assert task is not None
         self._connections.add(task)
         try:
-            if _same_user(writer) and await self._authenticated(reader):
+            if _same_user(writer) and (not self._credentials.required or await self._authenticated(reader)):
                 await self._serve(reader, writer)
         except asyncio.CancelledError:
             pass  # the replica is stopping

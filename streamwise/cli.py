@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tracing", action="store_true", help="record OpenTelemetry traces")
     run.add_argument("--tracing-exporter", default="jsonl", choices=["jsonl", "otlp", "console"])
     run.add_argument("--tracing-dir", default="streamwise-traces", help="where jsonl traces go")
-    run.add_argument("--tracing-endpoint", default="localhost:4317", help="OTLP/gRPC collector address")
-    run.add_argument("--tracing-sampling-ratio", type=float, default=1.0)
+    run.add_argument(
+        "--tracing-endpoint", default=None, help="OTLP/gRPC collector address (default: OTEL_EXPORTER_OTLP_ENDPOINT)"
+    )
+    run.add_argument(
+        "--tracing-sampling-ratio", type=float, default=None, help="default: OTEL_TRACES_SAMPLER(_ARG), else 1.0"
+    )
     run.set_defaults(handler=_cmd_run)
 
     trace = commands.add_parser("trace", help="read trace exports").add_subparsers(dest="trace_command", required=True)

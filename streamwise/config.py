@@ -451,15 +451,25 @@ class TracingConfig:
     span ends; read them with ``streamwise trace view``), or a callable returning a list
     of OpenTelemetry span processors (it must be picklable: replicas call it too).
     Sampling is parent-based: a trace started with ``sampling_ratio`` stays whole.
+
+    Left unset, ``otlp_endpoint`` and ``sampling_ratio`` follow the OpenTelemetry
+    environment variables, as in any instrumented program: the OTLP exporter reads
+    ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT``, ``..._INSECURE``, ``..._CERTIFICATE``
+    and ``..._HEADERS`` (default ``http://localhost:4317``), and the ratio comes from
+    ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (default 1.0).
+    ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` name the processes' resource.
+    An ``otlp_endpoint`` without a scheme is reached without TLS; ``https://`` uses TLS.
     """
 
     enabled: bool = True
-    sampling_ratio: float = 1.0
+    sampling_ratio: float | None = None
     exporter: Any = "jsonl"
-    otlp_endpoint: str = "localhost:4317"
+    otlp_endpoint: str | None = None
     jsonl_dir: str = "streamwise-traces"
 
     def __post_init__(self) -> None:
+        if self.sampling_ratio is None:
+            object.__setattr__(self, "sampling_ratio", _otel_sampling_ratio())
         _check(
             isinstance(self.sampling_ratio, (int, float)) and 0.0 <= self.sampling_ratio <= 1.0,
             f"sampling_ratio must be within [0, 1], got {self.sampling_ratio!r}",
@@ -469,6 +479,44 @@ class TracingConfig:
             f"exporter must be one of {TRACING_EXPORTERS} or a callable returning span processors, "
             f"got {self.exporter!r}",
         )
+
+
+# OTEL_TRACES_SAMPLER values, as streamwise's parent-based ratio (None: from the arg).
+_OTEL_SAMPLERS = {
+    "always_on": 1.0,
+    "parentbased_always_on": 1.0,
+    "always_off": 0.0,
+    "parentbased_always_off": 0.0,
+    "traceidratio": None,
+    "parentbased_traceidratio": None,
+}
+
+
+def _otel_sampling_ratio() -> float:
+    """The sampling ratio ``OTEL_TRACES_SAMPLER`` (and ``_ARG``) ask for; 1.0 if unset."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return 1.0
+    if name not in _OTEL_SAMPLERS:
+        raise UsageError(
+            f"environment variable OTEL_TRACES_SAMPLER={name!r}: streamwise samples whole traces by ratio; "
+            f"use one of {sorted(_OTEL_SAMPLERS)}"
+        )
+    ratio = _OTEL_SAMPLERS[name]
+    return ratio if ratio is not None else _env_float("OTEL_TRACES_SAMPLER_ARG", 1.0)
+
+
+def env_otel_service_name() -> str | None:
+    """The service name the OpenTelemetry environment gives (``OTEL_SERVICE_NAME``, or
+    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``); None if it gives none."""
+    name = os.environ.get("OTEL_SERVICE_NAME", "").strip()
+    if name:
+        return name
+    for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() == "service.name" and value.strip():
+            return value.strip()
+    return None
 
 
 _tracing_config: list[TracingConfig | None] = []
@@ -485,9 +533,13 @@ def env_tracing_config() -> TracingConfig | None:
         config = None
         if os.environ.get("STREAMWISE_TRACING", "").lower() in ("1", "true", "yes", "on"):
             config = TracingConfig(
-                sampling_ratio=_env_float("STREAMWISE_TRACING_SAMPLING_RATIO", 1.0),
+                sampling_ratio=(
+                    _env_float("STREAMWISE_TRACING_SAMPLING_RATIO", 1.0)
+                    if os.environ.get("STREAMWISE_TRACING_SAMPLING_RATIO", "").strip()
+                    else None
+                ),
                 exporter=os.environ.get("STREAMWISE_TRACING_EXPORTER") or "jsonl",
-                otlp_endpoint=os.environ.get("STREAMWISE_TRACING_OTLP_ENDPOINT") or "localhost:4317",
+                otlp_endpoint=os.environ.get("STREAMWISE_TRACING_OTLP_ENDPOINT") or None,
                 jsonl_dir=os.environ.get("STREAMWISE_TRACING_DIR") or "streamwise-traces",
             )
         _tracing_config.append(config)

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from streamwise.config import TracingConfig
+from streamwise.config import TracingConfig, env_otel_service_name
 from streamwise.tracing import sampling, spans
 from streamwise.tracing.recorder import SCOPE, UNSET, Provider, RecordingSpan, Tracer
 
@@ -268,7 +268,12 @@ def _processors(config: TracingConfig, service: str, replica: bool) -> list[Span
     if config.exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return [BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True), schedule_delay_millis=500)]
+        endpoint = config.otlp_endpoint
+        if endpoint is None:  # the OTEL_EXPORTER_OTLP_* variables decide, as for any OTel program
+            exporter = OTLPSpanExporter()
+        else:  # a bare host:port is a plain collector; a URL's scheme says whether TLS is used
+            exporter = OTLPSpanExporter(endpoint=endpoint, insecure=None if "://" in endpoint else True)
+        return [BatchSpanProcessor(exporter, schedule_delay_millis=500)]
     return [BatchSpanProcessor(ConsoleSpanExporter())]
 
 
@@ -341,6 +346,15 @@ class _Switch(SpanProcessor, Sampler):
             processor.shutdown()
 
 
+def _resource_of(service: str, attributes: dict[str, str]) -> Resource:
+    """This process's resource: OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME (read by
+    the SDK), with streamwise's attributes; ``service`` names it unless those do."""
+    own: dict[str, object] = {"process.pid": os.getpid(), **attributes}
+    if env_otel_service_name() is None:
+        own["service.name"] = service
+    return Resource.create(own)
+
+
 _switch: _Switch | None = None
 _start: spans.StartSampled | None = None
 
@@ -359,7 +373,7 @@ def configure(config: TracingConfig | None, service: str, *, replica: bool = Fal
         provider = Provider(
             switch,
             sampler=switch,
-            resource=Resource.create({"service.name": service, "process.pid": os.getpid(), **resource}),
+            resource=_resource_of(service, resource),
             shutdown_on_exit=False,
         )
         provider.add_span_processor(switch)  # for the spans of user code

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from concurrent import futures
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 import streamwise
 from streamwise.proto import predict_pb2, predict_pb2_grpc
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver built from the OpenTelemetry collector protos."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []  # (service.name, Span)
-        self._lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-                for scope in resource_spans.scope_spans:
-                    for span in scope.spans:
-                        self.spans.append((attrs.get("service.name", "?"), span))
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 @streamwise.deployment(max_ongoing_requests=8)
@@ -53,33 +33,26 @@ class Front:
         return "-".join(f"{w}{n}" for w, n in zip(words, lengths, strict=True)).encode()
 
 
-def test_spans_reach_otlp_receiver_in_one_trace(serve):
+def test_spans_reach_otlp_receiver_in_one_trace(serve, otlp_receiver):
     """Every hop's span arrives over OTLP/gRPC under the client's trace id, correctly parented."""
-    receiver = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        serve(
-            Front.bind(Back.bind()),
-            grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
-            tracing=streamwise.TracingConfig(exporter="otlp", otlp_endpoint=f"127.0.0.1:{port}"),
-        )
-        trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    receiver, port = otlp_receiver, otlp_receiver.port
+    serve(
+        Front.bind(Back.bind()),
+        grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
+        tracing=streamwise.TracingConfig(exporter="otlp", otlp_endpoint=f"127.0.0.1:{port}"),
+    )
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 
-        async def call():
-            async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
-                stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
-                return await stub.Predict(
-                    predict_pb2.PredictRequest(input={"text": b"a bb"}),
-                    metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),),
-                )
+    async def call():
+        async with grpc.aio.insecure_channel(streamwise.ingress_address()) as channel:
+            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+            return await stub.Predict(
+                predict_pb2.PredictRequest(input={"text": b"a bb"}),
+                metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),),
+            )
 
-        assert asyncio.run(call()).prediction == b"a1-bb2"
-        streamwise.shutdown()  # every process flushes its spans at graceful shutdown
-    finally:
-        server.stop(None)
+    assert asyncio.run(call()).prediction == b"a1-bb2"
+    streamwise.shutdown()  # every process flushes its spans at graceful shutdown
 
     assert {span.trace_id.hex() for _, span in receiver.spans} == {trace_id}
     batch = [span for _, span in receiver.spans if span.name == "batch Back.lengths"]

@@ -18,9 +18,10 @@ draws the whole picture):
   a replica's spec only to the process it launched for that replica id, which proves
   it with a token of its own.
 
-Replicas get the secret and their token on their standard input, a pipe only the
-launching process writes and only the replica reads: never in argv or the
-environment, which other processes can read, and never in a log or an error.
+Replicas get the secret and their token through one end of a socket pair that only
+the launching process and the replica hold (a socket, unlike a pipe, cannot be
+reopened through ``/proc/<pid>/fd``): never in argv or the environment, which other
+processes can read, and never in a log or an error.
 
 The driver holds a lock on ``driver.lock`` in its run directory for its whole life;
 a run directory whose lock nobody holds belongs to a killed driver and is swept by
@@ -38,10 +39,11 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import Any
 
 import grpc
 
@@ -118,6 +120,17 @@ def new_credentials() -> Credentials:
     return Credentials(secret=secrets.token_hex(32), run_dir=run_dir, required=required, lock_fd=fd)
 
 
+def replica_sockets(credentials: Credentials, pid: int) -> tuple[str, str]:
+    """The paths of the gRPC and same-node sockets of the replica process ``pid``."""
+    return credentials.socket(f"{pid}.grpc"), credentials.socket(f"{pid}.local")
+
+
+def remove_sockets(credentials: Credentials, pid: int) -> None:
+    for path in replica_sockets(credentials, pid):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def remove_run_dir(credentials: Credentials) -> None:
     shutil.rmtree(credentials.run_dir, ignore_errors=True)
     if credentials.lock_fd >= 0:
@@ -191,7 +204,7 @@ def same(presented: str | bytes, expected: str) -> bool:
 
 
 def write_handoff(credentials: Credentials, replica_token: str) -> bytes:
-    """The line a launcher writes to a replica's standard input."""
+    """The line a launcher sends a replica process (see ``read_handoff``)."""
     fields = {
         "secret": credentials.secret,
         "run_dir": credentials.run_dir,
@@ -201,16 +214,30 @@ def write_handoff(credentials: Credentials, replica_token: str) -> bytes:
     return (json.dumps(fields) + "\n").encode()
 
 
-def read_handoff(stream: IO[bytes]) -> tuple[Credentials, str]:
-    """The replica's side: its app's credentials and its own token, from ``stream``."""
+def handoff_pair() -> tuple[socket.socket, socket.socket]:
+    """(the launcher's end, the replica's end) of a new hand-off socket pair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.set_inheritable(True)
+    return ours, theirs
+
+
+def read_handoff(fd: int) -> tuple[Credentials, str]:
+    """The replica's side: its app's credentials and its own token, from its end of
+    the hand-off socket pair (descriptor ``fd``), which it then closes."""
     try:
-        fields = json.loads(stream.readline())
+        with socket.socket(fileno=fd) as sock, sock.makefile("rb") as stream:
+            sock.settimeout(30)
+            line = stream.readline(1 << 16)
+    except OSError:
+        line = b""
+    try:
+        fields = json.loads(line)
         credentials = Credentials(
             secret=str(fields["secret"]), run_dir=str(fields["run_dir"]), required=fields["required"] is not False
         )
         token = str(fields["token"])
     except (ValueError, KeyError, TypeError):
-        raise UsageError("a replica process must be started by streamwise (no credentials on stdin)") from None
+        raise UsageError("a replica process must be started by streamwise (no credentials handed over)") from None
     check_run_dir(credentials.run_dir)
     return credentials, token
 

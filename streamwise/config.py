@@ -71,6 +71,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_seconds(value: Any) -> bool:
     return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
@@ -401,16 +405,15 @@ class GrpcOptions:
         for name in ("max_connections", "max_concurrent_streams"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"{name} must be an int > 0, got {value!r}")
-        for name in ("handshake_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
+        for name in ("handshake_timeout_s", "keepalive_time_s", "keepalive_timeout_s", "idle_timeout_s"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}")
+            _check(
+                (value is None and name == "idle_timeout_s") or (_is_number(value) and value > 0),
+                f"{name} must be a number > 0{' or None' if name == 'idle_timeout_s' else ''}, got {value!r}",
+            )
         _check(
-            self.idle_timeout_s is None or self.idle_timeout_s > 0,
-            f"idle_timeout_s must be None or > 0, got {self.idle_timeout_s!r}",
-        )
-        _check(
-            self.min_client_ping_interval_s >= 0,
-            f"min_client_ping_interval_s must be >= 0, got {self.min_client_ping_interval_s!r}",
+            _is_number(self.min_client_ping_interval_s) and self.min_client_ping_interval_s >= 0,
+            f"min_client_ping_interval_s must be a number >= 0, got {self.min_client_ping_interval_s!r}",
         )
         _check(isinstance(self.port, int) and 0 <= self.port < 65536, f"port must be 0..65535, got {self.port!r}")
         _check(

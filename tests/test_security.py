@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import streamwise
-from streamwise import objectstore
+from streamwise import _auth, objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 
@@ -93,15 +93,15 @@ import grpc
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 
 uid, gid, run_dir, marker = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+names = json.loads(sys.argv[6])  # the real socket names (anyone can read them in /proc/net/unix)
 os.setgroups([])
 os.setgid(gid)
 os.setuid(uid)
 results = {}
 try:
-    names = os.listdir(run_dir)
+    os.listdir(run_dir)
     results["list"] = "listed"
 except PermissionError:
-    names = ["controller", "guess.grpc"]
     results["list"] = "denied"
 for name in names:
     path = os.path.join(run_dir, name)
@@ -113,6 +113,8 @@ for name in names:
         results["connect:" + name] = type(exc).__name__
     finally:
         sock.close()
+    if name.endswith(".local"):
+        continue  # not a gRPC socket: the connect above is the attempt
     channel = grpc.insecure_channel("unix:" + path)
     try:
         if name == "controller":
@@ -132,25 +134,29 @@ print(json.dumps(results))
 
 
 def test_a_second_user_reaches_no_internal_server(serve, intruder, tmp_path):
-    """Another user can neither list the run directory nor connect to any server in it;
-    no internal server listens on TCP; the app keeps serving."""
+    """Another user can neither list the run directory nor connect to any server in it
+    (the controller, the replica's gRPC server, its same-node socket); no internal
+    server listens on TCP; the app keeps serving."""
     handle = serve(Vault.bind("hunter2"))
     assert handle.remote(1).result() == 1
     marker = str(tmp_path / "ran")
     os.chmod(tmp_path, 0o777)  # the intruder could create the marker, were its payload run
     payload = pickle.dumps(((_WritesFile(marker),), {})).hex()
+    names = sorted(n for n in os.listdir(_run_dir()) if n == "controller" or n.endswith((".grpc", ".local")))
+    assert len(names) == 3, names
+    argv = [str(intruder.pw_uid), str(intruder.pw_gid), _run_dir(), marker, payload, json.dumps(names)]
     out = subprocess.run(
-        [sys.executable, "-c", _AS_INTRUDER, str(intruder.pw_uid), str(intruder.pw_gid), _run_dir(), marker, payload],
+        [sys.executable, "-c", _AS_INTRUDER, *argv],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
-    assert results["list"] == "denied"
-    assert results["connect:controller"] == "PermissionError"
-    assert results["rpc:controller"] == "UNAVAILABLE"
-    assert results["rpc:guess.grpc"] == "UNAVAILABLE"
+    assert results.pop("list") == "denied"
+    for name in names:
+        assert results.pop(f"connect:{name}") == "PermissionError", name
+    assert results == {f"rpc:{n}": "UNAVAILABLE" for n in names if not n.endswith(".local")}
     assert not os.path.exists(marker)
     listening = [
         c
@@ -183,6 +189,13 @@ def test_a_call_without_the_secret_is_refused_undecoded(serve, tmp_path, secret)
             assert "not part of the app" in info.value.details()
     assert not os.path.exists(marker)
     assert handle.remote(3).result() == 3
+    # The control: with the secret, the same payload is decoded (and the file appears).
+    assert RUNTIME.credentials is not None
+    with grpc.insecure_channel(f"unix:{_replica_socket()}") as channel:
+        replica_pb2_grpc.ReplicaStub(channel).Call(
+            _evil_call(marker), metadata=RUNTIME.credentials.metadata, timeout=10
+        )
+    assert os.path.exists(marker)
 
 
 def test_the_controller_refuses_callers_without_the_secret(serve):
@@ -231,6 +244,23 @@ def test_only_the_launched_process_gets_a_spec_or_attaches(serve):
     assert handle.remote(4).result() == 4
 
 
+def test_one_replicas_token_does_not_open_another_replica(serve):
+    """The token of one launched replica fetches no other replica's spec."""
+    serve(Vault.options(num_replicas=2).bind("hunter2"))
+    assert RUNTIME.credentials is not None
+    controller = streamwise.actors.api._active.controller  # the driver's own, in this process
+    (first, first_replica), (second, _) = sorted(
+        (rid, replica) for rid, (_, replica) in controller._replicas.items()
+    )
+    metadata = (*RUNTIME.credentials.metadata, ("sw-replica-token", first_replica.token))
+    with grpc.insecure_channel(RUNTIME.controller_address) as channel:
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetReplicaSpec(controller_pb2.SpecRequest(replica_id=second), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert first_replica.token not in repr(first_replica)
+
+
 def test_secrets_stay_out_of_argv_and_environment(serve):
     """A replica's credentials reach it on stdin: its command line and environment,
     which other processes can read, hold no secret."""
@@ -256,6 +286,12 @@ os.chmod("/dev/shm/streamwise-1-deadbeef", 0o777)
 fd = os.open("/dev/shm/streamwise-1-deadbeef/lock", os.O_RDWR | os.O_CREAT, 0o666)
 # A FIFO named like a session's lock (opening it for reading would block forever).
 os.mkfifo("/dev/shm/streamwise-2-cafebabe")
+# A private (0700) session directory, but the intruder's, with a FIFO for a lock.
+os.mkdir("/dev/shm/streamwise-4-0000aaaa", 0o700)
+os.mkfifo("/dev/shm/streamwise-4-0000aaaa/lock")
+# A run directory of the intruder's in /tmp, its lock not held.
+os.mkdir("/tmp/streamwise-run-planted", 0o700)
+open("/tmp/streamwise-run-planted/driver.lock", "w").close()
 # Files named like the old flat layout of a stale session.
 for name in ("streamwise-3-0badf00d-lock", "streamwise-3-0badf00d-o-x-4096", "streamwise-3-0badf00d-p-4096-aa"):
     with open("/dev/shm/" + name, "w") as f:
@@ -267,6 +303,8 @@ print("planted")
 _PLANTED = [
     "/dev/shm/streamwise-1-deadbeef",
     "/dev/shm/streamwise-2-cafebabe",
+    "/dev/shm/streamwise-4-0000aaaa",
+    "/tmp/streamwise-run-planted",
     "/dev/shm/streamwise-3-0badf00d-lock",
     "/dev/shm/streamwise-3-0badf00d-o-x-4096",
     "/dev/shm/streamwise-3-0badf00d-p-4096-aa",
@@ -327,4 +365,39 @@ def test_files_planted_in_dev_shm_neither_hang_nor_get_used(planted, intruder):
     assert os.path.exists("/dev/shm/streamwise-1-deadbeef/lock")
     removed = objectstore.cleanup_stale()
     assert not {f"/dev/shm/{name}" for name in removed} & set(planted)  # nothing planted is judged ours
+    assert not set(_auth.sweep_stale_run_dirs()) & set(planted)
     assert all(os.path.lexists(path) for path in planted)
+
+
+_KILLED_DRIVER = """
+import os, streamwise
+from streamwise.actors._runtime import RUNTIME
+
+@streamwise.deployment
+class Echo:
+    def __call__(self, x):
+        return x
+
+streamwise.run(Echo.bind())
+print(RUNTIME.credentials.run_dir, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_killed_drivers_run_directory_is_swept_and_nothing_else(tmp_path):
+    """The run directory of a SIGKILLed driver is removed by the next sweep; a
+    directory of this user's named like one but holding no driver lock is kept."""
+    out = subprocess.run([sys.executable, "-c", _KILLED_DRIVER], capture_output=True, text=True, timeout=60)
+    run_dir = out.stdout.strip()
+    assert run_dir and os.path.isdir(run_dir), out.stderr
+    lookalike = os.path.join(os.path.dirname(run_dir), "streamwise-run-lookalike")
+    os.mkdir(lookalike)
+    try:
+        for child in psutil.process_iter(["cmdline"]):  # its replicas die with it (they see it go)
+            if run_dir in " ".join(child.info["cmdline"] or ()):
+                child.wait(30)
+        removed = _auth.sweep_stale_run_dirs()
+        assert run_dir in removed and not os.path.exists(run_dir)
+        assert os.path.isdir(lookalike)
+    finally:
+        os.rmdir(lookalike)

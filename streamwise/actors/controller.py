@@ -45,7 +45,7 @@ class ReplicaState(enum.Enum):
 class _Replica:
     replica_id: str
     process: ReplicaProcess
-    token: str  # proves the process is the one launched for replica_id
+    token: str = dataclasses.field(repr=False)  # proves the process is the one launched for replica_id
     state: ReplicaState = ReplicaState.STARTING
     address: str = ""
     local_address: str = ""
@@ -101,18 +101,20 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._server: grpc.aio.Server | None = None
         self.address = ""
         self.credentials: auth.Credentials | None = None
+        self._owned_run_dir: auth.Credentials | None = None  # until aclose() removed it
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> str:
         """Make the app's credentials and start the control service; returns its address."""
-        credentials = self.credentials = auth.new_credentials()
+        credentials = self.credentials = self._owned_run_dir = auth.new_credentials()
         try:
             server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
             controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
             address = auth.bind_unix(server, credentials.socket("controller"))
             await server.start()
         except BaseException:
+            self._owned_run_dir = None
             auth.remove_run_dir(credentials)
             raise
         self._server = server
@@ -120,14 +122,18 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         return self.address
 
     async def aclose(self) -> None:
-        """Stop every app (gracefully, then by force), then the control service."""
-        for name in list(self._apps):
-            await self.delete_app(name)
-        if self._server is not None:
-            await self._server.stop(0.5)
-            self._server = None
-        if self.credentials is not None:
-            auth.remove_run_dir(self.credentials)
+        """Stop every app (gracefully, then by force), then the control service, and
+        remove the run directory (also when stopping is cancelled or fails)."""
+        try:
+            for name in list(self._apps):
+                await self.delete_app(name)
+            if self._server is not None:
+                await self._server.stop(0.5)
+                self._server = None
+        finally:
+            credentials, self._owned_run_dir = self._owned_run_dir, None
+            if credentials is not None:
+                auth.remove_run_dir(credentials)
 
     async def __aenter__(self) -> Controller:
         await self.start()
@@ -305,6 +311,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         # The process has exited: free the shared memory only it still held, before a
         # replacement starts (so its readiness also means the memory is back).
         objectstore.reclaim()
+        if self.credentials is not None:  # its sockets, should it have died without removing them
+            auth.remove_sockets(self.credentials, replica.process.pid)
         if dep.replicas.pop(replica.replica_id, None) is not None:
             dep.publish()
         self._replicas.pop(replica.replica_id, None)

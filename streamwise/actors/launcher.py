@@ -7,6 +7,7 @@ A launcher only starts processes; the controller supervises them. A cluster engi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import signal
@@ -14,7 +15,7 @@ import sys
 from typing import Protocol
 
 import streamwise
-from streamwise import objectstore
+from streamwise import _auth, objectstore
 
 
 class ReplicaProcess(Protocol):
@@ -59,7 +60,7 @@ class _LocalProcess:
 class LocalProcessLauncher:
     """Starts each replica as a child process running ``python -m streamwise.actors.replica``.
 
-    The credentials go down the child's standard input, a pipe only it reads.
+    The credentials go through a socket pair whose other end only the child holds.
     """
 
     def __init__(self) -> None:
@@ -73,27 +74,31 @@ class LocalProcessLauncher:
         self._env = env
 
     async def start(self, replica_id: str, controller_address: str, handoff: bytes) -> ReplicaProcess:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "streamwise.actors.replica",
-            "--controller",
-            controller_address,
-            "--replica-id",
-            replica_id,
-            "--parent-pid",
-            str(os.getpid()),
-            "--store-session",
-            objectstore.session_name(),  # the replica's object store is the driver's
-            env=self._env,
-            stdin=asyncio.subprocess.PIPE,
-        )
-        assert process.stdin is not None
-        process.stdin.write(handoff)
+        ours, theirs = _auth.handoff_pair()
         try:
-            await process.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died at once: the controller sees it exit
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "streamwise.actors.replica",
+                "--controller",
+                controller_address,
+                "--replica-id",
+                replica_id,
+                "--parent-pid",
+                str(os.getpid()),
+                "--store-session",
+                objectstore.session_name(),  # the replica's object store is the driver's
+                "--handoff-fd",
+                str(theirs.fileno()),
+                env=self._env,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )
+            theirs.close()
+            # A few hundred bytes: the socket's buffer takes them without waiting.
+            with contextlib.suppress(OSError):  # it died at once: the controller sees it exit
+                ours.sendall(handoff)
         finally:
-            process.stdin.close()
+            theirs.close()
+            ours.close()
         return _LocalProcess(process)

@@ -1,7 +1,7 @@
 """The replica process: one user object, one event loop, one gRPC server.
 
 Started by a launcher as ``python -m streamwise.actors.replica``, with its app's
-credentials and its own token on standard input (``streamwise._auth``). It fetches its
+credentials and its own token on a socket only it holds (``streamwise._auth``). It fetches its
 spec from the controller, builds the user object, serves it on Unix sockets in the
 app's run directory (gRPC, and the same-node socket; the addresses are reported back
 through ``Attach``), and keeps the ``Attach`` stream open for its whole life: when that stream breaks the controller is gone and the replica
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import inspect
 import os
@@ -145,31 +144,34 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
             rpcs=rpcs,
         )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
-        grpc_path = credentials.socket(f"{os.getpid()}.grpc")
-        address = auth.bind_unix(server, grpc_path)
-        await server.start()
+        grpc_path, local_path = auth.replica_sockets(credentials, os.getpid())
         local = LocalServer(servicer, credentials) if env_local_transport() else None
-        attach = stub.Attach(
-            controller_pb2.AttachRequest(
-                replica_id=replica_id,
-                address=address,
-                local_address=await local.start(credentials.socket(f"{os.getpid()}.local")) if local is not None else "",
-                node=_local_wire.node_id(),
-            ),
-            metadata=as_launched,
-        )
-        follower = loop.create_task(_follow_controller(attach, user_object, stop))
+        attach: grpc.aio.UnaryStreamCall | None = None
+        follower: asyncio.Task[None] | None = None
         try:
+            address = auth.bind_unix(server, grpc_path)
+            await server.start()
+            attach = stub.Attach(
+                controller_pb2.AttachRequest(
+                    replica_id=replica_id,
+                    address=address,
+                    local_address=await local.start(local_path) if local is not None else "",
+                    node=_local_wire.node_id(),
+                ),
+                metadata=as_launched,
+            )
+            follower = loop.create_task(_follow_controller(attach, user_object, stop))
             await stop.wait()
             await servicer.drain(config.graceful_shutdown_timeout_s)
         finally:
-            attach.cancel()
+            if attach is not None:
+                attach.cancel()
             if local is not None:
                 await local.aclose()
             await server.stop(0)
-            with contextlib.suppress(OSError):
-                os.unlink(grpc_path)
-            await asyncio.gather(follower, return_exceptions=True)
+            auth.remove_sockets(credentials, os.getpid())
+            if follower is not None:
+                await asyncio.gather(follower, return_exceptions=True)
             await RUNTIME.close_routing()
             executor.shutdown(wait=False, cancel_futures=True)
         return 0
@@ -184,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-id", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--store-session", required=True)
+    parser.add_argument("--handoff-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    credentials, token = auth.read_handoff(sys.stdin.buffer)
+    credentials, token = auth.read_handoff(args.handoff_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _die_with_parent(args.parent_pid)
     objectstore.join_session(args.store_session)

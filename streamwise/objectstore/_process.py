@@ -43,9 +43,20 @@ def current_store() -> Store:
         if _store is None:
             # A killed driver's session is found and removed by the next start.
             _session.cleanup_stale()
-            session = Session(Session.new_name(), _capacity())
-            _store = Store(session, _session.create_lock(session), owner=True)
+            _store = _new_store()
         return _store
+
+
+def _new_store() -> Store:
+    """A new session of this driver's; another name if one is taken or swept meanwhile."""
+    for attempt in range(5):
+        session = Session(Session.new_name(), _capacity())
+        try:
+            return Store(session, _session.create_lock(session), owner=True)
+        except (FileExistsError, FileNotFoundError):
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def session_name() -> str:

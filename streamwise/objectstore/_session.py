@@ -211,7 +211,7 @@ class Session:
     def remove_all(self) -> None:
         """Delete every file of the session, the lock last, then its directory."""
         for path, _ in list(self.entries()):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or not a file we made
                 os.unlink(path)
         for lock in (self.lock_path, self.starting_lock_path):
             with contextlib.suppress(FileNotFoundError):
@@ -282,7 +282,9 @@ def cleanup_stale(keep: str | None = None) -> list[str]:
     removed = []
     for name in sorted(names):
         session = Session(name, capacity=0)
-        if _lock_is_free(session.lock_path) and _lock_is_free(session.starting_lock_path):
+        # lock-init first: a creator renames it to lock, never back, so a session that
+        # looks free under both names, checked in this order, is not being created.
+        if _lock_is_free(session.starting_lock_path) and _lock_is_free(session.lock_path):
             session.remove_all()
             removed.append(name)
     return removed

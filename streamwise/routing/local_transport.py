@@ -143,7 +143,7 @@ class LocalTransport:
     async def _open(self, target: ReplicaTarget) -> _Connection:
         """A fresh connection; Unreachable (and gRPC from now on) if none can be made."""
         try:
-            reader, writer = await asyncio.open_unix_connection(lw.socket_path(target.local_address), limit=STREAM_LIMIT)
+            reader, writer = await asyncio.open_unix_connection(target.local_address, limit=STREAM_LIMIT)
         except OSError as exc:
             self.unreachable.add(target.local_address)
             raise Unreachable(target.local_address) from exc

@@ -57,6 +57,7 @@ def server_options(options: GrpcOptions) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", options.max_concurrent_streams),
         ("grpc.server_handshake_timeout_ms", ms(options.handshake_timeout_s)),
         ("grpc.keepalive_time_ms", ms(options.keepalive_time_s)),
+        ("grpc.keepalive_permit_without_calls", 1),  # idle connections too: dead peers are found
         ("grpc.keepalive_timeout_ms", ms(options.keepalive_timeout_s)),
         ("grpc.http2.min_ping_interval_without_data_ms", int(options.min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 2),

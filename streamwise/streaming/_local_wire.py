@@ -2,7 +2,7 @@
 
 A caller on the same machine as a replica skips gRPC and speaks the same protocol
 (the same ``replica_pb2`` messages, the same admission ack) over a Unix stream socket
-in the abstract namespace, which leaves no file behind. Calls with an input stream
+in the app's run directory. Calls with an input stream
 stay on gRPC, for its flow control. A connection carries one call at a time and is
 reused for the next call once the previous one ended cleanly; a caller cancels a
 call by closing its connection. A connection's first message is AUTH, the app's
@@ -35,8 +35,6 @@ ACK, REPLY, FRAME, STATUS = 10, 11, 12, 13
 
 OK = "OK"
 
-# An abstract-namespace address is written with a leading "@" in place of its NUL.
-ABSTRACT_PREFIX = "@"
 
 @functools.cache
 def node_id() -> str:
@@ -46,10 +44,6 @@ def node_id() -> str:
             return f.read().strip()
     except OSError:
         return os.uname().nodename
-
-
-def socket_path(address: str) -> str:
-    return "\0" + address[1:] if address.startswith(ABSTRACT_PREFIX) else address
 
 
 def message(kind: int, body: bytes = b"") -> bytes:

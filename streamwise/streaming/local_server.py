@@ -30,6 +30,7 @@ BACKLOG = 1024
 
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _MAX_SECRET = 256  # an AUTH body longer than any secret is not read
+_AUTH_TIMEOUT_S = 10.0  # a connection that does not say who it is by then is closed
 
 
 class _Aborted(Exception):
@@ -62,7 +63,7 @@ class _Context:
 
 
 class LocalServer:
-    """Accepts same-node callers on an abstract Unix socket until ``aclose()``."""
+    """Accepts same-node callers on a Unix socket in the run directory until ``aclose()``."""
 
     def __init__(self, servicer: ReplicaServicer, credentials: Credentials) -> None:
         self._servicer = servicer
@@ -108,11 +109,12 @@ class LocalServer:
     async def _authenticated(self, reader: asyncio.StreamReader) -> bool:
         """Whether the connection's first message is AUTH with the app secret."""
         try:
-            length, kind = lw.HEADER.unpack(await reader.readexactly(lw.HEADER.size))
-            if kind != lw.AUTH or length > _MAX_SECRET:
-                return False
-            return self._credentials.accepts(await reader.readexactly(length))
-        except (asyncio.IncompleteReadError, OSError):
+            async with asyncio.timeout(_AUTH_TIMEOUT_S):
+                length, kind = lw.HEADER.unpack(await reader.readexactly(lw.HEADER.size))
+                if kind != lw.AUTH or length > _MAX_SECRET:
+                    return False
+                return self._credentials.accepts(await reader.readexactly(length))
+        except (asyncio.IncompleteReadError, OSError, TimeoutError):
             return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -89,6 +89,26 @@ def test_an_idle_connection_is_closed(serve):
     assert _good_request(address) == b"ok"
 
 
+def test_connections_past_the_cap_are_closed_at_once(serve):
+    """With max_connections held by clients that finished their handshake, one more
+    connection is closed at once (long before any timeout); once they leave, a good
+    client is served."""
+    address = _serve(serve, max_connections=5, handshake_timeout_s=60, idle_timeout_s=None)
+    held = [_connect(address) for _ in range(5)]
+    try:
+        for sock in held:
+            _h2_hello(sock)
+            next(f for f in _frames(sock) if f[0] == _SETTINGS)  # the server took it
+        with _connect(address) as extra:
+            extra.settimeout(20)  # a third of the handshake timeout
+            _h2_hello(extra)
+            assert all(kind != _SETTINGS for kind, _ in _frames(extra))  # closed unanswered
+    finally:
+        for sock in held:
+            sock.close()
+    assert _good_request(address) == b"ok"
+
+
 def test_connections_that_send_nothing_are_closed_and_good_clients_served(serve):
     """Past max_connections new connections are closed at once; those that never
     finish their handshake are closed after handshake_timeout_s; then a good client

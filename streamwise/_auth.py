@@ -144,9 +144,23 @@ def sweep_stale_run_dirs() -> list[str]:
     Directories of other users, and anything that is not a plain directory, are
     left alone without being opened.
     """
-    root = _run_root()
     removed = []
-    with contextlib.suppress(OSError), os.scandir(root) as entries:
+    for path in _own_run_dirs():
+        if _abandoned(os.path.join(path, _LOCK)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def live_run_dirs() -> list[str]:
+    """This user's run directories whose driver is running."""
+    return [path for path in _own_run_dirs() if _held(os.path.join(path, _LOCK))]
+
+
+def _own_run_dirs() -> list[str]:
+    """Directories named like run directories that this user owns (never following links)."""
+    found = []
+    with contextlib.suppress(OSError), os.scandir(_run_root()) as entries:
         for entry in entries:
             if not entry.name.startswith(_RUN_PREFIX):
                 continue
@@ -154,12 +168,26 @@ def sweep_stale_run_dirs() -> list[str]:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-                continue
-            if _abandoned(os.path.join(entry.path, _LOCK)):
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(entry.path)
-    return removed
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                found.append(entry.path)
+    return sorted(found)
+
+
+def _held(lock_path: str) -> bool:
+    """Whether a driver holds the run directory lock ``lock_path``."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _abandoned(lock_path: str) -> bool:

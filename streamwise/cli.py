@@ -5,7 +5,8 @@ SIGINT or SIGTERM, then drains, shuts everything down and exits 0. With
 ``--grpc-port`` (and ``--servicer pkg.mod:add_FooServicer_to_server``, repeatable) the
 app is also served to external gRPC clients. ``streamwise cleanup``
 deletes the shared memory of object store sessions whose processes are all gone
-(a driver killed with SIGKILL, for instance).
+(a driver killed with SIGKILL, for instance). ``status``, ``scale``, ``config`` and
+``shutdown`` manage running apps (``_cli_ops``).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def _import_app(path: str):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import streamwise
+    from streamwise.actors import api
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
     app = _import_app(args.target)
     grpc_options = None
     if args.grpc_port is not None or args.servicer:
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(handler=_cmd_trace_export)
     cleanup = commands.add_parser("cleanup", help="delete shared memory and run directories left by killed streamwise processes")
     cleanup.set_defaults(handler=_cmd_cleanup)
+    from streamwise import _cli_ops
+
+    _cli_ops.add_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

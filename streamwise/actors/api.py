@@ -6,11 +6,12 @@ import asyncio
 import atexit
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from streamwise import objectstore
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
+from streamwise.actors.management import ManagementServer, ManagementService
 from streamwise.actors.deployment import Application
 from streamwise.actors.spec import AppPlan, plan_app
 from streamwise.config import GrpcOptions, TracingConfig, env_tracing_config
@@ -22,12 +23,40 @@ from streamwise.tracing import setup as tracing_setup
 _lock = threading.RLock()
 
 
+_shutdown_listeners: list[Callable[[], None]] = []
+
+
+def add_shutdown_listener(listener: Callable[[], None]) -> None:
+    """Call ``listener`` (from any thread) when an operator shuts the driver down
+    through the management API (``streamwise shutdown``), after every app is gone."""
+    _shutdown_listeners.append(listener)
+
+
 class _Services:
-    """What the driver runs on its core loop: the controller and the gRPC ingress."""
+    """What the driver runs on its core loop: the controller, the management API and
+    the gRPC ingress."""
 
     def __init__(self) -> None:
         self.controller = Controller()
         self.ingress: Ingress | None = None
+        self.management: ManagementServer | None = None
+
+    async def start_management(self) -> None:
+        """Serve the management API beside the controller (once it has started)."""
+        assert self.controller.credentials is not None
+        service = ManagementService(self.controller, self.delete_app, self._shut_down)
+        management = ManagementServer(service, self.controller.credentials.run_dir)
+        await management.start(lambda: self.ingress.address if self.ingress is not None else "")
+        self.management = management
+
+    async def delete_app(self, name: str) -> None:
+        if self.ingress is not None:
+            self.ingress.remove_app(name)
+        await self.controller.delete_app(name)
+
+    async def _shut_down(self) -> None:
+        for listener in list(_shutdown_listeners):
+            listener()
 
     async def start_ingress(self, options: GrpcOptions) -> None:
         if self.ingress is not None:
@@ -39,6 +68,8 @@ class _Services:
         ingress = Ingress(options)
         await ingress.start()
         self.ingress = ingress
+        if self.management is not None:
+            self.management.write_driver_file(ingress.address)
 
     def plan(self, app: Application, name: str, tracing: TracingConfig | None) -> AppPlan:
         servicers = self.ingress.options.servicer_functions if self.ingress is not None else None
@@ -53,6 +84,8 @@ class _Services:
 
     async def close_front(self) -> None:
         """Drain external clients, then close this process's channels (before replicas go)."""
+        if self.management is not None:
+            await self.management.aclose()
         if self.ingress is not None:
             await self.ingress.aclose()
         await RUNTIME.close_routing()
@@ -76,6 +109,7 @@ class _Driver:
     async def _serve(self, started: asyncio.Future[str]) -> None:
         try:
             async with self.services.controller as controller:
+                await self.services.start_management()
                 started.set_result(controller.address)
                 try:
                     await self._stop.wait()
@@ -171,6 +205,7 @@ async def open_app(
     try:
         async with services.controller as controller:
             RUNTIME.set_controller(controller.address, controller.credentials)
+            await services.start_management()
             _active = services
             try:
                 tracing_setup.configure(tracing, "driver")

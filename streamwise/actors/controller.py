@@ -17,6 +17,7 @@ import enum
 import itertools
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,7 +25,8 @@ import grpc
 from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
-from streamwise.exceptions import DeploymentStartupError
+from streamwise.config import DeploymentConfig
+from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 
@@ -54,6 +56,23 @@ class _Replica:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    # Commands for the replica, sent down its Attach stream; None ends the stream.
+    control: asyncio.Queue[controller_pb2.ControlMessage | None] = dataclasses.field(default_factory=asyncio.Queue)
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    def release(self) -> None:
+        if not self.released.is_set():
+            self.released.set()
+            self.control.put_nowait(None)
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One replica a deployment should run; its supervisor keeps it filled until retired."""
+
+    replica: _Replica | None = None
+    retired: bool = False
+    task: asyncio.Task[None] | None = None
 
 
 class _Deployment:
@@ -68,7 +87,15 @@ class _Deployment:
         self.changed = asyncio.Event()
         self.deleted = False
         self.stopping = False
-        self.supervisors: list[asyncio.Task[None]] = []
+        self.slots: list[_Slot] = []
+        self.restarts = 0  # replicas replaced after they died or failed health checks
+        self.created_at = time.monotonic()
+
+    def reconfigure(self, config: DeploymentConfig) -> None:
+        """Take ``config`` from now on (replicas started later are built with it)."""
+        self.config = config
+        self.spec = dataclasses.replace(self.spec, config=config)
+        self.spec_bytes = codec.cloudpickle_dumps(self.spec)
 
     def publish(self) -> None:
         self.version += 1
@@ -98,6 +125,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._apps: dict[str, dict[str, _Deployment]] = {}
         self._replicas: dict[str, tuple[_Deployment, _Replica]] = {}
         self._ids = itertools.count(1)
+        self._roots: dict[str, str] = {}  # app -> its root deployment
         self._server: grpc.aio.Server | None = None
         self.address = ""
         self.credentials: auth.Credentials | None = None
@@ -157,21 +185,87 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             await self.delete_app(plan.name)
         deployments = {spec.config.name: _Deployment(spec) for spec in plan.specs}
         self._apps[plan.name] = deployments
-        loop = asyncio.get_running_loop()
-        first_ready: list[asyncio.Future[None]] = []
-        for dep in deployments.values():
-            for _ in range(dep.config.num_replicas):
-                ready = loop.create_future()
-                first_ready.append(ready)
-                dep.supervisors.append(loop.create_task(self._supervise(dep, ready)))
+        self._roots[plan.name] = plan.root.config.name
+        first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.num_replicas)]
         try:
             await asyncio.gather(*first_ready)
         except BaseException:
             await self.delete_app(plan.name)
             raise
 
+    def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
+        """Start supervising one more replica of ``dep``; the future is set once it runs
+        (or set to the error that made its constructor fail for good)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        slot = _Slot()
+        slot.task = loop.create_task(self._supervise(dep, slot, ready))
+        dep.slots.append(slot)
+        return ready
+
+    def deployment(self, app: str, name: str) -> _Deployment:
+        """The deployment ``name`` of ``app``; DeploymentNotFoundError naming what runs."""
+        dep = self._apps.get(app, {}).get(name)
+        if dep is None:
+            running = ", ".join(f"{a}/{d}" for a, deps in self._apps.items() for d in deps) or "none"
+            raise DeploymentNotFoundError(f"{app}/{name}", f"running: {running}")
+        return dep
+
+    def deployments(self, app: str) -> dict[str, _Deployment]:
+        return dict(self._apps.get(app, {}))
+
+    def root(self, app: str) -> str:
+        return self._roots.get(app, "")
+
+    async def scale(self, app: str, name: str, num_replicas: int) -> None:
+        """Run ``num_replicas`` replicas of the deployment from now on.
+
+        New replicas start at once (returns once they run); replicas beyond the
+        number drain, so no call in flight is dropped: routers stop choosing them
+        first, then each finishes its calls (within its graceful_shutdown_timeout_s).
+        """
+        dep = self.deployment(app, name)
+        live = [slot for slot in dep.slots if not slot.retired]
+        dep.reconfigure(dataclasses.replace(dep.config, num_replicas=num_replicas))
+        if num_replicas > len(live):
+            ready = [self._add_slot(dep) for _ in range(num_replicas - len(live))]
+            try:
+                await asyncio.gather(*ready)
+            finally:  # a slot whose replica could not start is given up
+                dep.slots = [s for s in dep.slots if s.task is None or not s.task.done()]
+            return
+        # Retire those not running yet first, then the youngest.
+        order = sorted(
+            live,
+            key=lambda s: (s.replica is not None and s.replica.state is ReplicaState.RUNNING,
+                           -(s.replica.started_at if s.replica else 0.0)),
+        )
+        retired = order[: len(live) - num_replicas]
+        for slot in retired:
+            slot.retired = True
+        await asyncio.gather(*(self._retire(dep, slot) for slot in retired))
+
+    async def _retire(self, dep: _Deployment, slot: _Slot) -> None:
+        if slot.replica is not None and slot.replica.state is not ReplicaState.STOPPED:
+            await self._stop_replica(dep, slot.replica)
+        if slot.task is not None:
+            await asyncio.gather(slot.task, return_exceptions=True)
+        if slot in dep.slots:
+            dep.slots.remove(slot)
+
+    def reconfigure(self, app: str, name: str, user_config: object) -> None:
+        """Deliver ``user_config`` to ``reconfigure()`` of every live replica of the
+        deployment, and build later replicas with it."""
+        dep = self.deployment(app, name)
+        dep.reconfigure(dataclasses.replace(dep.config, user_config=user_config))
+        message = controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(user_config))
+        for replica in dep.replicas.values():
+            if replica.state is ReplicaState.RUNNING and not replica.released.is_set():
+                replica.control.put_nowait(message)
+
     async def delete_app(self, name: str) -> None:
         deployments = self._apps.pop(name, None)
+        self._roots.pop(name, None)
         if not deployments:
             return
         await asyncio.gather(*(self._stop_deployment(dep) for dep in deployments.values()))
@@ -181,9 +275,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dep.deleted = True
         dep.publish()
         await asyncio.gather(*(self._stop_replica(dep, r) for r in list(dep.replicas.values())))
-        for task in dep.supervisors:
+        tasks = [slot.task for slot in dep.slots if slot.task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*dep.supervisors, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stop_replica(self, dep: _Deployment, replica: _Replica) -> None:
         replica.state = ReplicaState.DRAINING
@@ -198,17 +293,24 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             replica.process.kill()
             await replica.process.wait()
         replica.state = ReplicaState.STOPPED
-        replica.released.set()
+        replica.release()
 
     # -- supervision -----------------------------------------------------------------
 
-    async def _supervise(self, dep: _Deployment, first_ready: asyncio.Future[None]) -> None:
-        """Keep one replica slot of ``dep`` filled until the deployment stops."""
+    async def _supervise(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
+        """Keep ``slot`` of ``dep`` filled until the deployment stops or the slot retires."""
+        try:
+            await self._keep_filled(dep, slot, first_ready)
+        finally:
+            if not first_ready.done():  # retired or stopped before its replica ran
+                first_ready.cancel()
+
+    async def _keep_filled(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
         failures = 0
         last_error: replica_pb2.RemoteError | None = None
         backoff = iter(_RESTART_BACKOFF_S)
-        while not dep.stopping:
-            replica = await self._spawn(dep)
+        while not dep.stopping and not slot.retired:
+            replica = slot.replica = await self._spawn(dep)
             try:
                 error = await self._wait_attached(replica)
                 if error is not None or replica.address == "":
@@ -232,7 +334,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 if dep.stopping:
                     replica.process.kill()  # started while the deployment was stopping
                 self._forget(dep, replica)
-            if not dep.stopping:
+            if not dep.stopping and not slot.retired:
+                dep.restarts += 1
                 log.warning("replica %s of %r stopped; starting a new one", replica.replica_id, dep.config.name)
 
     def _startup_error(self, dep: _Deployment, error: replica_pb2.RemoteError | None) -> DeploymentStartupError:
@@ -307,7 +410,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     def _forget(self, dep: _Deployment, replica: _Replica) -> None:
         replica.state = ReplicaState.STOPPED
-        replica.released.set()
+        replica.release()
         # The process has exited: free the shared memory only it still held, before a
         # replacement starts (so its readiness also means the memory is back).
         objectstore.reclaim()
@@ -339,7 +442,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dep, _ = await self._launched(request.replica_id, context)
         return controller_pb2.SpecReply(sys_path=[p for p in sys.path if p], spec=dep.spec_bytes)
 
-    async def Attach(self, request: controller_pb2.AttachRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Attach(
+        self, request: controller_pb2.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[controller_pb2.ControlMessage]:
         _, replica = await self._launched(request.replica_id, context)
         if request.HasField("error"):
             if not replica.attached.done():
@@ -350,7 +455,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica.node = request.node
         if not replica.attached.done():
             replica.attached.set_result(None)
-        await replica.released.wait()  # the open stream tells the replica we are alive
+        # The open stream tells the replica we are alive, and carries its commands.
+        while (message := await replica.control.get()) is not None:
+            yield message
 
     async def WatchReplicas(self, request: controller_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[controller_pb2.ReplicaSet]:
         dep = self._apps.get(request.app, {}).get(request.deployment)

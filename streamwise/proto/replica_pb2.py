@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamwise/proto/replica.proto\x12\rstreamwise.v1\"\xbf\x01\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.streamwise.v1.CallRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRemoteError\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"E\n\tCallReply\x12\r\n\x05value\x18\x01 \x01(\x0c\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"P\n\x05\x46rame\x12\r\n\x05items\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"R\n\x0bStreamInput\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.CallRequestH\x00\x12\x0f\n\x05items\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x0f\n\rHealthRequest\"8\n\x0bHealthReply\x12)\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError2\x8f\x02\n\x07Replica\x12<\n\x04\x43\x61ll\x12\x1a.streamwise.v1.CallRequest\x1a\x18.streamwise.v1.CallReply\x12<\n\x06Stream\x12\x1a.streamwise.v1.CallRequest\x1a\x14.streamwise.v1.Frame0\x01\x12?\n\x07\x43hannel\x12\x1a.streamwise.v1.StreamInput\x1a\x14.streamwise.v1.Frame(\x01\x30\x01\x12G\n\x0b\x43heckHealth\x12\x1c.streamwise.v1.HealthRequest\x1a\x1a.streamwise.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamwise/proto/replica.proto\x12\rstreamwise.v1\"\xbf\x01\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.streamwise.v1.CallRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRemoteError\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"E\n\tCallReply\x12\r\n\x05value\x18\x01 \x01(\x0c\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"P\n\x05\x46rame\x12\r\n\x05items\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"R\n\x0bStreamInput\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.CallRequestH\x00\x12\x0f\n\x05items\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x0f\n\rHealthRequest\"8\n\x0bHealthReply\x12)\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"\x0e\n\x0cStatsRequest\"&\n\nStatsReply\x12\x18\n\x10ongoing_requests\x18\x01 \x01(\r2\xd0\x02\n\x07Replica\x12<\n\x04\x43\x61ll\x12\x1a.streamwise.v1.CallRequest\x1a\x18.streamwise.v1.CallReply\x12<\n\x06Stream\x12\x1a.streamwise.v1.CallRequest\x1a\x14.streamwise.v1.Frame0\x01\x12?\n\x07\x43hannel\x12\x1a.streamwise.v1.StreamInput\x1a\x14.streamwise.v1.Frame(\x01\x30\x01\x12G\n\x0b\x43heckHealth\x12\x1c.streamwise.v1.HealthRequest\x1a\x1a.streamwise.v1.HealthReply\x12?\n\x05Stats\x12\x1b.streamwise.v1.StatsRequest\x1a\x19.streamwise.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,6 +49,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_end=581
   _globals['_HEALTHREPLY']._serialized_start=583
   _globals['_HEALTHREPLY']._serialized_end=639
-  _globals['_REPLICA']._serialized_start=642
-  _globals['_REPLICA']._serialized_end=913
+  _globals['_STATSREQUEST']._serialized_start=641
+  _globals['_STATSREQUEST']._serialized_end=655
+  _globals['_STATSREPLY']._serialized_start=657
+  _globals['_STATSREPLY']._serialized_end=695
+  _globals['_REPLICA']._serialized_start=698
+  _globals['_REPLICA']._serialized_end=1034
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class ReplicaStub:
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.HealthRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/streamwise.v1.Replica/Stats',
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.StatsRequest.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_replica__pb2.StatsReply.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -83,6 +88,12 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.CheckHealth,
                     request_deserializer=streamwise_dot_proto_dot_replica__pb2.HealthRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.HealthReply.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.StatsRequest.FromString,
+                    response_serializer=streamwise_dot_proto_dot_replica__pb2.StatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Replica:
             '/streamwise.v1.Replica/CheckHealth',
             streamwise_dot_proto_dot_replica__pb2.HealthRequest.SerializeToString,
             streamwise_dot_proto_dot_replica__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamwise.v1.Replica/Stats',
+            streamwise_dot_proto_dot_replica__pb2.StatsRequest.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,

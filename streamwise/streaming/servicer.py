@@ -294,6 +294,9 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             return replica_pb2.HealthReply(error=_wire.error_to_proto(exc))
         return replica_pb2.HealthReply()
 
+    async def Stats(self, request: replica_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> replica_pb2.StatsReply:
+        return replica_pb2.StatsReply(ongoing_requests=self._ongoing)
+
 
 def _close_when_idle(pending: concurrent.futures.Future[Any] | None, gen: Any) -> None:
     if pending is not None:

@@ -1,0 +1,174 @@
+"""The operator's commands of the CLI: ``status``, ``scale``, ``config``, ``shutdown``.
+
+Each finds this user's running drivers through their run directories and calls the
+management API (``proto/management.proto``) of the one that runs the application
+named, or of every driver when none is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from streamwise.actors.management import Driver, running_drivers
+from streamwise.exceptions import UsageError
+from streamwise.proto import management_pb2, management_pb2_grpc
+
+_TIMEOUT_S = 30.0
+
+
+def _stub(driver: Driver) -> tuple[grpc.Channel, management_pb2_grpc.ManagementStub]:
+    channel = grpc.insecure_channel(driver.target)
+    return channel, management_pb2_grpc.ManagementStub(channel)
+
+
+def _call(driver: Driver, method: str, request: Any, **kwargs: Any) -> Any:
+    channel, stub = _stub(driver)
+    with channel:
+        try:
+            return getattr(stub, method)(request, metadata=driver.metadata(), timeout=_TIMEOUT_S, **kwargs)
+        except grpc.RpcError as exc:
+            raise UsageError(f"{method}: {exc.details() or exc.code().name}") from None
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def _applications(args: argparse.Namespace) -> Iterator[tuple[Driver, management_pb2.ApplicationStatus]]:
+    """(driver, described application) of every app running, or only ``args.application``."""
+    found = False
+    for driver in running_drivers():
+        listed = _call(driver, "ListApplications", management_pb2.ListApplicationsRequest())
+        for app in listed.applications:
+            if args.application in (None, app.name):
+                found = True
+                request = management_pb2.DescribeApplicationRequest(application=app.name)
+                yield driver, _call(driver, "DescribeApplication", request)
+    if args.application is not None and not found:
+        raise UsageError(f"no application {args.application!r} is running")
+
+
+def _driver_of(application: str) -> Driver:
+    for driver in running_drivers():
+        listed = _call(driver, "ListApplications", management_pb2.ListApplicationsRequest())
+        if any(app.name == application for app in listed.applications):
+            return driver
+    raise UsageError(f"no application {application!r} is running")
+
+
+def _uptime(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    described = list(_applications(args))
+    if args.json:
+        apps = []
+        for driver, app in described:
+            entry = _as_dict(app)
+            entry["driver_pid"] = driver.pid
+            entry["ingress"] = driver.ingress
+            for dep in entry["deployments"]:
+                dep["config"] = json.loads(dep.pop("config_json") or "{}")
+            apps.append(entry)
+        print(json.dumps({"applications": apps}, indent=2))
+        return 0
+    if not described:
+        print("no applications are running")
+        return 0
+    rows = [("APPLICATION", "DEPLOYMENT", "REPLICA", "STATE", "PID", "UPTIME", "ONGOING")]
+    for _, app in described:
+        for dep in app.deployments:
+            for r in dep.replicas:
+                ongoing = "?" if r.ongoing_requests < 0 else str(r.ongoing_requests)
+                rows.append((app.name, dep.name, r.replica_id, r.state, str(r.pid), _uptime(r.uptime_s), ongoing))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for driver, app in described:
+        where = f", gRPC on {driver.ingress}" if driver.ingress else ""
+        deps = ", ".join(
+            f"{d.name} {d.running_replicas}/{d.target_replicas} {d.status}"
+            + (f" ({d.restarts} restarts)" if d.restarts else "")
+            for d in app.deployments
+        )
+        print(f"{app.name}: {app.status} (driver pid {driver.pid}{where}) - {deps}")
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _progress(status: management_pb2.DeploymentStatus) -> str:
+    states: dict[str, int] = {}
+    for replica in status.replicas:
+        states[replica.state] = states.get(replica.state, 0) + 1
+    others = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()) if state != "RUNNING")
+    return f"{status.name}: {status.running_replicas}/{status.target_replicas} running" + (f" ({others})" if others else "")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    if args.num_replicas < 0:
+        raise UsageError(f"the number of replicas must be >= 0, got {args.num_replicas}")
+    driver = _driver_of(args.application)
+    request = management_pb2.ScaleDeploymentRequest(
+        application=args.application, deployment=args.deployment, num_replicas=args.num_replicas
+    )
+    channel, stub = _stub(driver)
+    last = ""
+    with channel:
+        try:
+            for status in stub.ScaleDeployment(request, metadata=driver.metadata()):
+                line = _progress(status)
+                if line != last:
+                    print(line, flush=True)
+                    last = line
+        except grpc.RpcError as exc:
+            raise UsageError(f"scale: {exc.details() or exc.code().name}") from None
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    driver = _driver_of(args.application)
+    app = _call(driver, "DescribeApplication", management_pb2.DescribeApplicationRequest(application=args.application))
+    configs = {dep.name: json.loads(dep.config_json or "{}") for dep in app.deployments}
+    print(json.dumps({"name": app.name, "root_deployment": app.root_deployment, "deployments": configs}, indent=2))
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    drivers = running_drivers() if args.application is None else [_driver_of(args.application)]
+    for driver in drivers:
+        _call(driver, "Shutdown", management_pb2.ShutdownRequest())
+        print(f"streamwise: driver {driver.pid} shut its applications down", file=sys.stderr)
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register the operator's commands on the CLI's subparsers."""
+    status = commands.add_parser("status", help="show the running applications, deployments and replicas")
+    status.add_argument("application", nargs="?", default=None, help="only this application")
+    status.add_argument("--json", action="store_true", help="print JSON: applications -> deployments -> replicas")
+    status.set_defaults(handler=cmd_status)
+    scale = commands.add_parser("scale", help="set a deployment's number of replicas (draining the ones that go)")
+    scale.add_argument("application")
+    scale.add_argument("deployment")
+    scale.add_argument("num_replicas", type=int)
+    scale.set_defaults(handler=cmd_scale)
+    config = commands.add_parser("config", help="print the options each deployment of an application runs with")
+    config.add_argument("application")
+    config.set_defaults(handler=cmd_config)
+    shutdown = commands.add_parser("shutdown", help="drain and stop the running applications")
+    shutdown.add_argument("application", nargs="?", default=None, help="only the driver running this application")
+    shutdown.set_defaults(handler=cmd_shutdown)

@@ -1,0 +1,259 @@
+"""The management API of a running driver: status, scaling, user_config, delete, shutdown.
+
+It is a gRPC service (``proto/management.proto``) on its own Unix socket in the
+driver's run directory, beside a ``management.token`` file (mode 0600) that every
+call must carry: the ``streamwise`` CLI, or any program of the same user, reads both
+to manage the apps. ``driver.json`` there says which process it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from streamwise import _auth as auth
+from streamwise.exceptions import DeploymentNotFoundError, StreamwiseError, UsageError
+from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2, replica_pb2_grpc
+from streamwise.streaming import _wire
+
+if TYPE_CHECKING:
+    from streamwise.actors.controller import Controller, _Deployment
+
+SOCKET = "management"
+TOKEN_FILE = "management.token"
+DRIVER_FILE = "driver.json"
+_STATS_TIMEOUT_S = 1.0
+
+
+def _config_json(dep: _Deployment) -> str:
+    fields = dataclasses.asdict(dep.config) if dataclasses.is_dataclass(dep.config) else {}
+    return json.dumps(fields, default=repr, sort_keys=True)
+
+
+async def _ongoing(address: str, metadata: tuple[tuple[str, str], ...]) -> int:
+    """The replica's calls in flight, or -1 if it does not answer in time."""
+    async with grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS) as channel:
+        try:
+            reply = await replica_pb2_grpc.ReplicaStub(channel).Stats(
+                replica_pb2.StatsRequest(), metadata=metadata, timeout=_STATS_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError:
+            return -1
+    return reply.ongoing_requests
+
+
+async def deployment_status(controller: Controller, dep: _Deployment, *, replicas: bool = True) -> management_pb2.DeploymentStatus:
+    """What an operator sees of one deployment (asking each running replica its load)."""
+    from streamwise.actors.controller import ReplicaState
+
+    now = time.monotonic()
+    live = list(dep.replicas.values())
+    running = sum(r.state is ReplicaState.RUNNING for r in live)
+    status = management_pb2.DeploymentStatus(
+        name=dep.config.name,
+        target_replicas=dep.config.num_replicas,
+        running_replicas=running,
+        restarts=dep.restarts,
+        config_json=_config_json(dep),
+        status="HEALTHY" if running == dep.config.num_replicas == len(live) else "UPDATING",
+    )
+    if replicas:
+        metadata = controller.credentials.metadata if controller.credentials is not None else ()
+        loads = await asyncio.gather(
+            *(_ongoing(r.address, metadata) if r.state is ReplicaState.RUNNING else _none() for r in live)
+        )
+        for replica, load in zip(live, loads, strict=True):
+            status.replicas.append(
+                management_pb2.ReplicaStatus(
+                    replica_id=replica.replica_id,
+                    state=replica.state.name,
+                    node=replica.node,
+                    pid=replica.process.pid,
+                    address=replica.address,
+                    uptime_s=now - replica.started_at,
+                    ongoing_requests=load,
+                )
+            )
+    return status
+
+
+async def _none() -> int:
+    return -1
+
+
+async def application_status(controller: Controller, app: str, *, replicas: bool = True) -> management_pb2.ApplicationStatus:
+    deployments = controller.deployments(app)
+    if not deployments:
+        raise DeploymentNotFoundError(app, f"no application {app!r}; running: {', '.join(controller.app_names()) or 'none'}")
+    statuses = [await deployment_status(controller, dep, replicas=replicas) for dep in deployments.values()]
+    return management_pb2.ApplicationStatus(
+        name=app,
+        status="RUNNING" if all(s.status == "HEALTHY" for s in statuses) else "DEPLOYING",
+        root_deployment=controller.root(app),
+        deployments=statuses,
+        uptime_s=time.monotonic() - min(dep.created_at for dep in deployments.values()),
+    )
+
+
+class ManagementService(management_pb2_grpc.ManagementServicer):
+    """The Management RPCs, on the driver's controller.
+
+    ``delete_app`` removes an app from the ingress and the controller (draining it);
+    ``on_shutdown`` is awaited after every app is gone, when an operator asks the
+    driver to shut down.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        delete_app: Callable[[str], Awaitable[None]],
+        on_shutdown: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._controller = controller
+        self._delete_app = delete_app
+        self._on_shutdown = on_shutdown
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: StreamwiseError) -> None:
+        code = grpc.StatusCode.NOT_FOUND if isinstance(exc, DeploymentNotFoundError) else grpc.StatusCode.INVALID_ARGUMENT
+        await context.abort(code, str(exc))
+
+    async def ListApplications(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ListApplicationsReply:
+        apps = [await application_status(self._controller, app, replicas=False) for app in self._controller.app_names()]
+        return management_pb2.ListApplicationsReply(applications=apps)
+
+    async def DescribeApplication(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ApplicationStatus:
+        try:
+            return await application_status(self._controller, request.application)
+        except StreamwiseError as exc:
+            await self._fail(context, exc)
+            raise
+
+    async def ScaleDeployment(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[management_pb2.DeploymentStatus]:
+        controller = self._controller
+        try:
+            dep = controller.deployment(request.application, request.deployment)
+        except StreamwiseError as exc:
+            await self._fail(context, exc)
+            raise
+        # Scaling goes on to the end should the caller stop watching (a half-done
+        # scale-down would leave replicas draining).
+        scaling = asyncio.ensure_future(controller.scale(request.application, request.deployment, request.num_replicas))
+        self._background.add(scaling)
+        scaling.add_done_callback(self._background.discard)
+        try:
+            while not scaling.done():
+                changed = asyncio.ensure_future(dep.changed.wait())
+                yield await deployment_status(controller, dep)
+                await asyncio.wait({scaling, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+            scaling.result()  # raises the error that stopped it
+        except StreamwiseError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        yield await deployment_status(controller, dep)
+
+    async def UpdateUserConfig(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.DeploymentStatus:
+        try:
+            user_config = json.loads(request.user_config_json) if request.user_config_json else None
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"user_config_json is not JSON: {exc}")
+            raise
+        try:
+            self._controller.reconfigure(request.application, request.deployment, user_config)
+            dep = self._controller.deployment(request.application, request.deployment)
+        except StreamwiseError as exc:
+            await self._fail(context, exc)
+            raise
+        return await deployment_status(self._controller, dep)
+
+    async def DeleteApplication(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.DeleteApplicationReply:
+        if request.application not in self._controller.app_names():
+            await self._fail(context, DeploymentNotFoundError(request.application, "no such application"))
+        await self._delete_app(request.application)
+        return management_pb2.DeleteApplicationReply()
+
+    async def Shutdown(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ShutdownReply:
+        for app in self._controller.app_names():
+            await self._delete_app(app)
+        await self._on_shutdown()
+        return management_pb2.ShutdownReply()
+
+
+@dataclasses.dataclass
+class ManagementServer:
+    """The Management service on ``<run dir>/management``, and the files beside it."""
+
+    service: ManagementService
+    run_dir: str
+    server: grpc.aio.Server | None = None
+
+    async def start(self, ingress: Callable[[], str]) -> None:
+        token = auth.new_token()
+        _write_private(os.path.join(self.run_dir, TOKEN_FILE), token)
+        credentials = auth.Credentials(secret=token, run_dir=self.run_dir)
+        server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
+        management_pb2_grpc.add_ManagementServicer_to_server(self.service, server)
+        auth.bind_unix(server, os.path.join(self.run_dir, SOCKET))
+        await server.start()
+        self.server = server
+        self.write_driver_file(ingress())
+
+    def write_driver_file(self, ingress: str) -> None:
+        info = {"pid": os.getpid(), "started": time.time(), "ingress": ingress}
+        _write_private(os.path.join(self.run_dir, DRIVER_FILE), json.dumps(info))
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0.5)
+            self.server = None
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to a new file only this user can read, replacing ``path`` at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -- the client side (the CLI) ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Driver:
+    """A running driver of this user, found through its run directory."""
+
+    run_dir: str
+    pid: int
+    ingress: str
+
+    @property
+    def target(self) -> str:
+        return f"unix:{os.path.join(self.run_dir, SOCKET)}"
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        with open(os.path.join(self.run_dir, TOKEN_FILE)) as f:
+            return ((auth.SECRET_KEY, f.read().strip()),)
+
+
+def running_drivers() -> list[Driver]:
+    """Every live driver of this user that serves the management API."""
+    drivers = []
+    for run_dir in auth.live_run_dirs():
+        try:
+            with open(os.path.join(run_dir, DRIVER_FILE)) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue  # starting, or stopping
+        drivers.append(Driver(run_dir, int(info.get("pid", 0)), str(info.get("ingress", ""))))
+    if not drivers:
+        raise UsageError("no streamwise app is running for this user (start one with `streamwise run`)")
+    return sorted(drivers, key=lambda d: d.pid)

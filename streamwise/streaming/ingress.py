@@ -29,11 +29,12 @@ from streamwise.exceptions import UsageError
 from streamwise.proto import replica_pb2
 from streamwise.routing.handle import open_frames
 from streamwise.routing.router import router_for
-from streamwise.streaming import _limits, _wire
+from streamwise.streaming import _limits, _wire, serve_api
 from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import RpcMethod, rpc_table, service_names
 from streamwise.tracing import spans
 
+_REGISTERED = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")
 _PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
 
 
@@ -84,6 +85,7 @@ class Ingress:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False
         self.address = ""
 
     # -- lifecycle -------------------------------------------------------------------
@@ -92,9 +94,17 @@ class Ingress:
         """Bind and start serving; returns ``host:port`` (the bound port when port=0)."""
         server = grpc.aio.server(options=_limits.server_options(self.options))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        serve_api.add_to_server(serve_api.ServeAPI(self.app_names, lambda: self._draining), server)
         names = service_names(self._rpcs)
         reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                serve_api.SERVICE,
+                serve_api.RAY_SERVICE,
+                reflection.SERVICE_NAME,
+            ],
+            server,
         )
         server.add_generic_rpc_handlers([_Handler(self)])
         target = f"{self.options.host}:{self.options.port}"
@@ -133,6 +143,7 @@ class Ingress:
         """Drain: report NOT_SERVING, let running RPCs finish (up to drain_timeout_s), stop."""
         if self._server is None:
             return
+        self._draining = True
         await self._health.enter_graceful_shutdown()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), self.options.drain_timeout_s)
@@ -281,8 +292,8 @@ class _Handler(grpc.GenericRpcHandler):
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         path = details.method
-        if path.startswith("/grpc."):
-            return None  # health and reflection are registered services
+        if path.startswith(_REGISTERED):
+            return None  # health, reflection and the ingress's own RPCs are registered services
         ingress = self._ingress
         rpc = ingress._rpcs.get(path)
         if rpc is None:

@@ -21,7 +21,7 @@ import os as _os
 # first import of grpc to take effect.
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamwise.actors.api import ingress_address, open_app, run, shutdown  # noqa: E402
+from streamwise.actors.api import ingress_address, metrics_address, open_app, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
 from streamwise.config import (  # noqa: E402
     DeploymentConfig,
@@ -66,6 +66,7 @@ __all__ = [
     "get",
     "get_request_context",
     "ingress_address",
+    "metrics_address",
     "open_app",
     "put",
     "run",

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 
+from streamwise import config as streamwise_config
 from streamwise.exceptions import StreamwiseError, UsageError
 
 
@@ -61,8 +62,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sampling_ratio=args.tracing_sampling_ratio,
         )
     try:
-        streamwise.run(app, name=args.name, grpc_options=grpc_options, tracing=tracing)
+        metrics_port = None if args.metrics_port < 0 else args.metrics_port
+        streamwise.run(
+            app, name=args.name, grpc_options=grpc_options, tracing=tracing,
+            metrics_port=metrics_port, metrics_host=args.metrics_host,
+        )
         where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
+        if metrics_port is not None:
+            where += f" (metrics on http://{streamwise.metrics_address()}/metrics)"
         print(f"streamwise: app {args.name!r} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
     finally:
@@ -129,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument(
         "--tracing-sampling-ratio", type=float, default=None, help="default: OTEL_TRACES_SAMPLER(_ARG), else 1.0"
+    )
+    run.add_argument(
+        "--metrics-port", type=int, default=streamwise_config.DEFAULT_CLI_METRICS_PORT,
+        help="serve Prometheus metrics on this port (0: any, -1: none; default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-host", default=streamwise_config.DEFAULT_METRICS_HOST,
+        help="address the metrics endpoint binds (default: %(default)s)",
     )
     run.set_defaults(handler=_cmd_run)
 

@@ -37,6 +37,8 @@ DEFAULT_CODEC = "cloudpickle"
 
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_GRPC_HOST = "0.0.0.0"
+DEFAULT_METRICS_HOST = "127.0.0.1"  # metrics say what runs and how busy it is: local by default
+DEFAULT_CLI_METRICS_PORT = 9464  # the port OpenTelemetry's Prometheus exporter uses too
 DEFAULT_MAX_MESSAGE_LENGTH = 4 * 1024 * 1024
 DEFAULT_REPLICA_WAIT_TIMEOUT_S = 5.0
 DEFAULT_INGRESS_DRAIN_TIMEOUT_S = 20.0
@@ -298,6 +300,17 @@ def env_local_transport() -> bool:
     if os.environ.get("STREAMWISE_LOCAL_TRANSPORT", "").strip() == "":
         return True
     return _env_flag("STREAMWISE_LOCAL_TRANSPORT")
+
+
+def env_metrics_enabled() -> bool:
+    """Whether streamwise records its Prometheus metrics (the default).
+
+    ``STREAMWISE_METRICS=0`` records nothing: it exists to measure what recording
+    costs (``benchmarks/metrics_bench.py``). Replicas inherit it from the driver.
+    """
+    if os.environ.get("STREAMWISE_METRICS", "").strip() == "":
+        return True
+    return _env_flag("STREAMWISE_METRICS")
 
 
 def env_internal_auth() -> bool:

@@ -9,12 +9,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from streamwise import objectstore
+from streamwise.metrics import recorders
+from streamwise.metrics.endpoint import MetricsEndpoint, replica_metrics
 from streamwise.actors._runtime import RUNTIME, CoreLoop
 from streamwise.actors.controller import Controller
 from streamwise.actors.management import ManagementServer, ManagementService
 from streamwise.actors.deployment import Application
 from streamwise.actors.spec import AppPlan, plan_app
-from streamwise.config import GrpcOptions, TracingConfig, env_tracing_config
+from streamwise.config import DEFAULT_METRICS_HOST, GrpcOptions, TracingConfig, env_tracing_config
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 from streamwise.streaming.ingress import Ingress
@@ -40,6 +42,42 @@ class _Services:
         self.controller = Controller()
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
+        self.metrics: MetricsEndpoint | None = None
+        self._collectors: list[recorders.FunctionCollector] = []
+
+    async def start_metrics(self, host: str, port: int) -> None:
+        """Serve Prometheus metrics of this driver and its replicas on ``host:port``
+        (once; call on the core loop)."""
+        if self.metrics is not None:
+            return
+        controller = self.controller
+        self._collectors = [
+            recorders.FunctionCollector(lambda: recorders.controller_metrics(controller.all_deployments)),
+            recorders.FunctionCollector(lambda: recorders.store_metrics(objectstore.usage)),
+        ]
+        for collector in self._collectors:
+            recorders.REGISTRY.register(collector)
+
+        async def replicas() -> list[bytes]:
+            metadata = controller.credentials.metadata if controller.credentials is not None else ()
+            addresses = [r.address for deps in controller.all_deployments().values() for d in deps.values()
+                         for r in d.replicas.values() if r.address]
+            return list(await asyncio.gather(*(replica_metrics(a, metadata) for a in addresses)))
+
+        endpoint = MetricsEndpoint(asyncio.get_running_loop(), replicas)
+        try:
+            endpoint.start(host, port)
+        except OSError as exc:
+            raise UsageError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+        self.metrics = endpoint
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        for collector in self._collectors:
+            recorders.REGISTRY.unregister(collector)
+        self._collectors = []
 
     async def start_management(self) -> None:
         """Serve the management API beside the controller (once it has started)."""
@@ -84,6 +122,7 @@ class _Services:
 
     async def close_front(self) -> None:
         """Drain external clients, then close this process's channels (before replicas go)."""
+        self.close_metrics()
         if self.management is not None:
             await self.management.aclose()
         if self.ingress is not None:
@@ -155,6 +194,8 @@ def run(
     *,
     grpc_options: GrpcOptions | None = None,
     tracing: TracingConfig | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = DEFAULT_METRICS_HOST,
 ) -> DeploymentHandle:
     """Start ``app`` (controller and every replica, in parallel); return its root handle.
 
@@ -166,13 +207,17 @@ def run(
     With ``grpc_options`` the gRPC ingress starts (once per process) and serves this
     app's root deployment to external clients; apps run later are served too.
     ``tracing`` (default: from ``STREAMWISE_TRACING*`` env vars) turns on
-    OpenTelemetry traces in this process and in the app's replicas.
+    OpenTelemetry traces in this process and in the app's replicas. With
+    ``metrics_port`` (0: any free port) Prometheus metrics of this process and every
+    replica are served on ``metrics_host:metrics_port`` (see ``metrics_address()``).
     """
     tracing = tracing if tracing is not None else env_tracing_config()
     with _lock:
         driver = _ensure_driver()
         tracing_setup.configure(tracing, "driver")
         services = driver.services
+        if metrics_port is not None:
+            driver.core.run(services.start_metrics(metrics_host, metrics_port))
         if grpc_options is not None:
             driver.core.run(services.start_ingress(grpc_options))
         plan = services.plan(app, name, tracing)
@@ -187,6 +232,8 @@ async def open_app(
     *,
     grpc_options: GrpcOptions | None = None,
     tracing: TracingConfig | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = DEFAULT_METRICS_HOST,
 ) -> AsyncIterator[DeploymentHandle]:
     """Run ``app`` on the running event loop for the duration of an ``async with`` block.
 
@@ -209,6 +256,8 @@ async def open_app(
             _active = services
             try:
                 tracing_setup.configure(tracing, "driver")
+                if metrics_port is not None:
+                    await services.start_metrics(metrics_host, metrics_port)
                 if grpc_options is not None:
                     await services.start_ingress(grpc_options)
                 plan = services.plan(app, name, tracing)
@@ -223,6 +272,14 @@ async def open_app(
             RUNTIME.core_loop = None
         tracing_setup.shutdown()
         objectstore.close_session()
+
+
+def metrics_address() -> str:
+    """``host:port`` of the Prometheus scrape endpoint (``/metrics``), when it runs."""
+    with _lock:
+        if _active is None or _active.metrics is None:
+            raise UsageError("no metrics endpoint is running; pass metrics_port to streamwise.run()")
+        return _active.metrics.address
 
 
 def ingress_address() -> str:

@@ -214,6 +214,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     def deployments(self, app: str) -> dict[str, _Deployment]:
         return dict(self._apps.get(app, {}))
 
+    def all_deployments(self) -> dict[str, dict[str, _Deployment]]:
+        """Every app's deployments, by app and name (a copy)."""
+        return {app: dict(deps) for app, deps in self._apps.items()}
+
     def root(self, app: str) -> str:
         return self._roots.get(app, "")
 

@@ -26,7 +26,10 @@ import grpc
 from streamwise import _auth as auth, objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
+from streamwise.batching.stats import BatchStatsLog
 from streamwise.config import env_local_transport
+from streamwise.metrics import recorders
+from streamwise.metrics.recorders import ReplicaRecorder
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
 from streamwise.streaming import _local_wire, _wire
 from streamwise.streaming.local_server import LocalServer
@@ -76,6 +79,19 @@ async def _follow_controller(
         pass
     finally:
         stop.set()
+
+
+def _recorder(spec: ReplicaSpec, replica_id: str, user_object: object) -> ReplicaRecorder | None:
+    """This replica's metrics recorder, listening to its @batch methods; None when off."""
+    if not recorders.ENABLED:
+        return None
+    recorder = ReplicaRecorder(spec.app, spec.config.name, replica_id)
+    recorders.REGISTRY.register(recorder)
+    for name in spec.methods:
+        stats = getattr(getattr(user_object, name, None), "stats", None)
+        if isinstance(stats, BatchStatsLog):
+            stats.add_listener(recorder.batch_listener(name))
+    return recorder
 
 
 async def serve(controller_address: str, replica_id: str, credentials: auth.Credentials, token: str) -> int:
@@ -133,6 +149,7 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
             return 1
 
         server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
+        recorder = _recorder(spec, replica_id, user_object)
         servicer = ReplicaServicer(
             user_object,
             spec.methods,
@@ -142,7 +159,10 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
             coalesce=config.coalesce,
             executor=executor,
             rpcs=rpcs,
+            recorder=recorder,
         )
+        if recorder is not None:
+            recorder.watch_ongoing(lambda: servicer.ongoing)
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
         grpc_path, local_path = auth.replica_sockets(credentials, os.getpid())
         local = LocalServer(servicer, credentials) if env_local_transport() else None

@@ -8,7 +8,7 @@ parts (pickle protocol 5, large buffers out of band); ``ref`` is the public
 results, by reference or by value; ``_process`` ties a process to its session.
 """
 
-from streamwise.objectstore._process import close_session, join_session, reclaim, session_name
+from streamwise.objectstore._process import close_session, join_session, reclaim, session_name, usage
 from streamwise.objectstore._session import cleanup_stale
 from streamwise.objectstore.ref import ObjectRef, get, put
 
@@ -21,4 +21,5 @@ __all__ = [
     "put",
     "reclaim",
     "session_name",
+    "usage",
 ]

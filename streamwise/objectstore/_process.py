@@ -59,6 +59,14 @@ def _new_store() -> Store:
     raise AssertionError("unreachable")
 
 
+def usage() -> tuple[int, int] | None:
+    """(bytes used, capacity) of this process's session; None before it has one."""
+    store = _store
+    if store is None:
+        return None
+    return store.session.usage()[0], store.session.capacity
+
+
 def session_name() -> str:
     """The name replicas started by this driver join (creates the session if needed)."""
     return current_store().session.name

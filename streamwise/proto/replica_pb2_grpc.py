@@ -59,6 +59,11 @@ class ReplicaStub:
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.StatsRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/streamwise.v1.Replica/Metrics',
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_replica__pb2.MetricsReply.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -94,6 +99,12 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=streamwise_dot_proto_dot_replica__pb2.StatsRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.StatsReply.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.MetricsRequest.FromString,
+                    response_serializer=streamwise_dot_proto_dot_replica__pb2.MetricsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Replica:
             '/streamwise.v1.Replica/Stats',
             streamwise_dot_proto_dot_replica__pb2.StatsRequest.SerializeToString,
             streamwise_dot_proto_dot_replica__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamwise.v1.Replica/Metrics',
+            streamwise_dot_proto_dot_replica__pb2.MetricsRequest.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.MetricsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ from opentelemetry import context as otel_context
 from streamwise._auth import Credentials
 from streamwise.config import RouterConfig
 from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
+from streamwise.metrics.recorders import RouterRecorder, router_recorder
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
 from streamwise.routing.transport import FrameStream, NotAccepted, ReplicaTarget, Transport
 from streamwise.streaming import _local_wire, _wire
@@ -40,6 +41,7 @@ class Router:
         credentials: Credentials,
         transport: Transport,
         config: RouterConfig,
+        recorder: RouterRecorder | None = None,
     ) -> None:
         self.key = key
         self._name = key[1]
@@ -55,6 +57,10 @@ class Router:
         self._ready = asyncio.Event()
         self._deleted: str | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._waiting = 0  # callers waiting for a replica with room
+        self._recorder = recorder
+        if recorder is not None:
+            recorder.watch(key[0], key[1], lambda: self._waiting, lambda: sum(self._inflight.values()))
 
     # -- replica set ---------------------------------------------------------------
 
@@ -126,12 +132,19 @@ class Router:
         a call that would be rejected.
         """
         await self._started()
-        while True:
-            await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
-            target = self._pick()
-            if target is not None:
-                return target
-            await self._changed.wait()
+        target = self._pick() if self._replicas else None
+        if target is not None:
+            return target
+        self._waiting += 1
+        try:
+            while True:
+                await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
+                target = self._pick()
+                if target is not None:
+                    return target
+                await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
     async def _wait_for_replicas(self, wait_s: float) -> None:
         deadline: float | None = None
@@ -176,12 +189,13 @@ class Router:
             self._notify()  # a caller may be waiting for room
 
     async def _retry_wait(self, exc: NotAccepted, backoffs: Iterator[float], route: spans.RouteSpan) -> None:
+        delay = next(backoffs) if exc.full else 0.0
+        route.retried(delay)
+        if self._recorder is not None:
+            self._recorder.retried(self.key[0], self.key[1], exc.full, delay)
         if exc.full:
-            delay = next(backoffs)
-            route.retried(delay)
             await asyncio.sleep(delay)
         else:
-            route.retried(0.0)
             self.mark_dead(exc.target)
 
     async def unary(
@@ -262,5 +276,8 @@ def router_for(key: RouterKey) -> Router:
         address, credentials = RUNTIME.require_controller(key[1])
         if RUNTIME.transport is None:
             RUNTIME.transport = Transport(credentials, local=env_local_transport())
-        router = RUNTIME.routers[key] = Router(key, address, credentials, RUNTIME.transport, env_router_config())
+        recorder = router_recorder(RUNTIME.replica_id or "driver")
+        router = RUNTIME.routers[key] = Router(
+            key, address, credentials, RUNTIME.transport, env_router_config(), recorder
+        )
     return router

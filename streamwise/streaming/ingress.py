@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,6 +27,8 @@ from opentelemetry.trace import Status, StatusCode
 from streamwise import exceptions
 from streamwise.config import GrpcOptions
 from streamwise.exceptions import UsageError
+from streamwise.metrics import recorders
+from streamwise.metrics.recorders import IngressRecorder
 from streamwise.proto import replica_pb2
 from streamwise.routing.handle import open_frames
 from streamwise.routing.router import router_for
@@ -86,6 +89,10 @@ class Ingress:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._recorder: IngressRecorder | None = None
+        if recorders.ENABLED:
+            self._recorder = IngressRecorder()
+            recorders.REGISTRY.register(self._recorder)
         self.address = ""
 
     # -- lifecycle -------------------------------------------------------------------
@@ -149,6 +156,9 @@ class Ingress:
             await asyncio.wait_for(self._idle.wait(), self.options.drain_timeout_s)
         await self._server.stop(0)
         self._server = None
+        if self._recorder is not None:
+            recorders.REGISTRY.unregister(self._recorder)
+            self._recorder = None
 
     # -- requests --------------------------------------------------------------------
 
@@ -204,6 +214,8 @@ class Ingress:
         self._inflight += 1
         self._idle.clear()
         metadata = _metadata(context)
+        started = time.perf_counter()
+        status = "CANCELLED"
         try:
             with spans.serve(
                 rpc.path.lstrip("/"),
@@ -217,8 +229,10 @@ class Ingress:
                     else:
                         async with asyncio.timeout(self.options.request_timeout_s):
                             yield span, metadata
+                    status = "OK"
                 except Exception as exc:
                     abort = _abort_for(exc)
+                    status = abort.code.name
                     if span is not None:
                         span.set_status(Status(StatusCode.ERROR, abort.code.name))
                         span.set_attribute("rpc.grpc.status_code", abort.code.value[0])
@@ -227,6 +241,9 @@ class Ingress:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+            if self._recorder is not None:
+                app = metadata.get("application") or (next(iter(self._apps)) if len(self._apps) == 1 else "")
+                self._recorder.finished(app, rpc.path, status, time.perf_counter() - started)
 
     def _frames(self, app: _App, request: replica_pb2.CallRequest, inputs: Any = None):
         return open_frames(

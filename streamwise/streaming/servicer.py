@@ -14,15 +14,18 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import prometheus_client
 
 from streamwise.actors._methods import MethodKind, coalesce_of
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
+from streamwise.metrics.recorders import REGISTRY, ReplicaRecorder, ok_status
 from streamwise.objectstore.calls import ServerWire
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
@@ -47,8 +50,10 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         coalesce: CoalesceConfig = DEFAULT_COALESCE,
         executor: ThreadPoolExecutor,
         rpcs: Mapping[str, RpcMethod] | None = None,
+        recorder: ReplicaRecorder | None = None,
     ) -> None:
         self._obj = user_object
+        self._recorder = recorder
         self._rpcs = dict(rpcs or {})
         self._methods = dict(methods)
         self._deployment = deployment
@@ -65,8 +70,12 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> None:
         if self._draining:
+            if self._recorder is not None:
+                self._recorder.refused("draining")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{_wire.REJECT_DRAINING}: {self._replica_id}")
         if self._ongoing >= self._max_ongoing:
+            if self._recorder is not None:
+                self._recorder.refused("full")
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{_wire.REJECT_FULL}: {self._replica_id} of {self._deployment!r} is running "
@@ -154,6 +163,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
         await self._admit(context)
         payload: Payload | None = None
+        started = time.perf_counter()
+        status = "CANCELLED"
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
             self._enter_context(request)
@@ -173,12 +184,17 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                         raise  # the caller went away
                     if span is not None:
                         spans.mark_error(span, exc)
-                    return replica_pb2.CallReply(error=_wire.error_to_proto(exc))
+                    error = _wire.error_to_proto(exc)
+                    status = ok_status(error)
+                    return replica_pb2.CallReply(error=error)
+                status = "OK"
                 return replica_pb2.CallReply(value=value)
         finally:
             if payload is not None:
                 payload.close()
             self._done()
+            if self._recorder is not None:
+                self._recorder.finished(request.method, status, time.perf_counter() - started)
 
     def _span(self, request: replica_pb2.CallRequest, streaming: bool):
         """The replica's span of one request, parented by the caller's trace context."""
@@ -232,15 +248,28 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         exporter writes as it ends) must not wait for anything after it.
         """
         self._enter_context(request)
-        with self._span(request, streaming=True) as span:
-            error = await self._send_results(context, request, with_inputs, span)
-            if span is not None and error is not None:
-                spans.mark_error(span, error)
-        if error is not None:
-            await context.write(replica_pb2.Frame(error=_wire.error_to_proto(error)))
+        started = time.perf_counter()
+        recorder = self._recorder
+        items = _ItemCounter(context, started) if recorder is not None else None
+        status = "CANCELLED"
+        try:
+            with self._span(request, streaming=True) as span:
+                error = await self._send_results(items or context, request, with_inputs, span)
+                if span is not None and error is not None:
+                    spans.mark_error(span, error)
+            if error is not None:
+                proto = _wire.error_to_proto(error)
+                status = ok_status(proto)
+                await context.write(replica_pb2.Frame(error=proto))
+            else:
+                status = "OK"
+        finally:
+            if recorder is not None and items is not None:
+                recorder.streamed(request.method, items.count, items.first_item_s)
+                recorder.finished(request.method, status, time.perf_counter() - started)
 
     async def _send_results(
-        self, context: grpc.aio.ServicerContext, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
+        self, context: Any, request: replica_pb2.CallRequest, with_inputs: bool, span: Any
     ) -> Exception | None:
         """Send the method's items; the exception it ended with, if any, is returned."""
         try:
@@ -254,7 +283,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def _send_items(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Any,  # the call's context, or an _ItemCounter over its write
         request: replica_pb2.CallRequest,
         payload: Payload,
         with_inputs: bool,
@@ -296,6 +325,33 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def Stats(self, request: replica_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> replica_pb2.StatsReply:
         return replica_pb2.StatsReply(ongoing_requests=self._ongoing)
+
+    async def Metrics(self, request: replica_pb2.MetricsRequest, context: grpc.aio.ServicerContext) -> replica_pb2.MetricsReply:
+        return replica_pb2.MetricsReply(text=prometheus_client.generate_latest(REGISTRY))
+
+
+class _ItemCounter:
+    """Stands in for a stream's context, counting the items of each frame written
+    (per frame, not per item) and when the first one left; reads go to the call."""
+
+    __slots__ = ("_context", "_write", "_started", "count", "first_item_s")
+
+    def __init__(self, context: Any, started: float) -> None:
+        self._context = context
+        self._write = context.write
+        self._started = started
+        self.count = 0
+        self.first_item_s: float | None = None
+
+    async def write(self, frame: replica_pb2.Frame) -> None:
+        if frame.count:
+            if self.first_item_s is None:
+                self.first_item_s = time.perf_counter() - self._started
+            self.count += frame.count
+        await self._write(frame)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _close_when_idle(pending: concurrent.futures.Future[Any] | None, gen: Any) -> None:

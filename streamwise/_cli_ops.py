@@ -1,4 +1,4 @@
-"""The operator's commands of the CLI: ``status``, ``scale``, ``config``, ``shutdown``.
+"""The operator's commands of the CLI: ``status``, ``scale``, ``config``, ``logs``, ``shutdown``.
 
 Each finds this user's running drivers through their run directories and calls the
 management API (``proto/management.proto``) of the one that runs the application
@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from streamwise.actors import _logs
 from streamwise.actors.management import Driver, running_drivers
 from streamwise.exceptions import UsageError
 from streamwise.proto import management_pb2, management_pb2_grpc
@@ -43,12 +44,19 @@ def _as_dict(message: Any) -> dict[str, Any]:
     )
 
 
+def _listed(driver: Driver) -> list[management_pb2.ApplicationStatus]:
+    """The driver's applications; none if it does not answer (it is stopping)."""
+    try:
+        return list(_call(driver, "ListApplications", management_pb2.ListApplicationsRequest()).applications)
+    except UsageError:
+        return []
+
+
 def _applications(args: argparse.Namespace) -> Iterator[tuple[Driver, management_pb2.ApplicationStatus]]:
     """(driver, described application) of every app running, or only ``args.application``."""
     found = False
     for driver in running_drivers():
-        listed = _call(driver, "ListApplications", management_pb2.ListApplicationsRequest())
-        for app in listed.applications:
+        for app in _listed(driver):
             if args.application in (None, app.name):
                 found = True
                 request = management_pb2.DescribeApplicationRequest(application=app.name)
@@ -59,8 +67,7 @@ def _applications(args: argparse.Namespace) -> Iterator[tuple[Driver, management
 
 def _driver_of(application: str) -> Driver:
     for driver in running_drivers():
-        listed = _call(driver, "ListApplications", management_pb2.ListApplicationsRequest())
-        if any(app.name == application for app in listed.applications):
+        if any(app.name == application for app in _listed(driver)):
             return driver
     raise UsageError(f"no application {application!r} is running")
 
@@ -147,6 +154,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    driver = _driver_of(args.application)
+    shown = 0
+    for replica, text in _logs.read(driver.run_dir, args.application, args.deployment):
+        shown += 1
+        for line in text.splitlines():
+            print(f"({replica}) {line}")
+    if not shown:
+        what = f"deployment {args.deployment!r} of " if args.deployment else ""
+        print(f"streamwise: no output yet from {what}application {args.application!r}", file=sys.stderr)
+    return 0
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     drivers = running_drivers() if args.application is None else [_driver_of(args.application)]
     for driver in drivers:
@@ -169,6 +189,10 @@ def add_commands(commands: Any) -> None:
     config = commands.add_parser("config", help="print the options each deployment of an application runs with")
     config.add_argument("application")
     config.set_defaults(handler=cmd_config)
+    logs = commands.add_parser("logs", help="print what an application's replicas wrote to stdout and stderr")
+    logs.add_argument("application")
+    logs.add_argument("deployment", nargs="?", default=None, help="only this deployment's replicas")
+    logs.set_defaults(handler=cmd_logs)
     shutdown = commands.add_parser("shutdown", help="drain and stop the running applications")
     shutdown.add_argument("application", nargs="?", default=None, help="only the driver running this application")
     shutdown.set_defaults(handler=cmd_shutdown)

@@ -23,13 +23,14 @@ def test_cli_runs_until_sigint_then_exits_cleanly(tmp_path):
     """`streamwise run mod:app` serves until SIGINT, then exits 0 with no replica left."""
     (tmp_path / "hello_app.py").write_text(APP)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamwise.cli", "run", "hello_app:app"],
+        [sys.executable, "-m", "streamwise.cli", "run", "hello_app:app", "--metrics-port", "0"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
-        assert "is running" in proc.stdout.readline()
+        first = proc.stdout.readline()
+        assert "is running" in first and "metrics on http://127.0.0.1:" in first
         replicas = psutil.Process(proc.pid).children(recursive=True)
         assert len(replicas) == 1
         proc.send_signal(signal.SIGINT)
@@ -78,7 +79,8 @@ def test_cli_serves_grpc_until_sigterm(tmp_path):
         )
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamwise.cli", "run", "predict_app:app", "--grpc-port", "0", "--grpc-host", "127.0.0.1"],
+        [sys.executable, "-m", "streamwise.cli", "run", "predict_app:app", "--grpc-port", "0", "--grpc-host", "127.0.0.1",
+         "--metrics-port", "-1"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from streamwise import _auth as auth, codec, objectstore
+from streamwise.actors import _logs
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
 from streamwise.config import DeploymentConfig
@@ -357,7 +358,12 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica_id = f"{dep.config.name}#{next(self._ids)}"
         assert self.credentials is not None
         token = auth.new_token()
-        process = await self._launcher.start(replica_id, self.address, auth.write_handoff(self.credentials, token))
+        process = await self._launcher.start(
+            replica_id,
+            self.address,
+            auth.write_handoff(self.credentials, token),
+            _logs.log_path(self.credentials.run_dir, dep.spec.app, replica_id),
+        )
         replica = _Replica(replica_id, process, token)
         dep.replicas[replica_id] = replica
         self._replicas[replica_id] = (dep, replica)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import streamwise
 from streamwise import _auth, objectstore
+from streamwise.actors import _logs
 
 
 class ReplicaProcess(Protocol):
@@ -29,19 +30,24 @@ class ReplicaProcess(Protocol):
 
 
 class Launcher(Protocol):
-    async def start(self, replica_id: str, controller_address: str, handoff: bytes) -> ReplicaProcess:
+    async def start(self, replica_id: str, controller_address: str, handoff: bytes, log_path: str) -> ReplicaProcess:
         """Start the process of ``replica_id``; ``handoff`` (its credentials) must
-        reach it through a channel only it can read."""
+        reach it through a channel only it can read; its output goes to the
+        operator, prefixed with its id, and to ``log_path``."""
         ...
 
 
 class _LocalProcess:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, replica_id: str, log_path: str) -> None:
         self._process = process
         self.pid = process.pid
+        self._output = asyncio.get_running_loop().create_task(_logs.forward(process, replica_id, log_path))
 
     async def wait(self) -> int:
-        return await self._process.wait()
+        """Its exit code, once it exited and all it printed was passed on."""
+        code = await self._process.wait()
+        await asyncio.shield(self._output)
+        return code
 
     def _signal(self, sig: int) -> None:
         if self._process.returncode is None:
@@ -73,7 +79,7 @@ class LocalProcessLauncher:
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
 
-    async def start(self, replica_id: str, controller_address: str, handoff: bytes) -> ReplicaProcess:
+    async def start(self, replica_id: str, controller_address: str, handoff: bytes, log_path: str) -> ReplicaProcess:
         ours, theirs = _auth.handoff_pair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -92,6 +98,9 @@ class LocalProcessLauncher:
                 str(theirs.fileno()),
                 env=self._env,
                 stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=_logs.LINE_LIMIT,
                 pass_fds=(theirs.fileno(),),
             )
             theirs.close()
@@ -101,4 +110,4 @@ class LocalProcessLauncher:
         finally:
             theirs.close()
             ours.close()
-        return _LocalProcess(process)
+        return _LocalProcess(process, replica_id, log_path)

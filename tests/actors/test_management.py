@@ -215,7 +215,7 @@ def test_cli_status_scale_config_shutdown(tmp_path):
     and shutdown, which makes the driver drain and exit 0."""
     (tmp_path / "echo_app.py").write_text(_APP)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "streamwise.cli", "run", "echo_app:app", "--name", "shop"],
+        [sys.executable, "-m", "streamwise.cli", "run", "echo_app:app", "--name", "shop", "--metrics-port", "0"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,
@@ -245,3 +245,61 @@ def test_cli_status_scale_config_shutdown(tmp_path):
             driver.kill()
             driver.wait()
         driver.stdout.close()
+
+
+_TALKER = textwrap.dedent(
+    """
+    import logging
+    import streamwise
+
+    @streamwise.deployment
+    class Talker:
+        def __init__(self):
+            print("talker ready", flush=True)
+            logging.getLogger("talker").warning("warming up")  # to stderr
+
+        def __call__(self, x):
+            return x
+
+    app = Talker.bind()
+    """
+)
+
+
+def test_replica_output_reaches_the_operator_and_streamwise_logs(tmp_path):
+    """A replica's prints (stdout) and logging (stderr) show in the driver's stdout and
+    stderr behind its id and pid, and `streamwise logs APP` prints them from the
+    replica's log file."""
+    (tmp_path / "talker_app.py").write_text(_TALKER)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "talker_app:app", "--name", "chat", "--metrics-port", "-1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in iter(driver.stdout.readline, ""):
+            seen.append(line)
+            if "is running" in line:
+                break
+        status = json.loads(_cli("status", "--json", cwd=tmp_path).stdout)
+        (app,) = [a for a in status["applications"] if a["driver_pid"] == driver.pid]
+        replica = app["deployments"][0]["replicas"][0]
+        logs = _cli("logs", "chat", cwd=tmp_path)
+        assert logs.returncode == 0, logs.stderr
+        assert f"({replica['replica_id']}) talker ready" in logs.stdout
+        assert f"({replica['replica_id']}) warming up" in logs.stdout
+        assert _cli("logs", "chat", "Nobody", cwd=tmp_path).stdout == ""
+        assert _cli("shutdown", "chat", cwd=tmp_path).returncode == 0
+        assert driver.wait(timeout=60) == 0
+        out = "".join(seen) + driver.stdout.read()
+        assert f"({replica['replica_id']} pid={replica['pid']}) talker ready" in out
+        assert f"({replica['replica_id']} pid={replica['pid']}) warming up" in driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        driver.stdout.close()
+        driver.stderr.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from streamwise import _config_file
 from streamwise.actors import _logs
 from streamwise.actors.management import Driver, running_drivers
 from streamwise.exceptions import UsageError
@@ -167,6 +169,31 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _config_file.load(args.config)  # a bad file is refused here, before any driver is asked
+    with open(args.config) as f:
+        text = f.read()
+    drivers = running_drivers()
+    if len(drivers) > 1 and args.pid is None:
+        pids = ", ".join(str(d.pid) for d in drivers)
+        raise UsageError(f"several drivers run ({pids}); choose one with --pid")
+    driver = next((d for d in drivers if args.pid in (None, d.pid)), None)
+    if driver is None:
+        raise UsageError(f"no streamwise driver with pid {args.pid} is running")
+    request = management_pb2.DeployRequest(config_yaml=text, filename=os.path.abspath(args.config))
+    print(f"streamwise: deploying {args.config} to driver {driver.pid}...", file=sys.stderr, flush=True)
+    channel, stub = _stub(driver)
+    with channel:
+        try:
+            reply = stub.Deploy(request, metadata=driver.metadata())
+        except grpc.RpcError as exc:
+            raise UsageError(f"deploy: {exc.details() or exc.code().name}") from None
+    for app in reply.applications:
+        deps = ", ".join(f"{d.name} {d.running_replicas}/{d.target_replicas}" for d in app.deployments)
+        print(f"{app.name}: {app.status} - {deps}")
+    return 0
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     drivers = running_drivers() if args.application is None else [_driver_of(args.application)]
     for driver in drivers:
@@ -189,6 +216,10 @@ def add_commands(commands: Any) -> None:
     config = commands.add_parser("config", help="print the options each deployment of an application runs with")
     config.add_argument("application")
     config.set_defaults(handler=cmd_config)
+    deploy = commands.add_parser("deploy", help="run the applications of a config file on the running driver")
+    deploy.add_argument("config", help="a YAML config file (see `streamwise run FILE`)")
+    deploy.add_argument("--pid", type=int, default=None, help="the driver to deploy to, when several run")
+    deploy.set_defaults(handler=cmd_deploy)
     logs = commands.add_parser("logs", help="print what an application's replicas wrote to stdout and stderr")
     logs.add_argument("application")
     logs.add_argument("deployment", nargs="?", default=None, help="only this deployment's replicas")

@@ -12,29 +12,13 @@ deletes the shared memory of object store sessions whose processes are all gone
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import signal
 import sys
 import threading
 
+from streamwise import _config_file
 from streamwise import config as streamwise_config
 from streamwise.exceptions import StreamwiseError, UsageError
-
-
-def _import_app(path: str):
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"expected MODULE:ATTRIBUTE, got {path!r}")
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -45,7 +29,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
-    app = _import_app(args.target)
+    config = None
+    if args.target.endswith((".yaml", ".yml")):
+        config = _config_file.load(args.target)
+        apps = [(_config_file.applied(a, config.base_dir), a.name) for a in config.applications]
+    else:
+        apps = [(_config_file.import_app(args.target), args.name)]
     grpc_options = None
     if args.grpc_port is not None or args.servicer:
         grpc_options = streamwise.GrpcOptions(
@@ -61,16 +50,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             otlp_endpoint=args.tracing_endpoint,
             sampling_ratio=args.tracing_sampling_ratio,
         )
+    # The command line's options win over the file's.
+    metrics_port = args.metrics_port
+    metrics_host = args.metrics_host
+    if config is not None:
+        grpc_options = grpc_options or config.grpc_options
+        tracing = tracing or config.tracing
+        metrics_port = metrics_port if metrics_port is not None else config.metrics_port
+        metrics_host = metrics_host or config.metrics_host
+    if metrics_port is None:
+        metrics_port = streamwise_config.DEFAULT_CLI_METRICS_PORT
     try:
-        metrics_port = None if args.metrics_port < 0 else args.metrics_port
-        streamwise.run(
-            app, name=args.name, grpc_options=grpc_options, tracing=tracing,
-            metrics_port=metrics_port, metrics_host=args.metrics_host,
-        )
+        for app, name in apps:
+            streamwise.run(
+                app, name=name, grpc_options=grpc_options, tracing=tracing,
+                metrics_port=None if metrics_port < 0 else metrics_port,
+                metrics_host=metrics_host or streamwise_config.DEFAULT_METRICS_HOST,
+            )
         where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
-        if metrics_port is not None:
+        if metrics_port >= 0:
             where += f" (metrics on http://{streamwise.metrics_address()}/metrics)"
-        print(f"streamwise: app {args.name!r} is running{where}; Ctrl-C to stop", flush=True)
+        names = ", ".join(repr(name) for _, name in apps)
+        print(f"streamwise: app {names} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
     finally:
         streamwise.shutdown()
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamwise", description="Serve Python code as streaming actors.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run an app until SIGINT/SIGTERM")
-    run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE")
+    run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE, or a config file (.yaml)")
     run.add_argument("--name", default="default", help="application name (default: %(default)s)")
     run.add_argument("--grpc-port", type=int, default=None, help="serve the app over gRPC on this port (0: any)")
     run.add_argument("--grpc-host", default="0.0.0.0", help="address the gRPC ingress binds (default: %(default)s)")
@@ -138,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         "--tracing-sampling-ratio", type=float, default=None, help="default: OTEL_TRACES_SAMPLER(_ARG), else 1.0"
     )
     run.add_argument(
-        "--metrics-port", type=int, default=streamwise_config.DEFAULT_CLI_METRICS_PORT,
-        help="serve Prometheus metrics on this port (0: any, -1: none; default: %(default)s)",
+        "--metrics-port", type=int, default=None,
+        help=f"serve Prometheus metrics on this port (0: any, -1: none; default: "
+        f"{streamwise_config.DEFAULT_CLI_METRICS_PORT})",
     )
     run.add_argument(
-        "--metrics-host", default=streamwise_config.DEFAULT_METRICS_HOST,
-        help="address the metrics endpoint binds (default: %(default)s)",
+        "--metrics-host", default=None,
+        help=f"address the metrics endpoint binds (default: {streamwise_config.DEFAULT_METRICS_HOST})",
     )
     run.set_defaults(handler=_cmd_run)
 

@@ -8,7 +8,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from streamwise import objectstore
+from streamwise import _config_file, objectstore
 from streamwise.metrics import recorders
 from streamwise.metrics.endpoint import MetricsEndpoint, replica_metrics
 from streamwise.actors._runtime import RUNTIME, CoreLoop
@@ -43,6 +43,7 @@ class _Services:
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
         self.metrics: MetricsEndpoint | None = None
+        self.tracing: TracingConfig | None = None  # of the last app run
         self._collectors: list[recorders.FunctionCollector] = []
 
     async def start_metrics(self, host: str, port: int) -> None:
@@ -82,10 +83,29 @@ class _Services:
     async def start_management(self) -> None:
         """Serve the management API beside the controller (once it has started)."""
         assert self.controller.credentials is not None
-        service = ManagementService(self.controller, self.delete_app, self._shut_down)
+        service = ManagementService(self.controller, self.delete_app, self._shut_down, self.deploy_file)
         management = ManagementServer(service, self.controller.credentials.run_dir)
         await management.start(lambda: self.ingress.address if self.ingress is not None else "")
         self.management = management
+
+    async def deploy_file(self, text: str, filename: str) -> list[str]:
+        """Deploy every application of a config file's ``text``; their names.
+
+        Only applications: a running driver's gRPC, metrics and tracing options were
+        set when it started.
+        """
+        config = _config_file.parse(text, filename)
+        if config.grpc_options or config.metrics_port is not None or config.tracing or config.metrics_host:
+            raise UsageError(
+                f"{filename}: grpc_options, metrics_port, metrics_host and tracing are set when a driver starts "
+                "(streamwise run FILE); streamwise deploy takes applications only"
+            )
+        plans = [
+            self.plan(_config_file.applied(app, config.base_dir), app.name, self.tracing) for app in config.applications
+        ]
+        for plan in plans:
+            await self.deploy(plan)
+        return [plan.name for plan in plans]
 
     async def delete_app(self, name: str) -> None:
         if self.ingress is not None:
@@ -220,6 +240,7 @@ def run(
             driver.core.run(services.start_metrics(metrics_host, metrics_port))
         if grpc_options is not None:
             driver.core.run(services.start_ingress(grpc_options))
+        services.tracing = tracing
         plan = services.plan(app, name, tracing)
         driver.core.run(services.deploy(plan))
     return plan.root_handle()

@@ -115,8 +115,10 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
         controller: Controller,
         delete_app: Callable[[str], Awaitable[None]],
         on_shutdown: Callable[[], Awaitable[None]],
+        deploy: Callable[[str, str], Awaitable[list[str]]] | None = None,
     ) -> None:
         self._controller = controller
+        self._deploy = deploy
         self._delete_app = delete_app
         self._on_shutdown = on_shutdown
         self._background: set[asyncio.Future[None]] = set()
@@ -172,6 +174,18 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
             await self._fail(context, exc)
             raise
         return await deployment_status(self._controller, dep)
+
+    async def Deploy(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ListApplicationsReply:
+        if self._deploy is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this driver does not deploy config files")
+            raise AssertionError("unreachable")
+        try:
+            names = await self._deploy(request.config_yaml, request.filename or "<config>")
+        except StreamwiseError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        apps = [await application_status(self._controller, app, replicas=False) for app in names]
+        return management_pb2.ListApplicationsReply(applications=apps)
 
     async def DeleteApplication(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.DeleteApplicationReply:
         if request.application not in self._controller.app_names():

@@ -54,6 +54,11 @@ class ManagementStub:
                 request_serializer=streamwise_dot_proto_dot_management__pb2.UpdateUserConfigRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_management__pb2.DeploymentStatus.FromString,
                 _registered_method=True)
+        self.Deploy = channel.unary_unary(
+                '/streamwise.v1.Management/Deploy',
+                request_serializer=streamwise_dot_proto_dot_management__pb2.DeployRequest.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_management__pb2.ListApplicationsReply.FromString,
+                _registered_method=True)
         self.DeleteApplication = channel.unary_unary(
                 '/streamwise.v1.Management/DeleteApplication',
                 request_serializer=streamwise_dot_proto_dot_management__pb2.DeleteApplicationRequest.SerializeToString,
@@ -95,6 +100,14 @@ class ManagementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deploy(self, request, context):
+        """Runs every application of a config file (replacing apps of the same name) and
+        returns once all their replicas run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteApplication(self, request, context):
         """Drains and stops every replica of the application.
         """
@@ -131,6 +144,11 @@ def add_ManagementServicer_to_server(servicer, server):
                     servicer.UpdateUserConfig,
                     request_deserializer=streamwise_dot_proto_dot_management__pb2.UpdateUserConfigRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_management__pb2.DeploymentStatus.SerializeToString,
+            ),
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=streamwise_dot_proto_dot_management__pb2.DeployRequest.FromString,
+                    response_serializer=streamwise_dot_proto_dot_management__pb2.ListApplicationsReply.SerializeToString,
             ),
             'DeleteApplication': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteApplication,
@@ -251,6 +269,33 @@ class Management:
             '/streamwise.v1.Management/UpdateUserConfig',
             streamwise_dot_proto_dot_management__pb2.UpdateUserConfigRequest.SerializeToString,
             streamwise_dot_proto_dot_management__pb2.DeploymentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamwise.v1.Management/Deploy',
+            streamwise_dot_proto_dot_management__pb2.DeployRequest.SerializeToString,
+            streamwise_dot_proto_dot_management__pb2.ListApplicationsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -160,6 +160,9 @@ class DeploymentConfig:
     graceful_shutdown_timeout_s: float = DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
     max_constructor_attempts: int = DEFAULT_MAX_CONSTRUCTOR_ATTEMPTS
     coalesce: CoalesceConfig = DEFAULT_COALESCE  # stream framing of methods without @coalesce
+    # Calls one caller may have waiting for a replica with room; past it a call fails at
+    # once with BackPressureError (RESOURCE_EXHAUSTED at the ingress). -1: no limit.
+    max_queued_requests: int = -1
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and isinstance(self.name, str), "deployment name must be a non-empty str")
@@ -181,6 +184,11 @@ class DeploymentConfig:
         _check(
             isinstance(self.max_constructor_attempts, int) and self.max_constructor_attempts >= 1,
             f"max_constructor_attempts of {self.name!r} must be an int >= 1",
+        )
+        _check(
+            _is_int(self.max_queued_requests) and self.max_queued_requests >= -1,
+            f"max_queued_requests of {self.name!r} must be an int >= -1 (-1: no limit), "
+            f"got {self.max_queued_requests!r}",
         )
         _check(
             isinstance(self.coalesce, CoalesceConfig),

@@ -13,7 +13,7 @@ Every exception derives from one root, split by who must act::
     ├── UnavailableError            no replica could take the call
     │   ├── ReplicaDiedError        the replica serving the call went away mid-call
     │   └── DeploymentNotFoundError the deployment does not exist (or was shut down)
-    ├── BackPressureError           every replica stayed full for longer than allowed
+    ├── BackPressureError           too many calls already wait for the deployment (max_queued_requests)
     ├── ObjectStoreFullError        the object store has no room for a value (object_store_memory)
     └── RequestTimeoutError         the call passed its deadline
 
@@ -188,7 +188,22 @@ class DeploymentNotFoundError(UnavailableError):
 
 
 class BackPressureError(StreamwiseError):
-    """Every replica of a deployment stayed at max_ongoing_requests too long."""
+    """A call was refused at once: ``max_queued_requests`` calls of this caller already
+    wait for a replica of the deployment with room. Shed load or retry later."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, deployment: str, queued: int = 0, limit: int = 0) -> None:
+        super().__init__(deployment, queued, limit)
+        self.deployment = deployment
+        self.queued = queued
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"deployment {self.deployment!r} is overloaded: {self.queued} calls already wait for a replica "
+            f"(max_queued_requests={self.limit})"
+        )
 
 
 class ObjectStoreFullError(StreamwiseError):

@@ -17,6 +17,7 @@ SAMPLES = [
     exc.ReplicaDiedError("Model", "Model#1", "UNAVAILABLE"),
     exc.DeploymentNotFoundError("Model", "shut down"),
     exc.ObjectStoreFullError(600_000, 700_000, 1_000_000),
+    exc.BackPressureError("Model", 10, 10),
     exc.RequestTimeoutError("late"),
 ]
 

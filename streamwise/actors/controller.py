@@ -108,6 +108,7 @@ class _Deployment:
             version=self.version,
             deleted=self.deleted,
             max_ongoing_requests=self.config.max_ongoing_requests,
+            max_queued_requests=self.config.max_queued_requests,
             replicas=[
                 controller_pb2.ReplicaInfo(
                     replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node

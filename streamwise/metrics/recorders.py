@@ -147,7 +147,14 @@ class RouterRecorder(Recorder):
         self.ongoing = Family(
             "streamwise_router_ongoing_requests", "Calls this process has in flight to a deployment", "gauge", _ROUTE
         )
-        self.families = (self.retries, self.backoff, self.queued, self.ongoing)
+        self.shed_calls = Family(
+            "streamwise_router_shed_requests_total", "Calls refused at once because max_queued_requests callers wait",
+            "counter", _ROUTE,
+        )
+        self.families = (self.retries, self.backoff, self.queued, self.ongoing, self.shed_calls)
+
+    def shed(self, application: str, deployment: str) -> None:
+        self.shed_calls.inc((application, deployment, self.caller))
 
     def watch(self, application: str, deployment: str, queued: Callable[[], int], ongoing: Callable[[], int]) -> None:
         key = (application, deployment, self.caller)

@@ -21,7 +21,7 @@ from opentelemetry import context as otel_context
 
 from streamwise._auth import Credentials
 from streamwise.config import RouterConfig
-from streamwise.exceptions import DeploymentNotFoundError, ReplicaDiedError, UnavailableError
+from streamwise.exceptions import BackPressureError, DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.metrics.recorders import RouterRecorder, router_recorder
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2
 from streamwise.routing.transport import FrameStream, NotAccepted, ReplicaTarget, Transport
@@ -58,6 +58,7 @@ class Router:
         self._deleted: str | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._waiting = 0  # callers waiting for a replica with room
+        self._max_queued = -1
         self._recorder = recorder
         if recorder is not None:
             recorder.watch(key[0], key[1], lambda: self._waiting, lambda: sum(self._inflight.values()))
@@ -100,6 +101,7 @@ class Router:
             return
         if snapshot.max_ongoing_requests:
             self._max_ongoing = snapshot.max_ongoing_requests
+            self._max_queued = snapshot.max_queued_requests
         old = {r.address for r in self._replicas}
         here = _local_wire.node_id()
         self._replicas = [
@@ -135,6 +137,10 @@ class Router:
         target = self._pick() if self._replicas else None
         if target is not None:
             return target
+        if 0 <= self._max_queued <= self._waiting:
+            if self._recorder is not None:
+                self._recorder.shed(self.key[0], self.key[1])
+            raise BackPressureError(self._name, self._waiting, self._max_queued)
         self._waiting += 1
         try:
             while True:

@@ -67,6 +67,8 @@ def _abort_for(exc: BaseException) -> _Abort:
     """The status an external client sees for an error on the way to a replica."""
     if isinstance(exc, _Abort):
         return exc
+    if isinstance(exc, exceptions.BackPressureError):
+        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     if isinstance(exc, exceptions.DeploymentNotFoundError):
         return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, exceptions.UnavailableError):

@@ -128,8 +128,8 @@ def _progress(status: management_pb2.DeploymentStatus) -> str:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if args.num_replicas < 0:
-        raise UsageError(f"the number of replicas must be >= 0, got {args.num_replicas}")
+    if args.num_replicas < 1:
+        raise UsageError(f"the number of replicas must be >= 1 (scaling to zero is not supported yet), got {args.num_replicas}")
     driver = _driver_of(args.application)
     request = management_pb2.ScaleDeploymentRequest(
         application=args.application, deployment=args.deployment, num_replicas=args.num_replicas

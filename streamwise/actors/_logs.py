@@ -4,6 +4,10 @@ A replica's stdout and stderr (its ``print``s, its ``logging`` output, traceback
 are pipes the driver reads. Each line is written to the driver's own stdout or
 stderr behind ``(Model#3 pid=1234)`` and appended to ``logs/<app>.<replica>.log``
 in the run directory (mode 0600), which ``streamwise logs`` reads.
+
+Writing is done by a thread of its own, through a bounded queue: the driver's event
+loop never waits on a terminal or a pipe nobody reads. Lines that find the queue
+full are dropped, never held.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import re
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO, TextIO
 
 LOG_DIR = "logs"
-LINE_LIMIT = 1 << 20  # longer lines are passed on in pieces
+LINE_LIMIT = 1 << 20  # a longer line is passed on in pieces of this length
+DRAIN_S = 1.0  # after a replica exits, how long its remaining output may take
+_QUEUE = 10_000  # lines waiting to be written, at most
 _CHUNK = 1 << 16
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.#@+=-]")
 
@@ -30,33 +38,95 @@ def log_path(run_dir: str, app: str, replica_id: str) -> str:
 
 
 async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    while True:
-        try:
-            line = await stream.readline()
-        except ValueError:  # a line longer than the reader's limit: take it in chunks
-            line = await stream.read(_CHUNK)
-        if not line:
-            return
-        yield line
+    """The stream's lines; a line longer than LINE_LIMIT comes in pieces of that size."""
+    pending = b""
+    while chunk := await stream.read(_CHUNK):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+        while len(pending) >= LINE_LIMIT:
+            piece, pending = pending[:LINE_LIMIT], pending[LINE_LIMIT:]
+            yield piece
+    if pending:
+        yield pending
+
+
+class _Writer:
+    """The thread that writes replica output, fed through a bounded queue."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[BinaryIO, TextIO, bytes, str] | None] = queue.Queue()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="streamwise-logs", daemon=True)
+        self._thread.start()
+
+    def close_later(self, log: BinaryIO) -> None:
+        """Close ``log`` once the lines queued before are written."""
+        self._queue.put((log, sys.stderr, b"", ""))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def put(self, log: BinaryIO, out: TextIO, line: bytes, prefix: str) -> None:
+        if self._queue.qsize() >= _QUEUE:
+            self.dropped += 1
+        else:
+            self._queue.put_nowait((log, out, line, prefix))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            log, out, line, prefix = item
+            if not line:
+                log.close()
+                continue
+            with contextlib.suppress(OSError, ValueError):  # disk full, or a file closed meanwhile
+                log.write(line)
+                log.flush()
+            text = line.decode(errors="replace")
+            with contextlib.suppress(OSError, ValueError):  # the driver's own stream is gone
+                out.write(prefix + (text if text.endswith("\n") else text + "\n"))
+                out.flush()
+
+
+_writer: _Writer | None = None
+_writer_lock = threading.Lock()
+
+
+def stop_writer() -> None:
+    """Write what is queued and end the writer thread (a later replica starts another)."""
+    global _writer
+    with _writer_lock:
+        writer, _writer = _writer, None
+    if writer is not None:
+        writer.stop()
+
+
+def _the_writer() -> _Writer:
+    global _writer
+    with _writer_lock:
+        if _writer is None:
+            _writer = _Writer()
+        return _writer
 
 
 async def _forward(stream: asyncio.StreamReader, out: TextIO, prefix: str, log: BinaryIO) -> None:
+    writer = _the_writer()
     async for line in _lines(stream):
-        log.write(line)
-        log.flush()
-        text = line.decode(errors="replace")
-        with contextlib.suppress(OSError, ValueError):  # the driver's own stream is gone
-            out.write(prefix + (text if text.endswith("\n") else text + "\n"))
-            out.flush()
+        writer.put(log, out, line, prefix)
 
 
 async def forward(process: asyncio.subprocess.Process, replica_id: str, path: str) -> None:
-    """Copy the process's stdout and stderr until both close (it exited)."""
+    """Pass the process's stdout and stderr on until both close (it exited)."""
     prefix = f"({replica_id} pid={process.pid}) "
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "ab") as log:
-        streams = [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]
+    log = os.fdopen(fd, "ab")
+    streams = [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]
+    try:
         await asyncio.gather(*(_forward(s, out, prefix, log) for s, out in streams if s is not None))
+    finally:
+        _the_writer().close_later(log)  # after the lines queued for it
 
 
 def read(run_dir: str, app: str, deployment: str | None = None) -> Iterator[tuple[str, str]]:

@@ -52,12 +52,6 @@ class _Services:
         if self.metrics is not None:
             return
         controller = self.controller
-        self._collectors = [
-            recorders.FunctionCollector(lambda: recorders.controller_metrics(controller.all_deployments)),
-            recorders.FunctionCollector(lambda: recorders.store_metrics(objectstore.usage)),
-        ]
-        for collector in self._collectors:
-            recorders.REGISTRY.register(collector)
 
         async def replicas() -> list[bytes]:
             metadata = controller.credentials.metadata if controller.credentials is not None else ()
@@ -71,6 +65,12 @@ class _Services:
         except OSError as exc:
             raise UsageError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
         self.metrics = endpoint
+        self._collectors = [
+            recorders.FunctionCollector(lambda: recorders.controller_metrics(controller.all_deployments)),
+            recorders.FunctionCollector(lambda: recorders.store_metrics(objectstore.usage)),
+        ]
+        for collector in self._collectors:
+            recorders.REGISTRY.register(collector)
 
     def close_metrics(self) -> None:
         if self.metrics is not None:
@@ -112,9 +112,11 @@ class _Services:
             self.ingress.remove_app(name)
         await self.controller.delete_app(name)
 
-    async def _shut_down(self) -> None:
+    async def _shut_down(self) -> bool:
+        """Tell the listeners; True if there were any (they stop the driver)."""
         for listener in list(_shutdown_listeners):
             listener()
+        return bool(_shutdown_listeners)
 
     async def start_ingress(self, options: GrpcOptions) -> None:
         if self.ingress is not None:

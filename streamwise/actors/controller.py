@@ -161,6 +161,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 await self._server.stop(0.5)
                 self._server = None
         finally:
+            _logs.stop_writer()  # every replica has exited: its output is all queued
             credentials, self._owned_run_dir = self._owned_run_dir, None
             if credentials is not None:
                 auth.remove_run_dir(credentials)
@@ -266,7 +267,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dep.reconfigure(dataclasses.replace(dep.config, user_config=user_config))
         message = controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(user_config))
         for replica in dep.replicas.values():
-            if replica.state is ReplicaState.RUNNING and not replica.released.is_set():
+            # Starting ones too: they may have read the old spec; the queue waits for them.
+            if not replica.released.is_set():
                 replica.control.put_nowait(message)
 
     async def delete_app(self, name: str) -> None:
@@ -308,8 +310,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         try:
             await self._keep_filled(dep, slot, first_ready)
         finally:
-            if not first_ready.done():  # retired or stopped before its replica ran
-                first_ready.cancel()
+            if not first_ready.done():  # retired or stopped before its replica ran: nothing to wait for
+                first_ready.set_result(None)
 
     async def _keep_filled(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
         failures = 0
@@ -318,6 +320,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         while not dep.stopping and not slot.retired:
             replica = slot.replica = await self._spawn(dep)
             try:
+                if slot.retired:  # retired while its process was being started
+                    await self._reap(replica)
+                    return
                 error = await self._wait_attached(replica)
                 if error is not None or replica.address == "":
                     failures += 1

@@ -44,9 +44,13 @@ class _LocalProcess:
         self._output = asyncio.get_running_loop().create_task(_logs.forward(process, replica_id, log_path))
 
     async def wait(self) -> int:
-        """Its exit code, once it exited and all it printed was passed on."""
+        """Its exit code, once it exited and what it printed was passed on (a child it
+        left holding its output is not waited for beyond a moment)."""
         code = await self._process.wait()
-        await asyncio.shield(self._output)
+        if not self._output.done():
+            done, _ = await asyncio.wait({self._output}, timeout=_logs.DRAIN_S)
+            if not done:
+                self._output.cancel()
         return code
 
     def _signal(self, sig: int) -> None:
@@ -100,7 +104,6 @@ class LocalProcessLauncher:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                limit=_logs.LINE_LIMIT,
                 pass_fds=(theirs.fileno(),),
             )
             theirs.close()

@@ -106,15 +106,15 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
     """The Management RPCs, on the driver's controller.
 
     ``delete_app`` removes an app from the ingress and the controller (draining it);
-    ``on_shutdown`` is awaited after every app is gone, when an operator asks the
-    driver to shut down.
+    ``on_shutdown`` is awaited when an operator asks the driver to shut down: True if
+    someone will now stop the whole driver, else the apps are deleted here.
     """
 
     def __init__(
         self,
         controller: Controller,
         delete_app: Callable[[str], Awaitable[None]],
-        on_shutdown: Callable[[], Awaitable[None]],
+        on_shutdown: Callable[[], Awaitable[bool]],
         deploy: Callable[[str, str], Awaitable[list[str]]] | None = None,
     ) -> None:
         self._controller = controller
@@ -194,9 +194,17 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
         return management_pb2.DeleteApplicationReply()
 
     async def Shutdown(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ShutdownReply:
-        for app in self._controller.app_names():
-            await self._delete_app(app)
-        await self._on_shutdown()
+        """Starts shutting down and replies at once: draining can outlast any deadline."""
+
+        async def shut_down() -> None:
+            if await self._on_shutdown():
+                return  # the driver's owner (`streamwise run`) drains and stops everything
+            for app in self._controller.app_names():
+                await self._delete_app(app)
+
+        task = asyncio.ensure_future(shut_down())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return management_pb2.ShutdownReply()
 
 
@@ -254,8 +262,11 @@ class Driver:
         return f"unix:{os.path.join(self.run_dir, SOCKET)}"
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        with open(os.path.join(self.run_dir, TOKEN_FILE)) as f:
-            return ((auth.SECRET_KEY, f.read().strip()),)
+        try:
+            with open(os.path.join(self.run_dir, TOKEN_FILE)) as f:
+                return ((auth.SECRET_KEY, f.read().strip()),)
+        except OSError:
+            raise UsageError(f"the driver {self.pid} is stopping (its management token is gone)") from None
 
 
 def running_drivers() -> list[Driver]:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import ctypes
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -73,8 +74,12 @@ async def _follow_controller(
         async for message in attach:
             if message.user_config:
                 reconfigure = getattr(user_object, "reconfigure", None)
-                if reconfigure is not None:
+                if reconfigure is None:
+                    continue
+                try:
                     await _maybe_await(reconfigure(cloudpickle.loads(message.user_config)))
+                except Exception:  # the replica keeps serving with what it had
+                    logging.getLogger("streamwise.replica").exception("reconfigure() failed; keeping the old config")
     except grpc.aio.AioRpcError:
         pass
     finally:

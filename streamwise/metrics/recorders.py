@@ -161,6 +161,11 @@ class RouterRecorder(Recorder):
         self.queued.values[key] = queued
         self.ongoing.values[key] = ongoing
 
+    def unwatch(self, application: str, deployment: str) -> None:
+        key = (application, deployment, self.caller)
+        self.queued.values.pop(key, None)
+        self.ongoing.values.pop(key, None)
+
     def retried(self, application: str, deployment: str, full: bool, delay_s: float) -> None:
         key = (application, deployment, self.caller)
         self.retries.inc((*key, "full" if full else "unreachable"))

@@ -137,7 +137,9 @@ class Router:
         target = self._pick() if self._replicas else None
         if target is not None:
             return target
-        if 0 <= self._max_queued <= self._waiting:
+        # Shed only while replicas exist but are full: with none (yet, or any more) the
+        # call waits for one, or learns the deployment is gone.
+        if self._replicas and 0 <= self._max_queued <= self._waiting:
             if self._recorder is not None:
                 self._recorder.shed(self.key[0], self.key[1])
             raise BackPressureError(self._name, self._waiting, self._max_queued)
@@ -263,6 +265,8 @@ class Router:
                     raise
 
     async def aclose(self) -> None:
+        if self._recorder is not None:
+            self._recorder.unwatch(*self.key)
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)

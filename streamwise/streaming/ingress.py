@@ -244,7 +244,9 @@ class Ingress:
             if self._inflight == 0:
                 self._idle.set()
             if self._recorder is not None:
+                # Only names of apps served: a client's metadata must not make new series.
                 app = metadata.get("application") or (next(iter(self._apps)) if len(self._apps) == 1 else "")
+                app = app if app in self._apps else "unknown"
                 self._recorder.finished(app, rpc.path, status, time.perf_counter() - started)
 
     def _frames(self, app: _App, request: replica_pb2.CallRequest, inputs: Any = None):

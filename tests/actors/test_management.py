@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import grpc
 import pytest
@@ -27,6 +28,8 @@ class Greeter:
         self.release = asyncio.Event()
 
     def reconfigure(self, config):
+        if "bad" in config:
+            raise ValueError("a config this replica refuses")
         self.greeting = config["greeting"]
 
     async def greet(self, name: str) -> str:
@@ -130,15 +133,52 @@ def test_user_config_update_reaches_live_replicas(serve):
             ),
             metadata=metadata,
         )
-    # reconfigure() runs as each replica reads its control stream: wait for both.
-    seen = set()
-    for _ in range(200):
-        seen.add(handle.greet.remote("bob").result())
-        if seen == {"hi bob"}:
+    # reconfigure() runs as each replica reads its control stream: wait until both
+    # answer with it (40 calls in a row land on both replicas).
+    for _ in range(50):
+        answers = {handle.greet.remote("bob").result() for _ in range(40)}
+        if answers == {"hi bob"}:
             break
-    assert handle.greet.remote("bob").result() == "hi bob"
+    assert answers == {"hi bob"}
     _scale("Greeter", 3)
     assert {handle.greet.remote("eve").result() for _ in range(30)} == {"hi eve"}
+
+
+def test_scaling_down_while_scaling_up_leaves_exactly_the_target(serve):
+    """A scale-down that arrives while replicas of a scale-up are still starting
+    retires them too: both calls return, and one replica process is left."""
+    import psutil
+
+    handle = serve(Greeter.bind())
+    up = threading.Thread(target=_scale, args=("Greeter", 4))
+    up.start()
+    while _describe().deployments[0].target_replicas != 4:  # the scale-up has begun
+        time.sleep(0.005)
+    down = _scale("Greeter", 1)
+    up.join(60)
+    assert not up.is_alive()
+    final = _describe().deployments[0]
+    assert (final.target_replicas, final.running_replicas, len(final.replicas)) == (1, 1, 1)
+    assert down[-1].running_replicas == 1
+    assert len(psutil.Process().children()) == 1
+    assert handle.greet.remote("ada").result() == "hello ada"
+
+
+def test_a_refused_user_config_leaves_the_replica_serving(serve):
+    """A reconfigure() that raises is logged; the replica keeps its old config and serves."""
+    handle = serve(Greeter.bind())
+    channel, stub, metadata = _management()
+    with channel:
+        stub.UpdateUserConfig(
+            management_pb2.UpdateUserConfigRequest(
+                application="default", deployment="Greeter", user_config_json='{"bad": 1}'
+            ),
+            metadata=metadata,
+        )
+    pid = handle.pid.remote().result()
+    for _ in range(20):
+        assert handle.greet.remote("ada").result() == "hello ada"
+    assert handle.pid.remote().result() == pid  # the same process: it did not stop
 
 
 def test_errors_name_what_exists(serve):

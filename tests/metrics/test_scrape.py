@@ -112,7 +112,7 @@ def test_counts_match_the_calls_made(app):
 
     ingress_calls = m["streamwise_ingress_requests"]
     assert _value(ingress_calls, "streamwise_ingress_requests_total", status="OK", application="default") == 2
-    # Front's calls of Back are counted by Front's router.
+    # The driver's routers (its handle calls of Back, the ingress's of Front) are counted.
     assert {s.labels["caller"] for s in m["streamwise_router_ongoing_requests"]} >= {"driver"}
     assert _value(m["streamwise_replicas"], "streamwise_replicas", deployment="Back", state="RUNNING") == 2
     assert _value(m["streamwise_replicas"], "streamwise_replicas", deployment="Front", state="RUNNING") == 1

@@ -367,6 +367,9 @@ class HandleOptions:
     # None: TransportConfig decides (by reference unless STREAMWISE_USE_GRPC_BY_DEFAULT=1).
     by_reference: bool | None = None
     by_reference_threshold_bytes: int | None = None  # None: TransportConfig's
+    # The call (a stream: all of it) fails with RequestTimeoutError past this, and is
+    # cancelled in the replica; calls made while serving it inherit the deadline.
+    request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         from streamwise import codec  # local: codec imports nothing from config
@@ -380,6 +383,10 @@ class HandleOptions:
             self.by_reference_threshold_bytes is None
             or (isinstance(self.by_reference_threshold_bytes, int) and self.by_reference_threshold_bytes >= 1),
             "by_reference_threshold_bytes must be None or an int >= 1",
+        )
+        _check(
+            self.request_timeout_s is None or (_is_number(self.request_timeout_s) and self.request_timeout_s > 0),
+            f"request_timeout_s must be None or a number > 0, got {self.request_timeout_s!r}",
         )
 
 

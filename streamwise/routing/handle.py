@@ -8,21 +8,26 @@ Handles are cheap, immutable and picklable: pass them to other deployments freel
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import functools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from streamwise import codec as codecs
 from streamwise.actors._methods import MethodKind
 from streamwise.config import HandleOptions
-from streamwise.exceptions import UnknownMethodError
+from streamwise.exceptions import RequestTimeoutError, UnknownMethodError
 from streamwise.objectstore.calls import CallerWire
 from streamwise.proto import replica_pb2
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator
 from streamwise.routing.router import RouterKey, router_for
 from streamwise.routing.transport import FrameStream
 from streamwise.streaming import _wire
+from streamwise.streaming.context import current_deadline
 from streamwise.tracing import spans
 
 
@@ -92,6 +97,9 @@ class DeploymentHandle:
             response_codec=response_codec.name,
         )
         request.metadata[_wire.REQUEST_ID] = os.urandom(8).hex()
+        deadline = _deadline(options.request_timeout_s)
+        if deadline is not None:
+            request.metadata[_wire.DEADLINE] = repr(deadline)
         if options.multiplexed_model_id:
             request.metadata[_wire.MODEL_ID] = options.multiplexed_model_id
         if options.session_id:
@@ -123,7 +131,7 @@ class DeploymentHandle:
                 key, request, decode=wire.decode_items, error=error,
                 inputs=inputs, encode_inputs=wire.encode_input, before=begin,
                 # Whether every frame was read is not known here: clear what may be left.
-                after=lambda: wire.end(complete=False), parent=parent,
+                after=lambda: wire.end(complete=False), parent=parent, deadline=deadline,
             )
 
         if stream:
@@ -142,8 +150,9 @@ class DeploymentHandle:
             async def call() -> Any:
                 complete = False
                 try:
-                    await begin()
-                    reply = await router_for(key).unary(request, parent=parent)
+                    async with _timeout(deadline, deployment, method):
+                        await begin()
+                        reply = await router_for(key).unary(request, parent=parent)
                     if reply.HasField("error"):
                         complete = True
                         raise error(reply.error)
@@ -168,12 +177,14 @@ def open_frames(
     after: Callable[[], None] | None = None,
     wait_s: float | None = None,
     parent: Any = None,
+    deadline: float | None = None,
 ) -> DeploymentResponseGenerator:
     """Start a streaming call of an encoded ``request`` on deployment ``key``.
 
     ``before`` runs first (e.g. to finish encoding the request) and ``after`` once the
     call is over, whether or not it opened; ``wait_s`` bounds the wait for a live
-    replica; ``parent`` is the caller's trace context. Items come from
+    replica; ``parent`` is the caller's trace context; past ``deadline`` (seconds since
+    the epoch) reading fails with RequestTimeoutError. Items come from
     ``decode(frame.items)``, errors from ``error(remote_error)``.
     """
 
@@ -195,7 +206,34 @@ def open_frames(
         if after is not None:
             after()
 
-    return DeploymentResponseGenerator(open_stream(), decode, error, release)
+    return DeploymentResponseGenerator(
+        open_stream(), decode, error, release,
+        None if deadline is None else functools.partial(_timeout, deadline, key[1], request.method),
+    )
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    """The call's deadline: its own timeout from now, or the one of the request being
+    served, whichever comes first (a downstream call never outlives its caller's)."""
+    inherited = current_deadline()
+    own = time.time() + timeout_s if timeout_s is not None else None
+    if own is None:
+        return inherited
+    return own if inherited is None else min(own, inherited)
+
+
+@contextlib.asynccontextmanager
+async def _timeout(deadline: float | None, deployment: str, method: str) -> AsyncIterator[None]:
+    """Bound the block by ``deadline``; past it the block is cancelled and
+    RequestTimeoutError raised."""
+    if deadline is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.time())):
+            yield
+    except TimeoutError:
+        raise RequestTimeoutError(f"call of {deployment}.{method} passed its deadline") from None
 
 
 def _has_pending(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -91,6 +91,8 @@ class _Started(Generic[T]):
             future = asyncio.run_coroutine_threadsafe(_await(self.task), self.loop)
         try:
             return future.result(timeout_s)
+        except RequestTimeoutError:
+            raise  # the call's own deadline passed (request_timeout_s)
         except concurrent.futures.TimeoutError:
             raise RequestTimeoutError(f"no result within {timeout_s}s") from None
 
@@ -219,7 +221,9 @@ class DeploymentResponseGenerator(Generic[T]):
         decode: Callable[[bytes], list[Any]],
         error: Callable[[Any], Exception],
         release: Callable[[FrameStream], None],
+        bounded: Callable[[], Any] | None = None,
     ) -> None:
+        self._bounded = bounded  # makes the async context that bounds each read by the deadline
         self._items: deque[Any] = deque()
         self._decode = decode
         self._error = error
@@ -233,6 +237,12 @@ class DeploymentResponseGenerator(Generic[T]):
 
     async def _fill(self) -> bool:
         """Read frames until some items are buffered; False at the end of the stream."""
+        if self._bounded is None:
+            return await self._fill_now()
+        async with self._bounded():
+            return await self._fill_now()
+
+    async def _fill_now(self) -> bool:
         if self._finished:
             return False
         try:

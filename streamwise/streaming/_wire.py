@@ -25,6 +25,8 @@ REJECT_DRAINING = "streamwise: replica draining"
 RPC_CODEC = "grpc"
 
 REQUEST_ID = "request_id"
+# The call's deadline, as seconds since the epoch: calls made while serving it inherit it.
+DEADLINE = "sw-deadline"
 MODEL_ID = "multiplexed_model_id"
 SESSION_ID = "session_id"
 

@@ -42,6 +42,19 @@ def enter_request(metadata: Mapping[str, str], deployment: str, replica_id: str)
     _CURRENT.set((metadata, deployment, replica_id))
 
 
+def current_deadline() -> float | None:
+    """The deadline (seconds since the epoch) of the request being served, if it has one."""
+    current = _CURRENT.get(None)
+    if current is None:
+        return None
+    metadata = current.metadata if isinstance(current, RequestContext) else current[0]
+    raw = metadata.get(_wire.DEADLINE)
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
+
+
 def get_request_context() -> RequestContext:
     """The context of the request being served (an empty one outside a request)."""
     current = _CURRENT.get(None)

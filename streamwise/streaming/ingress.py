@@ -199,6 +199,11 @@ class Ingress:
             if key in metadata:
                 request.metadata[key] = metadata[key]
         request.metadata["request_id"] = request_id
+        # The client's deadline, or request_timeout_s: calls made while serving the
+        # request inherit it, so none outlives it.
+        remaining = [t for t in (context.time_remaining(), self.options.request_timeout_s) if t is not None]
+        if remaining:
+            request.metadata[_wire.DEADLINE] = repr(time.time() + min(remaining))
         if span is not None:
             span.set_attribute("streamwise.request_id", request_id)
             span.set_attribute("streamwise.application", app.name)

@@ -9,15 +9,17 @@ processes does not decide a figure; each figure is the median of all rounds.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import statistics
 import sys
 from collections.abc import Callable
+from time import perf_counter
 
 import grpc
-from _common import Child, call_rate, verdict
+from _common import Child, call_rate, check_no_children, say, verdict
 
 import streamwise
 from streamwise.proto import predict_pb2, predict_pb2_grpc
@@ -74,6 +76,25 @@ async def _ingress_rate(address: str, n: int) -> float:
 
         await call_rate(call, max(1, n // 10), CONCURRENCY)  # warm the connection
         return await call_rate(call, n, CONCURRENCY)
+
+
+def main(argv: list[str] | None, doc: str, name: str, report: Callable[[int, int, int], None]) -> int:
+    """A benchmark script's main: ``--child`` serves as one driver of a pair; otherwise
+    ``report(n, sets, rounds)`` measures and prints, with small counts for ``--quick``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        asyncio.run(child_main())
+        return 0
+    n, sets, rounds = (300, 1, 3) if args.quick else (3000, 4, 3)
+    began = perf_counter()
+    say(f"{name}: {sets} fresh pairs of drivers x {rounds} alternating rounds per figure, {os.cpu_count()} cores")
+    report(n, sets, rounds)
+    check_no_children()
+    say(f"total {perf_counter() - began:.1f} s")
+    return 0
 
 
 def line(label: str, on: list[float], off: list[float], target: float | None, unit: str = "calls/s") -> str:

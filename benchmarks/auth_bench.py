@@ -21,31 +21,18 @@ an ingress call pays only for its hop to the replica.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
-from time import perf_counter
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import _onoff  # noqa: E402
-from _common import check_no_children, say  # noqa: E402
+from _common import say  # noqa: E402
 
 COST_MAX = 0.03
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        asyncio.run(_onoff.child_main())
-        return 0
-    n, sets, rounds = (300, 1, 3) if args.quick else (3000, 4, 3)
-    began = perf_counter()
-    say(f"auth_bench: {sets} fresh pairs of drivers x {rounds} alternating rounds per figure, {os.cpu_count()} cores")
+def report(n: int, sets: int, rounds: int) -> None:
     for local in (True, False):
         def env_of(on: bool, local: bool = local) -> dict[str, str]:
             return {"STREAMWISE_INTERNAL_AUTH": "1" if on else "0", "STREAMWISE_LOCAL_TRANSPORT": "1" if local else "0"}
@@ -57,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         say(_onoff.line(f"stream items{path}", *figures["stream"], None, "items/s"))
         if local:
             say(_onoff.line(f"ingress unary {_onoff.CONCURRENCY}", *figures["ingress"], None))
-    check_no_children()
-    say(f"total {perf_counter() - began:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_onoff.main(None, __doc__, "auth_bench", report))

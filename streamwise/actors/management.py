@@ -20,7 +20,7 @@ import grpc
 
 from streamwise import _auth as auth
 from streamwise.exceptions import DeploymentNotFoundError, StreamwiseError, UsageError
-from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2, replica_pb2_grpc
+from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2
 from streamwise.streaming import _wire
 
 if TYPE_CHECKING:
@@ -39,14 +39,8 @@ def _config_json(dep: _Deployment) -> str:
 
 async def _ongoing(address: str, metadata: tuple[tuple[str, str], ...]) -> int:
     """The replica's calls in flight, or -1 if it does not answer in time."""
-    async with grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS) as channel:
-        try:
-            reply = await replica_pb2_grpc.ReplicaStub(channel).Stats(
-                replica_pb2.StatsRequest(), metadata=metadata, timeout=_STATS_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError:
-            return -1
-    return reply.ongoing_requests
+    reply = await _wire.ask_replica(address, metadata, "Stats", replica_pb2.StatsRequest(), _STATS_TIMEOUT_S)
+    return -1 if reply is None else reply.ongoing_requests
 
 
 async def deployment_status(controller: Controller, dep: _Deployment, *, replicas: bool = True) -> management_pb2.DeploymentStatus:

@@ -15,14 +15,13 @@ import asyncio
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-import grpc
 import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwise.metrics.recorders import REGISTRY
-from streamwise.proto import replica_pb2, replica_pb2_grpc
+from streamwise.proto import replica_pb2
 from streamwise.streaming import _wire
 
 _REPLICA_TIMEOUT_S = 2.0
@@ -31,14 +30,8 @@ _SCRAPE_TIMEOUT_S = 10.0
 
 async def replica_metrics(address: str, metadata: tuple[tuple[str, str], ...]) -> bytes:
     """A replica's metrics in the text format; empty if it does not answer in time."""
-    async with grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS) as channel:
-        try:
-            reply = await replica_pb2_grpc.ReplicaStub(channel).Metrics(
-                replica_pb2.MetricsRequest(), metadata=metadata, timeout=_REPLICA_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError:
-            return b""
-    return reply.text
+    reply = await _wire.ask_replica(address, metadata, "Metrics", replica_pb2.MetricsRequest(), _REPLICA_TIMEOUT_S)
+    return b"" if reply is None else reply.text
 
 
 def merge(texts: list[bytes]) -> list[Metric]:

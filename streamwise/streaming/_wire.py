@@ -7,9 +7,12 @@ come back as :class:`streamwise.exceptions.RemoteError` (caller side).
 from __future__ import annotations
 
 import traceback
+from typing import Any
+
+import grpc
 
 from streamwise import exceptions
-from streamwise.proto import replica_pb2
+from streamwise.proto import replica_pb2, replica_pb2_grpc
 
 # Initial metadata a replica sends once it has admitted a call, before user code runs.
 # A call that fails without it was never executed, so the router may retry it.
@@ -35,6 +38,18 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
     ("grpc.so_reuseport", 0),
 )
+
+
+async def ask_replica(address: str, metadata: Any, rpc: str, request: Any, timeout_s: float) -> Any:
+    """One control call (``rpc``, a Replica RPC's name) to the replica at ``address``,
+    on a channel of its own; None if it does not answer within ``timeout_s``."""
+    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+        try:
+            return await getattr(replica_pb2_grpc.ReplicaStub(channel), rpc)(
+                request, metadata=metadata, timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return None
 
 
 def method_label(method: str) -> str:

@@ -24,6 +24,7 @@ _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from streamwise.actors.api import ingress_address, metrics_address, open_app, run, shutdown  # noqa: E402
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
 from streamwise.config import (  # noqa: E402
+    AutoscalingConfig,
     DeploymentConfig,
     GrpcOptions,
     HandleOptions,
@@ -31,6 +32,7 @@ from streamwise.config import (  # noqa: E402
     TracingConfig,
     TransportConfig,
 )
+from streamwise.autoscaling.policy import AutoscalingContext  # noqa: E402
 from streamwise.objectstore import ObjectRef, get, put  # noqa: E402
 from streamwise.routing.handle import DeploymentHandle  # noqa: E402
 from streamwise.routing.response import DeploymentResponse, DeploymentResponseGenerator  # noqa: E402
@@ -42,6 +44,8 @@ from streamwise.batching.stats import BatchStats, BatchStatsLog  # noqa: E402
 
 __all__ = [
     "Application",
+    "AutoscalingConfig",
+    "AutoscalingContext",
     "BatchRequest",
     "BatchStats",
     "BatchStatsLog",

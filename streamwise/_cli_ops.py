@@ -109,6 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         where = f", gRPC on {driver.ingress}" if driver.ingress else ""
         deps = ", ".join(
             f"{d.name} {d.running_replicas}/{d.target_replicas} {d.status}"
+            + (f" (autoscaling {d.autoscaling.min_replicas}-{d.autoscaling.max_replicas})"
+               if d.HasField("autoscaling") else "")
             + (f" ({d.restarts} restarts)" if d.restarts else "")
             for d in app.deployments
         )
@@ -124,16 +126,31 @@ def _progress(status: management_pb2.DeploymentStatus) -> str:
     for replica in status.replicas:
         states[replica.state] = states.get(replica.state, 0) + 1
     others = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()) if state != "RUNNING")
-    return f"{status.name}: {status.running_replicas}/{status.target_replicas} running" + (f" ({others})" if others else "")
+    line = f"{status.name}: {status.running_replicas}/{status.target_replicas} running" + (f" ({others})" if others else "")
+    if status.HasField("autoscaling"):
+        line += f" [autoscaling {status.autoscaling.min_replicas}-{status.autoscaling.max_replicas}]"
+    return line
+
+
+def _scale_request(args: argparse.Namespace) -> management_pb2.ScaleDeploymentRequest:
+    bounds = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    bounds = {key: value for key, value in bounds.items() if value is not None}
+    if (args.num_replicas is None) == (not bounds):
+        raise UsageError("give either a number of replicas, or autoscaling bounds (--min and/or --max)")
+    if args.num_replicas is not None and args.num_replicas < 1:
+        raise UsageError(
+            f"the number of replicas must be >= 1, got {args.num_replicas} (to scale to zero: --min 0)"
+        )
+    if any(value < 0 for value in bounds.values()):
+        raise UsageError(f"autoscaling bounds must be >= 0, got {bounds}")
+    return management_pb2.ScaleDeploymentRequest(
+        application=args.application, deployment=args.deployment, num_replicas=args.num_replicas or 0, **bounds
+    )
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if args.num_replicas < 1:
-        raise UsageError(f"the number of replicas must be >= 1 (scaling to zero is not supported yet), got {args.num_replicas}")
+    request = _scale_request(args)
     driver = _driver_of(args.application)
-    request = management_pb2.ScaleDeploymentRequest(
-        application=args.application, deployment=args.deployment, num_replicas=args.num_replicas
-    )
     channel, stub = _stub(driver)
     last = ""
     with channel:
@@ -208,10 +225,15 @@ def add_commands(commands: Any) -> None:
     status.add_argument("application", nargs="?", default=None, help="only this application")
     status.add_argument("--json", action="store_true", help="print JSON: applications -> deployments -> replicas")
     status.set_defaults(handler=cmd_status)
-    scale = commands.add_parser("scale", help="set a deployment's number of replicas (draining the ones that go)")
+    scale = commands.add_parser(
+        "scale",
+        help="set a deployment's number of replicas (draining the ones that go), or its autoscaling bounds",
+    )
     scale.add_argument("application")
     scale.add_argument("deployment")
-    scale.add_argument("num_replicas", type=int)
+    scale.add_argument("num_replicas", type=int, nargs="?", default=None, help="a fixed count: autoscaling off")
+    scale.add_argument("--min", dest="min_replicas", type=int, default=None, help="autoscale, at least this many")
+    scale.add_argument("--max", dest="max_replicas", type=int, default=None, help="autoscale, at most this many")
     scale.set_defaults(handler=cmd_scale)
     config = commands.add_parser("config", help="print the options each deployment of an application runs with")
     config.add_argument("application")

@@ -10,6 +10,8 @@
             num_replicas: 2
             max_ongoing_requests: 16
             user_config: {threshold: 0.5}
+          - name: Ranker
+            autoscaling_config: {min_replicas: 0, max_replicas: 8, target_ongoing_requests: 4}
     grpc_options: {port: 9000, servicer_functions: ["chat_pb2_grpc:add_ChatServicer_to_server"]}
     metrics_port: 9464
     tracing: {exporter: jsonl, sampling_ratio: 0.1}
@@ -31,7 +33,7 @@ from typing import Any
 import yaml
 
 from streamwise.actors.deployment import Application, Deployment
-from streamwise.config import CoalesceConfig, DeploymentConfig, GrpcOptions, TracingConfig
+from streamwise.config import AutoscalingConfig, CoalesceConfig, DeploymentConfig, GrpcOptions, TracingConfig
 from streamwise.exceptions import UsageError
 
 __all__ = ["AppConfig", "ServeConfig", "import_app", "load", "parse"]
@@ -39,7 +41,10 @@ __all__ = ["AppConfig", "ServeConfig", "import_app", "load", "parse"]
 _DEPLOYMENT_KEYS = {f.name for f in dataclasses.fields(DeploymentConfig)}
 _GRPC_KEYS = {f.name for f in dataclasses.fields(GrpcOptions)}
 _TRACING_KEYS = {f.name for f in dataclasses.fields(TracingConfig)}
-_NOT_YET = {"autoscaling_config": "autoscaling is not supported yet; set num_replicas"}
+# A custom policy is a function: it is set in code, not in a file.
+_AUTOSCALING_KEYS = {f.name for f in dataclasses.fields(AutoscalingConfig)} - {"policy"}
+_NESTED = {"coalesce": (CoalesceConfig, {f.name for f in dataclasses.fields(CoalesceConfig)}),
+           "autoscaling_config": (AutoscalingConfig, _AUTOSCALING_KEYS)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,8 +84,6 @@ class _Reader:
         out: dict[str, tuple[yaml.Node, Any]] = {}
         for key_node, value_node in node.value:
             key = key_node.value
-            if key in _NOT_YET:
-                raise self.fail(key_node, f"{what}: {key}: {_NOT_YET[key]}")
             if key not in known:
                 raise self.fail(key_node, f"unknown key {key!r} in {what} (known: {', '.join(sorted(known))})")
             if key in out:
@@ -162,13 +165,11 @@ def _application(reader: _Reader, node: yaml.Node) -> AppConfig:
             if "name" not in options:
                 raise reader.fail(dep_node, f"a deployment of {name!r} needs a name")
             dep_name = options.pop("name")[1]
-            if "coalesce" in options:
-                coalesce_node = options["coalesce"][0]
-                known = {f.name for f in dataclasses.fields(CoalesceConfig)}
-                coalesce = reader.build(
-                    coalesce_node, "coalesce", CoalesceConfig, reader.mapping(coalesce_node, "coalesce", known)
-                )
-                options["coalesce"] = (coalesce_node, coalesce)
+            for key, (make, known) in _NESTED.items():
+                if key in options and options[key][1] is not None:
+                    nested_node = options[key][0]
+                    nested = reader.build(nested_node, key, make, reader.mapping(nested_node, key, known))
+                    options[key] = (nested_node, nested)
             # Checked now, against defaults: the values must at least make sense alone.
             reader.build(dep_node, f"deployment {dep_name!r}", DeploymentConfig, {"name": (dep_node, dep_name), **options})
             deployments[dep_name] = {key: value for key, (_, value) in options.items()}

@@ -147,12 +147,82 @@ class CoalesceConfig:
 DEFAULT_COALESCE = CoalesceConfig()
 
 
+DEFAULT_AUTO_MAX_REPLICAS = 100  # the upper bound num_replicas="auto" sets
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoscalingConfig:
+    """How a deployment's replica count follows its load (Ray Serve's names).
+
+    Every ``metrics_interval_s`` each replica reports the calls (and open streams) it
+    runs and each router the calls waiting for a replica with room; the controller
+    averages each report over ``look_back_period_s`` and wants
+    ``ceil((ongoing + queued) / target_ongoing_requests)`` replicas, moved from the
+    current count by ``upscaling_factor`` / ``downscaling_factor``, kept within
+    ``[min_replicas, max_replicas]``. It scales up once it has wanted more for
+    ``upscale_delay_s``, down once it has wanted fewer for ``downscale_delay_s``.
+    With ``min_replicas=0`` the deployment scales to zero; the first call then starts
+    a replica at once (no delay) and waits for it. ``policy``, a function of an
+    :class:`streamwise.AutoscalingContext` returning a replica count, replaces that
+    rule; its result is kept within the bounds, and no delay is added to it.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    upscaling_factor: float = 1.0
+    downscaling_factor: float = 1.0
+    metrics_interval_s: float = 1.0
+    look_back_period_s: float = 30.0
+    policy: Callable[[Any], int] | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("min_replicas", "max_replicas"):
+            value = getattr(self, field)
+            _check(_is_int(value) and value >= 0, f"{field} must be an int >= 0, got {value!r}")
+        _check(self.max_replicas >= 1, f"max_replicas must be >= 1, got {self.max_replicas!r}")
+        _check(
+            self.min_replicas <= self.max_replicas,
+            f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})",
+        )
+        _check(
+            self.initial_replicas is None
+            or (_is_int(self.initial_replicas) and self.min_replicas <= self.initial_replicas <= self.max_replicas),
+            f"initial_replicas must be None or an int within [min_replicas, max_replicas] = "
+            f"[{self.min_replicas}, {self.max_replicas}], got {self.initial_replicas!r}",
+        )
+        for field in ("target_ongoing_requests", "upscaling_factor", "downscaling_factor",
+                      "metrics_interval_s", "look_back_period_s"):
+            value = getattr(self, field)
+            _check(_is_seconds(value) and value > 0, f"{field} must be a number > 0, got {value!r}")
+        for field in ("upscale_delay_s", "downscale_delay_s"):
+            value = getattr(self, field)
+            _check(_is_seconds(value) and value >= 0, f"{field} must be a number >= 0, got {value!r}")
+        _check(
+            self.policy is None or callable(self.policy),
+            f"policy must be None or a function of an AutoscalingContext returning an int, got {self.policy!r}",
+        )
+
+    @property
+    def start_replicas(self) -> int:
+        """Replicas to start with: ``initial_replicas``, else ``min_replicas``."""
+        return self.min_replicas if self.initial_replicas is None else self.initial_replicas
+
+    def clamp(self, n: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, n))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DeploymentConfig:
     """Options of one deployment, set by ``@deployment(...)`` or ``.options(...)``."""
 
     name: str
-    num_replicas: int = DEFAULT_NUM_REPLICAS
+    # An int, "auto" (autoscaling, 1 to 100 replicas unless autoscaling_config says
+    # otherwise), or None: 1 replica, or autoscaling_config's start.
+    num_replicas: int | str | None = None
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
     user_config: Any = None
     health_check_period_s: float = DEFAULT_HEALTH_CHECK_PERIOD_S
@@ -163,13 +233,34 @@ class DeploymentConfig:
     # Calls one caller may have waiting for a replica with room; past it a call fails at
     # once with BackPressureError (RESOURCE_EXHAUSTED at the ingress). -1: no limit.
     max_queued_requests: int = -1
+    autoscaling_config: AutoscalingConfig | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and isinstance(self.name, str), "deployment name must be a non-empty str")
         _check(
-            isinstance(self.num_replicas, int) and self.num_replicas >= 1,
-            f"num_replicas of {self.name!r} must be an int >= 1, got {self.num_replicas!r}",
+            self.num_replicas is None or self.num_replicas == "auto"
+            or (_is_int(self.num_replicas) and self.num_replicas >= 1),
+            f"num_replicas of {self.name!r} must be an int >= 1 or \"auto\", got {self.num_replicas!r}",
         )
+        autoscaling = self.autoscaling_config
+        if isinstance(autoscaling, dict):
+            try:
+                autoscaling = AutoscalingConfig(**autoscaling)
+            except TypeError as exc:
+                raise UsageError(f"autoscaling_config of {self.name!r}: {exc}") from None
+        _check(
+            autoscaling is None or isinstance(autoscaling, AutoscalingConfig),
+            f"autoscaling_config of {self.name!r} must be a streamwise.AutoscalingConfig or a dict, "
+            f"got {autoscaling!r}",
+        )
+        _check(
+            autoscaling is None or not _is_int(self.num_replicas),
+            f"{self.name!r} sets both num_replicas={self.num_replicas!r} and autoscaling_config: "
+            "set one (num_replicas=\"auto\" goes with autoscaling_config)",
+        )
+        if self.num_replicas == "auto" and autoscaling is None:
+            autoscaling = AutoscalingConfig(max_replicas=DEFAULT_AUTO_MAX_REPLICAS)
+        object.__setattr__(self, "autoscaling_config", autoscaling)
         _check(
             isinstance(self.max_ongoing_requests, int) and self.max_ongoing_requests >= 1,
             f"max_ongoing_requests of {self.name!r} must be an int >= 1, "
@@ -194,6 +285,13 @@ class DeploymentConfig:
             isinstance(self.coalesce, CoalesceConfig),
             f"coalesce of {self.name!r} must be a streamwise.CoalesceConfig, got {self.coalesce!r}",
         )
+
+    @property
+    def start_replicas(self) -> int:
+        """How many replicas the deployment starts with."""
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config.start_replicas
+        return DEFAULT_NUM_REPLICAS if self.num_replicas is None else int(self.num_replicas)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

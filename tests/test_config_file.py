@@ -51,6 +51,18 @@ _APP = textwrap.dedent(
         ("applications: [{import_path: a:app}]\ngrpc_options: {port: 70000}\n", "c.yaml:2", "port"),
         ("applications:\n  - import_path: a:app\n  - import_path: b:app\n", "c.yaml:2", "names must differ"),
         ("applications: [\n", "c.yaml", "not valid YAML"),
+        (
+            "applications:\n  - import_path: a:app\n    deployments:\n      - name: M\n"
+            "        autoscaling_config:\n          max_replica: 3\n",
+            "c.yaml:6",
+            "unknown key 'max_replica' in autoscaling_config",
+        ),
+        (
+            "applications:\n  - import_path: a:app\n    deployments:\n      - name: M\n"
+            "        autoscaling_config: {min_replicas: 4, max_replicas: 2}\n",
+            "c.yaml:5",
+            "min_replicas (4) must be <= max_replicas (2)",
+        ),
     ],
 )
 def test_errors_name_the_file_line_and_key(text, where, words):
@@ -123,3 +135,37 @@ def test_run_and_deploy_config_files(tmp_path):
             driver.kill()
             driver.wait()
         driver.stdout.close()
+
+
+def test_autoscaling_in_a_file_replaces_the_codes_replica_count(tmp_path, monkeypatch):
+    """A file's autoscaling_config makes a fixed deployment autoscaled, and a file's
+    num_replicas makes an autoscaled one fixed."""
+    (tmp_path / "scaled.py").write_text(textwrap.dedent(
+        """
+        import streamwise
+
+        @streamwise.deployment(num_replicas=2)
+        class Fixed:
+            pass
+
+        @streamwise.deployment(num_replicas="auto")
+        class Auto:
+            def __init__(self, fixed):
+                pass
+
+        app = Auto.bind(Fixed.bind())
+        """
+    ))
+    text = (
+        "applications:\n  - import_path: scaled:app\n    deployments:\n"
+        "      - {name: Fixed, autoscaling_config: {min_replicas: 0, max_replicas: 4}}\n"
+        "      - {name: Auto, num_replicas: 3}\n"
+    )
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    config = _config_file.load(str(path))
+    app = _config_file.applied(config.applications[0], config.base_dir)
+    auto = app.deployment._config
+    fixed = app.args[0].deployment._config
+    assert (auto.num_replicas, auto.autoscaling_config) == (3, None)
+    assert fixed.num_replicas is None and fixed.autoscaling_config.max_replicas == 4 and fixed.start_replicas == 0

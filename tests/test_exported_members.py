@@ -5,7 +5,7 @@ def test_all_is_exactly_the_public_api():
     """__all__ lists exactly the public names the package exports, nothing more."""
     public = {name for name in dir(streamwise) if not name.startswith("_")}
     submodules = {
-        "actors", "batching", "codec", "config", "exceptions", "metrics", "objectstore", "proto", "routing", "streaming",
+        "actors", "autoscaling", "batching", "codec", "config", "exceptions", "metrics", "objectstore", "proto", "routing", "streaming",
         "tracing",
     }
     assert set(streamwise.__all__) == public - submodules

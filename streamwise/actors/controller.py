@@ -12,6 +12,7 @@ process launched for a replica may fetch its spec or attach as it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -26,7 +27,9 @@ from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors import _logs
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
-from streamwise.config import DeploymentConfig
+from streamwise.autoscaling.load import LoadBook
+from streamwise.autoscaling.policy import Decider
+from streamwise.config import AutoscalingConfig, DeploymentConfig
 from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
@@ -91,6 +94,26 @@ class _Deployment:
         self.slots: list[_Slot] = []
         self.restarts = 0  # replicas replaced after they died or failed health checks
         self.created_at = time.monotonic()
+        self.load = LoadBook()
+        self.decider: Decider | None = None
+        self.autoscaler: asyncio.Task[None] | None = None
+        self.resizing: set[asyncio.Task[None]] = set()  # the autoscaler's scale changes under way
+        self.seen_load = (0.0, 0.0)  # (ongoing, queued) at the autoscaler's last decision
+
+    @property
+    def target(self) -> int:
+        """Replicas the deployment should run now (some may be starting)."""
+        return sum(not slot.retired for slot in self.slots)
+
+    @property
+    def report_interval_s(self) -> float:
+        autoscaling = self.config.autoscaling_config
+        return 0.0 if autoscaling is None else float(autoscaling.metrics_interval_s)
+
+    def reporting_message(self) -> controller_pb2.ControlMessage:
+        return controller_pb2.ControlMessage(
+            load_reporting=controller_pb2.LoadReporting(interval_s=self.report_interval_s)
+        )
 
     def reconfigure(self, config: DeploymentConfig) -> None:
         """Take ``config`` from now on (replicas started later are built with it)."""
@@ -109,6 +132,7 @@ class _Deployment:
             deleted=self.deleted,
             max_ongoing_requests=self.config.max_ongoing_requests,
             max_queued_requests=self.config.max_queued_requests,
+            load_report_interval_s=self.report_interval_s,
             replicas=[
                 controller_pb2.ReplicaInfo(
                     replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node
@@ -189,12 +213,14 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         deployments = {spec.config.name: _Deployment(spec) for spec in plan.specs}
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name
-        first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.num_replicas)]
+        first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.start_replicas)]
         try:
             await asyncio.gather(*first_ready)
         except BaseException:
             await self.delete_app(plan.name)
             raise
+        for dep in deployments.values():
+            self._follow_autoscaling(dep)
 
     def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
         """Start supervising one more replica of ``dep``; the future is set once it runs
@@ -225,15 +251,40 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         return self._roots.get(app, "")
 
     async def scale(self, app: str, name: str, num_replicas: int) -> None:
-        """Run ``num_replicas`` replicas of the deployment from now on.
+        """Run ``num_replicas`` replicas of the deployment from now on (autoscaling off).
 
         New replicas start at once (returns once they run); replicas beyond the
         number drain, so no call in flight is dropped: routers stop choosing them
         first, then each finishes its calls (within its graceful_shutdown_timeout_s).
         """
         dep = self.deployment(app, name)
+        dep.reconfigure(dataclasses.replace(dep.config, num_replicas=num_replicas, autoscaling_config=None))
+        self._follow_autoscaling(dep)
+        await self._resize(dep, num_replicas)
+
+    async def autoscale(
+        self, app: str, name: str, min_replicas: int | None = None, max_replicas: int | None = None
+    ) -> None:
+        """Autoscale the deployment within new bounds (each None: keep it, or for a
+        deployment not autoscaled yet, its replica count now); returns once the count
+        is within them."""
+        dep = self.deployment(app, name)
+        old = dep.config.autoscaling_config
+        current = dep.target
+        lo = min_replicas if min_replicas is not None else (old.min_replicas if old else min(current, max_replicas or current))
+        hi = max_replicas if max_replicas is not None else (old.max_replicas if old else max(current, lo, 1))
+        base = old or AutoscalingConfig()
+        autoscaling = dataclasses.replace(base, min_replicas=lo, max_replicas=hi, initial_replicas=None)
+        num_replicas = dep.config.num_replicas if dep.config.num_replicas == "auto" else None
+        dep.reconfigure(dataclasses.replace(dep.config, num_replicas=num_replicas, autoscaling_config=autoscaling))
+        self._follow_autoscaling(dep)
+        if autoscaling.clamp(current) != current:
+            await self._resize(dep, autoscaling.clamp(current))
+
+    async def _resize(self, dep: _Deployment, num_replicas: int) -> None:
+        """Start or retire slots so that ``num_replicas`` remain; returns once the new
+        replicas run and the retired ones have drained."""
         live = [slot for slot in dep.slots if not slot.retired]
-        dep.reconfigure(dataclasses.replace(dep.config, num_replicas=num_replicas))
         if num_replicas > len(live):
             ready = [self._add_slot(dep) for _ in range(num_replicas - len(live))]
             try:
@@ -271,6 +322,62 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             if not replica.released.is_set():
                 replica.control.put_nowait(message)
 
+    # -- autoscaling -----------------------------------------------------------------
+
+    def _follow_autoscaling(self, dep: _Deployment) -> None:
+        """Start or stop autoscaling ``dep`` as its config now says, and tell its
+        replicas (on their control stream) and routers (in the replica set) how often
+        to report their load."""
+        autoscaling = dep.config.autoscaling_config
+        if autoscaling is None:
+            dep.decider = None
+            if dep.autoscaler is not None:
+                dep.autoscaler.cancel()
+                dep.autoscaler = None
+        else:
+            dep.decider = Decider(dep.spec.app, dep.config.name, autoscaling)
+            if dep.autoscaler is None or dep.autoscaler.done():
+                dep.autoscaler = asyncio.get_running_loop().create_task(self._autoscale(dep))
+        message = dep.reporting_message()
+        for replica in dep.replicas.values():
+            if not replica.released.is_set():
+                replica.control.put_nowait(message)
+        dep.publish()
+
+    async def _autoscale(self, dep: _Deployment) -> None:
+        """Decide ``dep``'s replica count on every load report (or every interval)
+        and scale to it in the background, so a slow drain never delays a scale-up."""
+        while not dep.stopping and dep.decider is not None:
+            decider = dep.decider
+            autoscaling = decider.config
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dep.load.changed.wait(), autoscaling.metrics_interval_s)
+            dep.load.changed.clear()
+            if dep.stopping or dep.decider is not decider:
+                continue
+            now = time.monotonic()
+            ongoing, queued = dep.load.totals(now, autoscaling.look_back_period_s)
+            current = dep.target
+            if current == 0:  # calls wait for the first replica: count all of them
+                queued = max(queued, dep.load.queued_now())
+            dep.seen_load = (ongoing, queued)
+            running = sum(r.state is ReplicaState.RUNNING for r in dep.replicas.values())
+            wanted = decider.decide(now, current, running, ongoing, queued)
+            if wanted != current:
+                log.info(
+                    "autoscaling %r from %d to %d replicas (ongoing %.1f, queued %.1f)",
+                    dep.config.name, current, wanted, ongoing, queued,
+                )
+                task = asyncio.get_running_loop().create_task(self._resize_quietly(dep, wanted))
+                dep.resizing.add(task)
+                task.add_done_callback(dep.resizing.discard)
+
+    async def _resize_quietly(self, dep: _Deployment, num_replicas: int) -> None:
+        try:
+            await self._resize(dep, num_replicas)
+        except DeploymentStartupError as exc:  # the autoscaler tries again on its next decision
+            log.error("autoscaling %r could not start a replica: %s", dep.config.name, exc)
+
     async def delete_app(self, name: str) -> None:
         deployments = self._apps.pop(name, None)
         self._roots.pop(name, None)
@@ -282,6 +389,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dep.stopping = True
         dep.deleted = True
         dep.publish()
+        background = [t for t in (dep.autoscaler, *dep.resizing) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await asyncio.gather(*(self._stop_replica(dep, r) for r in list(dep.replicas.values())))
         tasks = [slot.task for slot in dep.slots if slot.task is not None]
         for task in tasks:
@@ -371,6 +482,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             _logs.log_path(self.credentials.run_dir, dep.spec.app, replica_id),
         )
         replica = _Replica(replica_id, process, token)
+        if dep.report_interval_s > 0:  # read once it attaches
+            replica.control.put_nowait(dep.reporting_message())
         dep.replicas[replica_id] = replica
         self._replicas[replica_id] = (dep, replica)
         return replica
@@ -492,3 +605,23 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 if dep.deleted:
                     return
             await changed.wait()
+
+    async def ReportLoad(
+        self, request_iterator: AsyncIterator[controller_pb2.LoadReport], context: grpc.aio.ServicerContext
+    ) -> controller_pb2.LoadReportAck:
+        """Record one source's load reports until its stream ends, then forget it."""
+        source = object()
+        dep: _Deployment | None = None
+        try:
+            async for report in request_iterator:
+                if dep is None:
+                    dep = self._apps.get(report.app, {}).get(report.deployment)
+                    if dep is None:
+                        await context.abort(
+                            grpc.StatusCode.NOT_FOUND, f"no deployment {report.deployment!r} in app {report.app!r}"
+                        )
+                dep.load.record(source, report)
+        finally:
+            if dep is not None:
+                dep.load.forget(source)
+        return controller_pb2.LoadReportAck()

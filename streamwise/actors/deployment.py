@@ -39,7 +39,16 @@ class Deployment:
         return self._methods
 
     def options(self, **changes: Any) -> Deployment:
-        """A copy of this deployment with some options changed (validated now)."""
+        """A copy of this deployment with some options changed (validated now).
+
+        A fixed ``num_replicas`` replaces the deployment's ``autoscaling_config``, and
+        an ``autoscaling_config`` replaces its fixed ``num_replicas``.
+        """
+        if _is_count(changes.get("num_replicas")) and "autoscaling_config" not in changes:
+            changes["autoscaling_config"] = None
+        if changes.get("autoscaling_config") is not None and "num_replicas" not in changes \
+                and _is_count(self._config.num_replicas):
+            changes["num_replicas"] = None
         try:
             config = dataclasses.replace(self._config, **changes)
         except TypeError as exc:
@@ -59,7 +68,14 @@ class Deployment:
         )
 
     def __repr__(self) -> str:
-        return f"Deployment(name={self.name!r}, num_replicas={self._config.num_replicas})"
+        config = self._config
+        scale = f"autoscaling_config={config.autoscaling_config}" if config.autoscaling_config else \
+            f"num_replicas={config.start_replicas}"
+        return f"Deployment(name={self.name!r}, {scale})"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -84,7 +100,8 @@ def deployment(
 def deployment(_target: Any = None, **options: Any) -> Any:
     """Declare a class (or function) as a deployment; options are validated here.
 
-    Options: ``name``, ``num_replicas``, ``max_ongoing_requests``, ``user_config``,
+    Options: ``name``, ``num_replicas`` (an int, or ``"auto"``), ``autoscaling_config``
+    (a :class:`AutoscalingConfig`), ``max_ongoing_requests``, ``max_queued_requests``, ``user_config``,
     ``health_check_period_s``, ``health_check_timeout_s``,
     ``graceful_shutdown_timeout_s``, ``coalesce`` (a :class:`CoalesceConfig` for the
     frames of every stream; see :class:`streamwise.config.DeploymentConfig`).

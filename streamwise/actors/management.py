@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from streamwise import _auth as auth
+from streamwise.config import AutoscalingConfig
 from streamwise.exceptions import DeploymentNotFoundError, StreamwiseError, UsageError
 from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2
 from streamwise.streaming import _wire
@@ -52,12 +53,23 @@ async def deployment_status(controller: Controller, dep: _Deployment, *, replica
     running = sum(r.state is ReplicaState.RUNNING for r in live)
     status = management_pb2.DeploymentStatus(
         name=dep.config.name,
-        target_replicas=dep.config.num_replicas,
+        target_replicas=dep.target,
         running_replicas=running,
         restarts=dep.restarts,
         config_json=_config_json(dep),
-        status="HEALTHY" if running == dep.config.num_replicas == len(live) else "UPDATING",
+        status="HEALTHY" if running == dep.target == len(live) else "UPDATING",
     )
+    autoscaling = dep.config.autoscaling_config
+    if autoscaling is not None:
+        status.autoscaling.CopyFrom(
+            management_pb2.AutoscalingStatus(
+                min_replicas=autoscaling.min_replicas,
+                max_replicas=autoscaling.max_replicas,
+                target_ongoing_requests=autoscaling.target_ongoing_requests,
+                ongoing_requests=dep.seen_load[0],
+                queued_requests=dep.seen_load[1],
+            )
+        )
     if replicas:
         metadata = controller.credentials.metadata if controller.credentials is not None else ()
         loads = await asyncio.gather(
@@ -141,7 +153,29 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
             raise
         # Scaling goes on to the end should the caller stop watching (a half-done
         # scale-down would leave replicas draining).
-        scaling = asyncio.ensure_future(controller.scale(request.application, request.deployment, request.num_replicas))
+        bounds = request.HasField("min_replicas") or request.HasField("max_replicas")
+        if bounds:
+            try:
+                dataclasses.replace(
+                    dep.config.autoscaling_config or AutoscalingConfig(max_replicas=max(1, dep.target)),
+                    **{f: getattr(request, f) for f in ("min_replicas", "max_replicas") if request.HasField(f)},
+                )
+            except StreamwiseError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            scaling = asyncio.ensure_future(controller.autoscale(
+                request.application, request.deployment,
+                request.min_replicas if request.HasField("min_replicas") else None,
+                request.max_replicas if request.HasField("max_replicas") else None,
+            ))
+        else:
+            if request.num_replicas < 1:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "num_replicas must be >= 1; to scale to zero, autoscale with min_replicas 0",
+                )
+            scaling = asyncio.ensure_future(
+                controller.scale(request.application, request.deployment, request.num_replicas)
+            )
         self._background.add(scaling)
         scaling.add_done_callback(self._background.discard)
         try:

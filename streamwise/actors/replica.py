@@ -27,6 +27,7 @@ import grpc
 from streamwise import _auth as auth, objectstore
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
+from streamwise.autoscaling.load import LoadReporter
 from streamwise.batching.stats import BatchStatsLog
 from streamwise.config import env_local_transport
 from streamwise.metrics import recorders
@@ -67,11 +68,13 @@ async def _maybe_await(value: object) -> None:
 
 
 async def _follow_controller(
-    attach: grpc.aio.UnaryStreamCall, user_object: object, stop: asyncio.Event
+    attach: grpc.aio.UnaryStreamCall, user_object: object, reporter: LoadReporter, stop: asyncio.Event
 ) -> None:
     """Apply controller messages until the Attach stream ends, then ask to stop."""
     try:
         async for message in attach:
+            if message.HasField("load_reporting"):
+                reporter.start(message.load_reporting.interval_s)
             if message.user_config:
                 reconfigure = getattr(user_object, "reconfigure", None)
                 if reconfigure is None:
@@ -168,6 +171,9 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
         )
         if recorder is not None:
             recorder.watch_ongoing(lambda: servicer.ongoing)
+        reporter = LoadReporter(
+            (spec.app, config.name), controller_address, credentials, lambda: servicer.ongoing, lambda: 0
+        )
         replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
         grpc_path, local_path = auth.replica_sockets(credentials, os.getpid())
         local = LocalServer(servicer, credentials) if env_local_transport() else None
@@ -185,10 +191,11 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
                 ),
                 metadata=as_launched,
             )
-            follower = loop.create_task(_follow_controller(attach, user_object, stop))
+            follower = loop.create_task(_follow_controller(attach, user_object, reporter, stop))
             await stop.wait()
             await servicer.drain(config.graceful_shutdown_timeout_s)
         finally:
+            await reporter.aclose()
             if attach is not None:
                 attach.cancel()
             if local is not None:

@@ -206,7 +206,7 @@ class FunctionCollector:
 
 
 def controller_metrics(apps: Callable[[], dict[str, dict[str, Any]]]) -> Iterator[Metric]:
-    """Replica states, targets and restarts of every deployment of ``apps()``."""
+    """Replica states, targets, restarts and autoscaled load of every deployment of ``apps()``."""
     states = GaugeMetricFamily("streamwise_replicas", "Replicas by state", labels=("application", "deployment", "state"))
     target = GaugeMetricFamily(
         "streamwise_deployment_target_replicas", "Replicas a deployment should run", labels=("application", "deployment")
@@ -215,16 +215,24 @@ def controller_metrics(apps: Callable[[], dict[str, dict[str, Any]]]) -> Iterato
         "streamwise_replica_restarts_total", "Replicas replaced after dying or failing health checks",
         labels=("application", "deployment"),
     )
+    seen = [
+        GaugeMetricFamily(f"streamwise_autoscaling_{what}_requests", f"{what.capitalize()} calls the autoscaler "
+                          "last decided on, averaged over its look-back period", labels=("application", "deployment"))
+        for what in ("ongoing", "queued")
+    ]
     for app, deployments in apps().items():
         for name, dep in deployments.items():
+            if dep.config.autoscaling_config is not None:
+                for family, value in zip(seen, dep.seen_load, strict=True):
+                    family.add_metric((app, name), value)
             counts: dict[str, int] = {"STARTING": 0, "RUNNING": 0, "DRAINING": 0}
             for replica in dep.replicas.values():
                 counts[replica.state.name] = counts.get(replica.state.name, 0) + 1
             for state, n in counts.items():
                 states.add_metric((app, name, state), n)
-            target.add_metric((app, name), dep.config.num_replicas)
+            target.add_metric((app, name), dep.target)
             restarts.add_metric((app, name), dep.restarts)
-    yield from (states, target, restarts)
+    yield from (states, target, restarts, *seen)
 
 
 def store_metrics(usage: Callable[[], tuple[int, int] | None]) -> Iterator[Metric]:

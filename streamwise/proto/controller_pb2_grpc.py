@@ -49,6 +49,11 @@ class ControllerStub:
                 request_serializer=streamwise_dot_proto_dot_controller__pb2.WatchRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_controller__pb2.ReplicaSet.FromString,
                 _registered_method=True)
+        self.ReportLoad = channel.stream_unary(
+                '/streamwise.v1.Controller/ReportLoad',
+                request_serializer=streamwise_dot_proto_dot_controller__pb2.LoadReport.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -72,6 +77,12 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLoad(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchReplicas,
                     request_deserializer=streamwise_dot_proto_dot_controller__pb2.WatchRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_controller__pb2.ReplicaSet.SerializeToString,
+            ),
+            'ReportLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=streamwise_dot_proto_dot_controller__pb2.LoadReport.FromString,
+                    response_serializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Controller:
             '/streamwise.v1.Controller/WatchReplicas',
             streamwise_dot_proto_dot_controller__pb2.WatchRequest.SerializeToString,
             streamwise_dot_proto_dot_controller__pb2.ReplicaSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/streamwise.v1.Controller/ReportLoad',
+            streamwise_dot_proto_dot_controller__pb2.LoadReport.SerializeToString,
+            streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ import grpc
 from opentelemetry import context as otel_context
 
 from streamwise._auth import Credentials
+from streamwise.autoscaling.load import LoadReporter
 from streamwise.config import RouterConfig
 from streamwise.exceptions import BackPressureError, DeploymentNotFoundError, ReplicaDiedError, UnavailableError
 from streamwise.metrics.recorders import RouterRecorder, router_recorder
@@ -59,6 +60,8 @@ class Router:
         self._watch_task: asyncio.Task[None] | None = None
         self._waiting = 0  # callers waiting for a replica with room
         self._max_queued = -1
+        # Autoscaled deployments learn how many calls wait here (replicas report the rest).
+        self._reporter = LoadReporter(key, controller_address, credentials, lambda: 0, lambda: self._waiting)
         self._recorder = recorder
         if recorder is not None:
             recorder.watch(key[0], key[1], lambda: self._waiting, lambda: sum(self._inflight.values()))
@@ -83,6 +86,7 @@ class Router:
 
     def _set_deleted(self, why: str) -> None:
         self._deleted = why
+        self._reporter.start(0)
         self._replicas = []
         self._ready.set()
         self._notify()
@@ -102,6 +106,7 @@ class Router:
         if snapshot.max_ongoing_requests:
             self._max_ongoing = snapshot.max_ongoing_requests
             self._max_queued = snapshot.max_queued_requests
+        self._reporter.start(snapshot.load_report_interval_s)
         old = {r.address for r in self._replicas}
         here = _local_wire.node_id()
         self._replicas = [
@@ -144,6 +149,8 @@ class Router:
                 self._recorder.shed(self.key[0], self.key[1])
             raise BackPressureError(self._name, self._waiting, self._max_queued)
         self._waiting += 1
+        if not self._replicas:
+            self._reporter.urgent()  # none runs (scaled to zero): one is started at once
         try:
             while True:
                 await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
@@ -265,6 +272,7 @@ class Router:
                     raise
 
     async def aclose(self) -> None:
+        await self._reporter.aclose()
         if self._recorder is not None:
             self._recorder.unwatch(*self.key)
         if self._watch_task is not None:

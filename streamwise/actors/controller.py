@@ -507,7 +507,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         try:
             while True:
                 done, _ = await asyncio.wait({exited}, timeout=dep.config.health_check_period_s)
-                if done or dep.stopping:
+                if done or dep.stopping or replica.state is ReplicaState.DRAINING:  # it is going anyway
                     await exited
                     return
                 if not await self._healthy(stub, dep, replica):

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from streamwise import _config_file
+from streamwise import _cli_progress, _config_file
 from streamwise import config as streamwise_config
 from streamwise.exceptions import StreamwiseError, UsageError
 
@@ -31,6 +31,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
+    api.add_replica_observer(_cli_progress.ReplicaProgress())  # progress lines on stderr
     config = None
     if args.target.endswith((".yaml", ".yml")):
         config = _config_file.load(args.target)

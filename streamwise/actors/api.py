@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from streamwise import _config_file, objectstore
 from streamwise.metrics import recorders
@@ -22,6 +23,9 @@ from streamwise.routing.handle import DeploymentHandle
 from streamwise.streaming.ingress import Ingress
 from streamwise.tracing import setup as tracing_setup
 
+if TYPE_CHECKING:
+    from streamwise.actors.controller import _Deployment
+
 _lock = threading.RLock()
 
 
@@ -34,12 +38,23 @@ def add_shutdown_listener(listener: Callable[[], None]) -> None:
     _shutdown_listeners.append(listener)
 
 
+_replica_observers: list[Callable[[_Deployment], None]] = []
+
+
+def add_replica_observer(observer: Callable[[_Deployment], None]) -> None:
+    """Call ``observer(deployment)`` on the driver's core loop at each change of a
+    deployment's replicas (one starts running, begins draining, stops), in drivers
+    started after this call. ``streamwise run`` prints its progress lines so."""
+    _replica_observers.append(observer)
+
+
 class _Services:
     """What the driver runs on its core loop: the controller, the management API and
     the gRPC ingress."""
 
     def __init__(self) -> None:
         self.controller = Controller()
+        self.controller.observers.extend(_replica_observers)
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
         self.metrics: MetricsEndpoint | None = None

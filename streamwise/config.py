@@ -499,7 +499,7 @@ class ManagementOptions:
     port: int
     host: str = DEFAULT_MANAGEMENT_HOST
     ssl_certificate: bytes | None = None
-    ssl_private_key: bytes | None = None
+    ssl_private_key: bytes | None = dataclasses.field(default=None, repr=False)  # never in a log
     ssl_client_ca: bytes | None = None
 
     def __post_init__(self) -> None:

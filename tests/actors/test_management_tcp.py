@@ -63,6 +63,7 @@ def test_tcp_without_tls_is_refused(tls_files):
         streamwise.ManagementOptions(port=70000, ssl_certificate=b"", ssl_private_key=b"")
     with pytest.raises(UsageError, match="cannot read ssl_client_ca_file"):
         _options(tls_files, ssl_client_ca_file=str(tls_files.ca) + ".missing")
+    assert b"PRIVATE KEY" not in repr(_options(tls_files)).encode()
 
 
 def test_every_call_needs_the_token(serve, tls_files):
@@ -79,8 +80,10 @@ def test_every_call_needs_the_token(serve, tls_files):
         reply = _list(channel, _token())
     assert [app.name for app in reply.applications] == ["default"]
     assert reply.driver_pid == os.getpid()
+    run_dir = os.path.dirname(streamwise.management_token_file())
     streamwise.shutdown()
     assert _refuses_connections(address)
+    assert not os.path.exists(run_dir)
 
 
 def test_a_plaintext_client_cannot_talk_to_it(serve, tls_files):
@@ -201,3 +204,20 @@ def test_cli_runs_a_driver_operators_reach_over_tls(tmp_path, tls_files):
             driver.kill()
             driver.wait()
         driver.stdout.close()
+
+
+def test_a_port_in_use_is_a_clear_error_and_the_driver_serves_on(serve, tls_files):
+    """Asking for a port another socket holds fails naming the address; the driver
+    still runs the app."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = streamwise.ManagementOptions(
+            port=port,
+            ssl_certificate=tls_files.server_cert.read_bytes(),
+            ssl_private_key=tls_files.server_key.read_bytes(),
+        )
+        with pytest.raises(UsageError, match=f"cannot serve the management API on 127.0.0.1:{port}"):
+            serve(Echo.bind(), management=options)
+    assert serve(Echo.bind()).remote("still here").result() == "still here"

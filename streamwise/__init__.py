@@ -21,13 +21,22 @@ import os as _os
 # first import of grpc to take effect.
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamwise.actors.api import ingress_address, metrics_address, open_app, run, shutdown  # noqa: E402
+from streamwise.actors.api import (  # noqa: E402
+    ingress_address,
+    management_address,
+    management_token_file,
+    metrics_address,
+    open_app,
+    run,
+    shutdown,
+)
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
 from streamwise.config import (  # noqa: E402
     AutoscalingConfig,
     DeploymentConfig,
     GrpcOptions,
     HandleOptions,
+    ManagementOptions,
     RouterConfig,
     TracingConfig,
     TransportConfig,
@@ -59,6 +68,7 @@ __all__ = [
     "DeploymentResponseGenerator",
     "GrpcOptions",
     "HandleOptions",
+    "ManagementOptions",
     "ObjectRef",
     "RequestContext",
     "RouterConfig",
@@ -70,6 +80,8 @@ __all__ = [
     "get",
     "get_request_context",
     "ingress_address",
+    "management_address",
+    "management_token_file",
     "metrics_address",
     "open_app",
     "put",

@@ -2,7 +2,10 @@
 
 Each finds this user's running drivers through their run directories and calls the
 management API (``proto/management.proto``) of the one that runs the application
-named, or of every driver when none is named.
+named, or of every driver when none is named. With ``--address HOST:PORT`` (or
+``STREAMWISE_MANAGEMENT_ADDRESS``) they call the one driver listening there instead,
+over TLS, with a copy of its token (``--token-file``); ``logs`` reads the replicas'
+log files, so it runs on the driver's machine only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from google.protobuf import json_format
 
 from streamwise import _config_file
 from streamwise.actors import _logs
-from streamwise.actors.management import Driver, running_drivers
+from streamwise.actors.management import Driver, remote_driver, running_drivers
+from streamwise.config import env_management_client
 from streamwise.exceptions import UsageError
 from streamwise.proto import management_pb2, management_pb2_grpc
 
@@ -27,8 +31,34 @@ _TIMEOUT_S = 30.0
 
 
 def _stub(driver: Driver) -> tuple[grpc.Channel, management_pb2_grpc.ManagementStub]:
-    channel = grpc.insecure_channel(driver.target)
+    channel = driver.channel()
     return channel, management_pb2_grpc.ManagementStub(channel)
+
+
+def _remote(args: argparse.Namespace) -> Driver | None:
+    """The remote driver the options (or the environment) name; None for local ones."""
+    env = env_management_client()
+    address = args.address or env["address"]
+    if address is None:
+        return None
+    token_file = args.token_file or env["token_file"]
+    if token_file is None:
+        raise UsageError(
+            "--address needs --token-file (or STREAMWISE_MANAGEMENT_TOKEN_FILE): a copy of the driver's "
+            "management.token, whose path `streamwise run` prints"
+        )
+    return remote_driver(
+        address,
+        token_file=token_file,
+        ca_cert_file=args.ca_cert or env["ca_cert"],
+        cert_file=args.cert or env["cert"],
+        key_file=args.key or env["key"],
+    )
+
+
+def _drivers(args: argparse.Namespace) -> list[Driver]:
+    remote = _remote(args)
+    return [remote] if remote is not None else running_drivers()
 
 
 def _call(driver: Driver, method: str, request: Any, **kwargs: Any) -> Any:
@@ -57,7 +87,7 @@ def _listed(driver: Driver) -> list[management_pb2.ApplicationStatus]:
 def _applications(args: argparse.Namespace) -> Iterator[tuple[Driver, management_pb2.ApplicationStatus]]:
     """(driver, described application) of every app running, or only ``args.application``."""
     found = False
-    for driver in running_drivers():
+    for driver in _drivers(args):
         for app in _listed(driver):
             if args.application in (None, app.name):
                 found = True
@@ -67,8 +97,9 @@ def _applications(args: argparse.Namespace) -> Iterator[tuple[Driver, management
         raise UsageError(f"no application {args.application!r} is running")
 
 
-def _driver_of(application: str) -> Driver:
-    for driver in running_drivers():
+def _driver_of(args: argparse.Namespace) -> Driver:
+    application = args.application
+    for driver in _drivers(args):
         if any(app.name == application for app in _listed(driver)):
             return driver
     raise UsageError(f"no application {application!r} is running")
@@ -150,7 +181,7 @@ def _scale_request(args: argparse.Namespace) -> management_pb2.ScaleDeploymentRe
 
 def cmd_scale(args: argparse.Namespace) -> int:
     request = _scale_request(args)
-    driver = _driver_of(args.application)
+    driver = _driver_of(args)
     channel, stub = _stub(driver)
     last = ""
     with channel:
@@ -166,7 +197,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    driver = _driver_of(args.application)
+    driver = _driver_of(args)
     app = _call(driver, "DescribeApplication", management_pb2.DescribeApplicationRequest(application=args.application))
     configs = {dep.name: json.loads(dep.config_json or "{}") for dep in app.deployments}
     print(json.dumps({"name": app.name, "root_deployment": app.root_deployment, "deployments": configs}, indent=2))
@@ -174,7 +205,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    driver = _driver_of(args.application)
+    if args.address or env_management_client()["address"]:
+        raise UsageError(
+            "logs needs the local run dir: it reads the replicas' log files, so run `streamwise logs` on the "
+            "driver's machine (without --address)"
+        )
+    driver = _driver_of(args)
     shown = 0
     for replica, text in _logs.read(driver.run_dir, args.application, args.deployment):
         shown += 1
@@ -190,7 +226,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _config_file.load(args.config)  # a bad file is refused here, before any driver is asked
     with open(args.config) as f:
         text = f.read()
-    drivers = running_drivers()
+    drivers = _drivers(args)
     if len(drivers) > 1 and args.pid is None:
         pids = ", ".join(str(d.pid) for d in drivers)
         raise UsageError(f"several drivers run ({pids}); choose one with --pid")
@@ -212,21 +248,46 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    drivers = running_drivers() if args.application is None else [_driver_of(args.application)]
+    drivers = _drivers(args) if args.application is None else [_driver_of(args)]
     for driver in drivers:
         _call(driver, "Shutdown", management_pb2.ShutdownRequest())
         print(f"streamwise: driver {driver.pid} shut its applications down", file=sys.stderr)
     return 0
 
 
+def _remote_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    remote = options.add_argument_group(
+        "a remote driver", "reach the driver whose management API listens on HOST:PORT (streamwise run "
+        "--management-port), over TLS; each option's default is the environment variable named"
+    )
+    remote.add_argument("--address", default=None, metavar="HOST:PORT", help="STREAMWISE_MANAGEMENT_ADDRESS")
+    remote.add_argument(
+        "--ca-cert", default=None, metavar="FILE",
+        help="PEM CA that signed the driver's certificate (default: system roots); STREAMWISE_MANAGEMENT_CA_CERT",
+    )
+    remote.add_argument(
+        "--token-file", default=None, metavar="FILE",
+        help="a copy of the driver's management.token; STREAMWISE_MANAGEMENT_TOKEN_FILE",
+    )
+    remote.add_argument(
+        "--cert", default=None, metavar="FILE",
+        help="this client's PEM certificate, for a driver that requires one; STREAMWISE_MANAGEMENT_CERT",
+    )
+    remote.add_argument("--key", default=None, metavar="FILE", help="its private key; STREAMWISE_MANAGEMENT_KEY")
+    return options
+
+
 def add_commands(commands: Any) -> None:
     """Register the operator's commands on the CLI's subparsers."""
-    status = commands.add_parser("status", help="show the running applications, deployments and replicas")
+    remote = [_remote_options()]
+    status = commands.add_parser("status", parents=remote, help="show the running applications, deployments and replicas")
     status.add_argument("application", nargs="?", default=None, help="only this application")
     status.add_argument("--json", action="store_true", help="print JSON: applications -> deployments -> replicas")
     status.set_defaults(handler=cmd_status)
     scale = commands.add_parser(
         "scale",
+        parents=remote,
         help="set a deployment's number of replicas (draining the ones that go), or its autoscaling bounds",
     )
     scale.add_argument("application")
@@ -235,17 +296,17 @@ def add_commands(commands: Any) -> None:
     scale.add_argument("--min", dest="min_replicas", type=int, default=None, help="autoscale, at least this many")
     scale.add_argument("--max", dest="max_replicas", type=int, default=None, help="autoscale, at most this many")
     scale.set_defaults(handler=cmd_scale)
-    config = commands.add_parser("config", help="print the options each deployment of an application runs with")
+    config = commands.add_parser("config", parents=remote, help="print the options each deployment of an application runs with")
     config.add_argument("application")
     config.set_defaults(handler=cmd_config)
-    deploy = commands.add_parser("deploy", help="run the applications of a config file on the running driver")
-    deploy.add_argument("config", help="a YAML config file (see `streamwise run FILE`)")
+    deploy = commands.add_parser("deploy", parents=remote, help="run the applications of a config file on the running driver")
+    deploy.add_argument("config", help="a YAML config file (see `streamwise run FILE`); import paths are found on the driver's machine")
     deploy.add_argument("--pid", type=int, default=None, help="the driver to deploy to, when several run")
     deploy.set_defaults(handler=cmd_deploy)
-    logs = commands.add_parser("logs", help="print what an application's replicas wrote to stdout and stderr")
+    logs = commands.add_parser("logs", parents=remote, help="print what an application's replicas wrote to stdout and stderr (on the driver's machine)")
     logs.add_argument("application")
     logs.add_argument("deployment", nargs="?", default=None, help="only this deployment's replicas")
     logs.set_defaults(handler=cmd_logs)
-    shutdown = commands.add_parser("shutdown", help="drain and stop the running applications")
+    shutdown = commands.add_parser("shutdown", parents=remote, help="drain and stop the running applications")
     shutdown.add_argument("application", nargs="?", default=None, help="only the driver running this application")
     shutdown.set_defaults(handler=cmd_shutdown)

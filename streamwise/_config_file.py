@@ -15,6 +15,8 @@
     grpc_options: {port: 9000, servicer_functions: ["chat_pb2_grpc:add_ChatServicer_to_server"]}
     metrics_port: 9464
     tracing: {exporter: jsonl, sampling_ratio: 0.1}
+    management:                         # the management API on TCP, TLS only (paths: from the file's folder)
+      {port: 9500, host: 0.0.0.0, ssl_certificate_file: server.pem, ssl_private_key_file: server.key}
 
 Every key is checked: an unknown one, a value of the wrong kind or a deployment the
 app does not have is a :class:`~streamwise.exceptions.UsageError` naming the file,
@@ -33,7 +35,14 @@ from typing import Any
 import yaml
 
 from streamwise.actors.deployment import Application, Deployment
-from streamwise.config import AutoscalingConfig, CoalesceConfig, DeploymentConfig, GrpcOptions, TracingConfig
+from streamwise.config import (
+    AutoscalingConfig,
+    CoalesceConfig,
+    DeploymentConfig,
+    GrpcOptions,
+    ManagementOptions,
+    TracingConfig,
+)
 from streamwise.exceptions import UsageError
 
 __all__ = ["AppConfig", "ServeConfig", "import_app", "load", "parse"]
@@ -45,6 +54,7 @@ _TRACING_KEYS = {f.name for f in dataclasses.fields(TracingConfig)}
 _AUTOSCALING_KEYS = {f.name for f in dataclasses.fields(AutoscalingConfig)} - {"policy"}
 _NESTED = {"coalesce": (CoalesceConfig, {f.name for f in dataclasses.fields(CoalesceConfig)}),
            "autoscaling_config": (AutoscalingConfig, _AUTOSCALING_KEYS)}
+_MANAGEMENT_KEYS = {"port", "host", "ssl_certificate_file", "ssl_private_key_file", "ssl_client_ca_file"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +76,7 @@ class ServeConfig:
     metrics_port: int | None = None
     metrics_host: str | None = None
     tracing: TracingConfig | None = None
+    management: ManagementOptions | None = None
     base_dir: str = "."  # import paths are found from here (the file's directory)
 
 
@@ -118,7 +129,10 @@ def parse(text: str, filename: str = "<config>") -> ServeConfig:
         raise UsageError(f"{filename}: not valid YAML: {exc}") from None
     if root is None:
         raise UsageError(f"{filename}: the file is empty; it needs an 'applications' list")
-    top = reader.mapping(root, "the config", {"applications", "grpc_options", "metrics_port", "metrics_host", "tracing"})
+    top = reader.mapping(
+        root, "the config", {"applications", "grpc_options", "metrics_port", "metrics_host", "tracing", "management"}
+    )
+    base_dir = os.path.dirname(os.path.abspath(filename)) if filename != "<config>" else os.getcwd()
     if "applications" not in top:
         raise reader.fail(root, "the config needs an 'applications' list")
     apps = tuple(_application(reader, node) for node in reader.sequence(top["applications"][0], "applications"))
@@ -137,13 +151,22 @@ def parse(text: str, filename: str = "<config>") -> ServeConfig:
     if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port < 65536):
         raise reader.fail(top["metrics_port"][0], f"metrics_port must be a port number, got {metrics_port!r}")
     metrics_host = top["metrics_host"][1] if "metrics_host" in top else None
+    management = None
+    if "management" in top:
+        node = top["management"][0]
+        fields = reader.mapping(node, "management", _MANAGEMENT_KEYS)
+        for key, (value_node, value) in fields.items():
+            if key.endswith("_file") and isinstance(value, str):
+                fields[key] = (value_node, os.path.join(base_dir, value))
+        management = reader.build(node, "management", ManagementOptions.from_files, fields)
     return ServeConfig(
         applications=apps,
         grpc_options=grpc_options,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
         tracing=tracing,
-        base_dir=os.path.dirname(os.path.abspath(filename)) if filename != "<config>" else os.getcwd(),
+        management=management,
+        base_dir=base_dir,
     )
 
 

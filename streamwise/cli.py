@@ -3,7 +3,9 @@
 ``streamwise run pkg.module:app`` runs the bound app found at that import path until
 SIGINT or SIGTERM, then drains, shuts everything down and exits 0. With
 ``--grpc-port`` (and ``--servicer pkg.mod:add_FooServicer_to_server``, repeatable) the
-app is also served to external gRPC clients. ``streamwise cleanup``
+app is also served to external gRPC clients; with ``--management-port`` (and a TLS
+certificate and key) the management API is served on TCP for remote operators. While
+replicas start and drain, progress lines go to stderr (``_cli_progress``). ``streamwise cleanup``
 deletes the shared memory of object store sessions whose processes are all gone
 (a driver killed with SIGKILL, for instance). ``status``, ``scale``, ``config`` and
 ``shutdown`` manage running apps (``_cli_ops``).
@@ -16,7 +18,7 @@ import signal
 import sys
 import threading
 
-from streamwise import _config_file
+from streamwise import _cli_progress, _config_file
 from streamwise import config as streamwise_config
 from streamwise.exceptions import StreamwiseError, UsageError
 
@@ -29,6 +31,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
+    api.add_replica_observer(_cli_progress.ReplicaProgress())  # progress lines on stderr
     config = None
     if args.target.endswith((".yaml", ".yml")):
         config = _config_file.load(args.target)
@@ -60,22 +63,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
         metrics_host = metrics_host or config.metrics_host
     if metrics_port is None:
         metrics_port = streamwise_config.DEFAULT_CLI_METRICS_PORT
+    management = _management_options(args) or (config.management if config is not None else None)
     try:
         for app, name in apps:
             streamwise.run(
                 app, name=name, grpc_options=grpc_options, tracing=tracing,
                 metrics_port=None if metrics_port < 0 else metrics_port,
                 metrics_host=metrics_host or streamwise_config.DEFAULT_METRICS_HOST,
+                management=management,
             )
         where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
         if metrics_port >= 0:
             where += f" (metrics on http://{streamwise.metrics_address()}/metrics)"
+        if management is not None:
+            where += (
+                f" (management on {streamwise.management_address()} with TLS, token in "
+                f"{streamwise.management_token_file()})"
+            )
         names = ", ".join(repr(name) for _, name in apps)
         print(f"streamwise: app {names} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
     finally:
         streamwise.shutdown()
     return 0
+
+
+def _management_options(args: argparse.Namespace) -> streamwise_config.ManagementOptions | None:
+    """The TCP management listener the command line asks for, if any."""
+    files = (args.management_cert, args.management_key, args.management_client_ca)
+    if args.management_port is None:
+        if any(f is not None for f in files) or args.management_host is not None:
+            raise UsageError("--management-host, --management-cert, --management-key and --management-client-ca "
+                             "need --management-port")
+        return None
+    return streamwise_config.ManagementOptions.from_files(
+        port=args.management_port,
+        host=args.management_host or streamwise_config.DEFAULT_MANAGEMENT_HOST,
+        ssl_certificate_file=args.management_cert,
+        ssl_private_key_file=args.management_key,
+        ssl_client_ca_file=args.management_client_ca,
+    )
 
 
 def _cmd_trace_view(args: argparse.Namespace) -> int:
@@ -146,6 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--metrics-host", default=None,
         help=f"address the metrics endpoint binds (default: {streamwise_config.DEFAULT_METRICS_HOST})",
+    )
+    management = run.add_argument_group(
+        "management over TCP", "serve the management API (status, scale, ...) to operators on other machines: "
+        "TLS only, and every call needs the driver's management token"
+    )
+    management.add_argument("--management-port", type=int, default=None, help="listen on this port (0: any); off by default")
+    management.add_argument(
+        "--management-host", default=None,
+        help=f"address it binds (default: {streamwise_config.DEFAULT_MANAGEMENT_HOST}; 0.0.0.0 for every interface)",
+    )
+    management.add_argument("--management-cert", default=None, metavar="FILE", help="the server's PEM certificate (chain)")
+    management.add_argument("--management-key", default=None, metavar="FILE", help="its PEM private key")
+    management.add_argument(
+        "--management-client-ca", default=None, metavar="FILE",
+        help="require client certificates signed by this PEM CA (mutual TLS), on top of the token",
     )
     run.set_defaults(handler=_cmd_run)
 

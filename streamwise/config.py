@@ -568,6 +568,94 @@ class GrpcOptions:
         )
 
 
+DEFAULT_MANAGEMENT_HOST = "127.0.0.1"  # reaching it from other machines is a choice: --management-host 0.0.0.0
+
+
+def _pem(value: Any, name: str, marker: bytes) -> None:
+    _check(
+        isinstance(value, bytes) and marker in value,
+        f"{name} must be PEM bytes holding {marker.decode().strip('-')} (the file's contents, not its path), "
+        f"got {'bytes without it' if isinstance(value, bytes) else repr(value)}",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManagementOptions:
+    """The management API on a TCP port, for operators on other machines.
+
+    Off unless given to ``run()``: the management API is always served on a Unix
+    socket in the driver's private run directory; this adds ``host:port`` (0: any
+    free port, see ``streamwise.management_address()``). TCP is served with TLS only:
+    ``ssl_certificate`` and ``ssl_private_key`` (PEM bytes) are required. Every call
+    must also carry the driver's management token (``management.token`` in the run
+    directory): TLS alone lets anyone who reaches the port connect. With
+    ``ssl_client_ca`` a client must present a certificate signed by that CA too
+    (mutual TLS), and still the token. ``ManagementOptions.from_files()`` reads the
+    PEM files.
+    """
+
+    port: int
+    host: str = DEFAULT_MANAGEMENT_HOST
+    ssl_certificate: bytes | None = None
+    ssl_private_key: bytes | None = dataclasses.field(default=None, repr=False)  # never in a log
+    ssl_client_ca: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.port) and 0 <= self.port < 65536, f"management port must be 0..65535, got {self.port!r}")
+        _check(isinstance(self.host, str) and bool(self.host), f"management host must be a non-empty str, got {self.host!r}")
+        _check(
+            self.ssl_certificate is not None and self.ssl_private_key is not None,
+            "the management API is served on TCP with TLS only: give ssl_certificate and ssl_private_key "
+            "(streamwise run --management-cert and --management-key; ssl_certificate_file and "
+            "ssl_private_key_file in a config file)",
+        )
+        _pem(self.ssl_certificate, "ssl_certificate", b"-----BEGIN CERTIFICATE-----")
+        _pem(self.ssl_private_key, "ssl_private_key", b"PRIVATE KEY-----")
+        if self.ssl_client_ca is not None:
+            _pem(self.ssl_client_ca, "ssl_client_ca", b"-----BEGIN CERTIFICATE-----")
+
+    @classmethod
+    def from_files(
+        cls, *, port: int, host: str = DEFAULT_MANAGEMENT_HOST, ssl_certificate_file: str | None = None,
+        ssl_private_key_file: str | None = None, ssl_client_ca_file: str | None = None,
+    ) -> ManagementOptions:
+        """Options whose PEM values are read from these files (UsageError naming one that cannot be read)."""
+        return cls(
+            port=port,
+            host=host,
+            ssl_certificate=read_pem_file(ssl_certificate_file, "ssl_certificate_file"),
+            ssl_private_key=read_pem_file(ssl_private_key_file, "ssl_private_key_file"),
+            ssl_client_ca=read_pem_file(ssl_client_ca_file, "ssl_client_ca_file"),
+        )
+
+
+def read_pem_file(path: str | None, what: str) -> bytes | None:
+    """The bytes of the file ``path`` (None for None); UsageError naming ``what`` if unreadable."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+_MANAGEMENT_ENV = {
+    "address": "STREAMWISE_MANAGEMENT_ADDRESS",
+    "ca_cert": "STREAMWISE_MANAGEMENT_CA_CERT",
+    "token_file": "STREAMWISE_MANAGEMENT_TOKEN_FILE",
+    "cert": "STREAMWISE_MANAGEMENT_CERT",
+    "key": "STREAMWISE_MANAGEMENT_KEY",
+}
+
+
+def env_management_client() -> dict[str, str | None]:
+    """Where the CLI's operator commands reach a remote driver, when no option says:
+    ``STREAMWISE_MANAGEMENT_ADDRESS``, ``..._CA_CERT``, ``..._TOKEN_FILE``, ``..._CERT``
+    and ``..._KEY`` (None when unset)."""
+    return {key: os.environ.get(name) or None for key, name in _MANAGEMENT_ENV.items()}
+
+
 TRACING_EXPORTERS = ("console", "otlp", "jsonl")
 
 

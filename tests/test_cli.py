@@ -102,3 +102,76 @@ def test_cli_serves_grpc_until_sigterm(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_cli_prints_progress_while_replicas_start_and_drain(tmp_path):
+    """`streamwise run` writes a line to stderr as each replica becomes ready
+    (1/2, then 2/2 running), and on SIGINT one as each drains (up to 2/2 stopped)."""
+    (tmp_path / "pair_app.py").write_text(
+        textwrap.dedent(
+            """
+            import streamwise
+
+            @streamwise.deployment(num_replicas=2)
+            class Model:
+                async def __call__(self):
+                    return "hi"
+
+            app = Model.bind()
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "pair_app:app", "--name", "x", "--metrics-port", "-1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        started = []
+        for line in iter(proc.stderr.readline, ""):
+            started.append(line.strip())
+            if "2/2 replicas running" in line:
+                break
+        assert started[-2:] == [
+            "streamwise: app 'x': deployment 'Model' 1/2 replicas running",
+            "streamwise: app 'x': deployment 'Model' 2/2 replicas running",
+        ], started
+        assert "is running" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        drained = [line.strip() for line in proc.stderr if "draining" in line]
+        assert drained == [
+            "streamwise: app 'x': deployment 'Model' draining, 0/2 replicas stopped",
+            "streamwise: app 'x': deployment 'Model' draining, 1/2 replicas stopped",
+            "streamwise: app 'x': deployment 'Model' draining, 2/2 replicas stopped",
+        ], drained
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_library_run_prints_no_progress(tmp_path):
+    """`streamwise.run()` from a program stays quiet: the progress lines are the CLI's."""
+    (tmp_path / "quiet.py").write_text(
+        textwrap.dedent(
+            """
+            import streamwise
+
+            @streamwise.deployment
+            class Model:
+                async def __call__(self):
+                    return "hi"
+
+            assert streamwise.run(Model.bind()).remote().result() == "hi"
+            streamwise.shutdown()
+            print("done")
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, "quiet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert "replicas running" not in out.stderr and "draining" not in out.stderr

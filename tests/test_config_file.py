@@ -63,6 +63,8 @@ _APP = textwrap.dedent(
             "c.yaml:5",
             "min_replicas (4) must be <= max_replicas (2)",
         ),
+        ("applications: [{import_path: a:app}]\nmanagement: {port: 9500}\n", "c.yaml:2", "TLS only"),
+        ("applications: [{import_path: a:app}]\nmanagement: {port: 9500, tls: yes}\n", "c.yaml:2", "unknown key 'tls'"),
     ],
 )
 def test_errors_name_the_file_line_and_key(text, where, words):
@@ -83,6 +85,26 @@ def test_an_unknown_deployment_is_refused_naming_the_apps_own(tmp_path, monkeypa
     with pytest.raises(UsageError, match=r"c.yaml:4: .* no deployment 'Wrods'; it has: Front, Words"):
         _config_file.applied(config.applications[0], config.base_dir)
     sys.modules.pop("words_app", None)
+
+
+def test_management_files_are_read_from_the_config_files_folder(tmp_path, tls_files):
+    """`management:` paths are relative to the file; their PEM bytes become the
+    driver's ManagementOptions, and a missing file is named with its line."""
+    folder = tls_files.ca.parent
+    config = _config_file.parse(
+        "applications: [{import_path: a:app}]\n"
+        "management: {port: 9500, host: 0.0.0.0, ssl_certificate_file: server.pem, ssl_private_key_file: server.key}\n",
+        str(folder / "c.yaml"),
+    )
+    assert config.management is not None
+    assert (config.management.port, config.management.host) == (9500, "0.0.0.0")
+    assert config.management.ssl_certificate == tls_files.server_cert.read_bytes()
+    with pytest.raises(UsageError, match=r"c.yaml:2: .*cannot read ssl_private_key_file .*nope.key"):
+        _config_file.parse(
+            "applications: [{import_path: a:app}]\n"
+            "management: {port: 9500, ssl_certificate_file: server.pem, ssl_private_key_file: nope.key}\n",
+            str(folder / "c.yaml"),
+        )
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:

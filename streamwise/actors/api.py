@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from streamwise import _config_file, objectstore
 from streamwise.metrics import recorders
@@ -16,11 +17,14 @@ from streamwise.actors.controller import Controller
 from streamwise.actors.management import ManagementServer, ManagementService
 from streamwise.actors.deployment import Application
 from streamwise.actors.spec import AppPlan, plan_app
-from streamwise.config import DEFAULT_METRICS_HOST, GrpcOptions, TracingConfig, env_tracing_config
+from streamwise.config import DEFAULT_METRICS_HOST, GrpcOptions, ManagementOptions, TracingConfig, env_tracing_config
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 from streamwise.streaming.ingress import Ingress
 from streamwise.tracing import setup as tracing_setup
+
+if TYPE_CHECKING:
+    from streamwise.actors.controller import _Deployment
 
 _lock = threading.RLock()
 
@@ -34,12 +38,23 @@ def add_shutdown_listener(listener: Callable[[], None]) -> None:
     _shutdown_listeners.append(listener)
 
 
+_replica_observers: list[Callable[[_Deployment], None]] = []
+
+
+def add_replica_observer(observer: Callable[[_Deployment], None]) -> None:
+    """Call ``observer(deployment)`` on the driver's core loop at each change of a
+    deployment's replicas (one starts running, begins draining, stops), in drivers
+    started after this call. ``streamwise run`` prints its progress lines so."""
+    _replica_observers.append(observer)
+
+
 class _Services:
     """What the driver runs on its core loop: the controller, the management API and
     the gRPC ingress."""
 
     def __init__(self) -> None:
         self.controller = Controller()
+        self.controller.observers.extend(_replica_observers)
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
         self.metrics: MetricsEndpoint | None = None
@@ -83,10 +98,16 @@ class _Services:
     async def start_management(self) -> None:
         """Serve the management API beside the controller (once it has started)."""
         assert self.controller.credentials is not None
-        service = ManagementService(self.controller, self.delete_app, self._shut_down, self.deploy_file)
+        ingress = lambda: self.ingress.address if self.ingress is not None else ""  # noqa: E731
+        service = ManagementService(self.controller, self.delete_app, self._shut_down, self.deploy_file, ingress)
         management = ManagementServer(service, self.controller.credentials.run_dir)
-        await management.start(lambda: self.ingress.address if self.ingress is not None else "")
+        await management.start(ingress)
         self.management = management
+
+    async def start_management_tcp(self, options: ManagementOptions) -> None:
+        """Serve the management API on a TCP port with TLS too (once per driver)."""
+        assert self.management is not None
+        await self.management.start_tcp(options)
 
     async def deploy_file(self, text: str, filename: str) -> list[str]:
         """Deploy every application of a config file's ``text``; their names.
@@ -95,9 +116,13 @@ class _Services:
         set when it started.
         """
         config = _config_file.parse(text, filename)
-        if config.grpc_options or config.metrics_port is not None or config.tracing or config.metrics_host:
+        if (
+            config.grpc_options or config.metrics_port is not None or config.tracing or config.metrics_host
+            or config.management
+        ):
             raise UsageError(
-                f"{filename}: grpc_options, metrics_port, metrics_host and tracing are set when a driver starts "
+                f"{filename}: grpc_options, metrics_port, metrics_host, tracing and management are set when a "
+                "driver starts "
                 "(streamwise run FILE); streamwise deploy takes applications only"
             )
         plans = [
@@ -218,6 +243,7 @@ def run(
     tracing: TracingConfig | None = None,
     metrics_port: int | None = None,
     metrics_host: str = DEFAULT_METRICS_HOST,
+    management: ManagementOptions | None = None,
 ) -> DeploymentHandle:
     """Start ``app`` (controller and every replica, in parallel); return its root handle.
 
@@ -232,14 +258,20 @@ def run(
     OpenTelemetry traces in this process and in the app's replicas. With
     ``metrics_port`` (0: any free port) Prometheus metrics of this process and every
     replica are served on ``metrics_host:metrics_port`` (see ``metrics_address()``).
+    With ``management`` the management API is served on a TCP port too, with TLS
+    (once per process; see ``management_address()``); it is always served on the
+    driver's Unix socket.
     """
     tracing = tracing if tracing is not None else env_tracing_config()
+    _check_management(management)
     with _lock:
         driver = _ensure_driver()
         tracing_setup.configure(tracing, "driver")
         services = driver.services
         if metrics_port is not None:
             driver.core.run(services.start_metrics(metrics_host, metrics_port))
+        if management is not None:
+            driver.core.run(services.start_management_tcp(management))
         if grpc_options is not None:
             driver.core.run(services.start_ingress(grpc_options))
         services.tracing = tracing
@@ -257,6 +289,7 @@ async def open_app(
     tracing: TracingConfig | None = None,
     metrics_port: int | None = None,
     metrics_host: str = DEFAULT_METRICS_HOST,
+    management: ManagementOptions | None = None,
 ) -> AsyncIterator[DeploymentHandle]:
     """Run ``app`` on the running event loop for the duration of an ``async with`` block.
 
@@ -266,6 +299,7 @@ async def open_app(
     cancellation) drains the ingress and stops every replica it started.
     """
     tracing = tracing if tracing is not None else env_tracing_config()
+    _check_management(management)
     global _active
     with _lock:
         if _driver is not None or RUNTIME.core_loop is not None:
@@ -281,6 +315,8 @@ async def open_app(
                 tracing_setup.configure(tracing, "driver")
                 if metrics_port is not None:
                     await services.start_metrics(metrics_host, metrics_port)
+                if management is not None:
+                    await services.start_management_tcp(management)
                 if grpc_options is not None:
                     await services.start_ingress(grpc_options)
                 plan = services.plan(app, name, tracing)
@@ -303,6 +339,27 @@ def metrics_address() -> str:
         if _active is None or _active.metrics is None:
             raise UsageError("no metrics endpoint is running; pass metrics_port to streamwise.run()")
         return _active.metrics.address
+
+
+def management_address() -> str:
+    """``host:port`` where the management API listens on TCP (the bound port when port=0)."""
+    with _lock:
+        if _active is None or _active.management is None or not _active.management.tcp_address:
+            raise UsageError("the management API listens on no TCP port; pass management= to streamwise.run()")
+        return _active.management.tcp_address
+
+
+def management_token_file() -> str:
+    """The path of the file holding the management token every call must carry."""
+    with _lock:
+        if _active is None or _active.management is None:
+            raise UsageError("no streamwise app is running in this process")
+        return _active.management.token_path
+
+
+def _check_management(management: object) -> None:
+    if management is not None and not isinstance(management, ManagementOptions):
+        raise UsageError(f"management must be a streamwise.ManagementOptions, got {management!r}")
 
 
 def ingress_address() -> str:

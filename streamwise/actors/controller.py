@@ -19,7 +19,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -82,7 +82,8 @@ class _Slot:
 class _Deployment:
     """Controller-side state of one deployment."""
 
-    def __init__(self, spec: ReplicaSpec) -> None:
+    def __init__(self, spec: ReplicaSpec, observers: list[Callable[[_Deployment], None]] | None = None) -> None:
+        self.observers = observers if observers is not None else []
         self.spec = spec
         self.config = spec.config
         self.spec_bytes = codec.cloudpickle_dumps(spec)
@@ -125,6 +126,15 @@ class _Deployment:
         self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
+        self.notify()
+
+    def notify(self) -> None:
+        """Tell the observers (``Controller.observers``) that the replicas changed."""
+        for observer in self.observers:
+            try:
+                observer(self)
+            except Exception:  # an observer's bug must not stop the controller
+                log.exception("a replica observer failed")
 
     def snapshot(self) -> controller_pb2.ReplicaSet:
         return controller_pb2.ReplicaSet(
@@ -156,6 +166,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self.address = ""
         self.credentials: auth.Credentials | None = None
         self._owned_run_dir: auth.Credentials | None = None  # until aclose() removed it
+        # Called on the controller's loop at each change of a deployment's replicas
+        # (`streamwise run` prints progress lines from it); cheap, and never blocking.
+        self.observers: list[Callable[[_Deployment], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -210,7 +223,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         """
         if plan.name in self._apps:
             await self.delete_app(plan.name)
-        deployments = {spec.config.name: _Deployment(spec) for spec in plan.specs}
+        deployments = {spec.config.name: _Deployment(spec, self.observers) for spec in plan.specs}
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name
         first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.start_replicas)]
@@ -413,6 +426,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             await replica.process.wait()
         replica.state = ReplicaState.STOPPED
         replica.release()
+        dep.notify()  # routers learnt of it when it began draining; observers count it stopped
 
     # -- supervision -----------------------------------------------------------------
 

@@ -4,6 +4,13 @@ It is a gRPC service (``proto/management.proto``) on its own Unix socket in the
 driver's run directory, beside a ``management.token`` file (mode 0600) that every
 call must carry: the ``streamwise`` CLI, or any program of the same user, reads both
 to manage the apps. ``driver.json`` there says which process it is.
+
+With ``ManagementOptions`` the same service is also served on a TCP port, for
+operators on other machines, with TLS only. Who may connect there: anyone who can
+reach the port may open a TLS connection (or, with ``ssl_client_ca``, only a client
+presenting a certificate signed by that CA, checked in the TLS handshake); every call
+must then carry the management token, compared in constant time before its request
+is read (``UNAUTHENTICATED`` otherwise), exactly as on the Unix socket.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from streamwise import _auth as auth
-from streamwise.config import AutoscalingConfig
+from streamwise.config import AutoscalingConfig, ManagementOptions, read_pem_file
 from streamwise.exceptions import DeploymentNotFoundError, StreamwiseError, UsageError
 from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2
 from streamwise.streaming import _wire
@@ -31,6 +38,14 @@ SOCKET = "management"
 TOKEN_FILE = "management.token"
 DRIVER_FILE = "driver.json"
 _STATS_TIMEOUT_S = 1.0
+# The TCP listener serves callers before they prove anything: keep what each may cost small.
+_TCP_OPTIONS = (
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_allowed_incoming_connections", 64),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+)
 
 
 def _config_json(dep: _Deployment) -> str:
@@ -122,8 +137,10 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
         delete_app: Callable[[str], Awaitable[None]],
         on_shutdown: Callable[[], Awaitable[bool]],
         deploy: Callable[[str, str], Awaitable[list[str]]] | None = None,
+        ingress: Callable[[], str] = lambda: "",
     ) -> None:
         self._controller = controller
+        self._ingress = ingress
         self._deploy = deploy
         self._delete_app = delete_app
         self._on_shutdown = on_shutdown
@@ -135,7 +152,7 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
 
     async def ListApplications(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ListApplicationsReply:
         apps = [await application_status(self._controller, app, replicas=False) for app in self._controller.app_names()]
-        return management_pb2.ListApplicationsReply(applications=apps)
+        return management_pb2.ListApplicationsReply(applications=apps, driver_pid=os.getpid(), ingress=self._ingress())
 
     async def DescribeApplication(self, request: Any, context: grpc.aio.ServicerContext) -> management_pb2.ApplicationStatus:
         try:
@@ -238,16 +255,26 @@ class ManagementService(management_pb2_grpc.ManagementServicer):
 
 @dataclasses.dataclass
 class ManagementServer:
-    """The Management service on ``<run dir>/management``, and the files beside it."""
+    """The Management service on ``<run dir>/management``, and the files beside it;
+    on a TCP port with TLS too once ``start_tcp`` is called."""
 
     service: ManagementService
     run_dir: str
     server: grpc.aio.Server | None = None
+    tcp_server: grpc.aio.Server | None = None
+    tcp_options: ManagementOptions | None = None
+    tcp_address: str = ""
+    _credentials: auth.Credentials | None = dataclasses.field(default=None, repr=False)
+    _ingress: str = ""
+
+    @property
+    def token_path(self) -> str:
+        return os.path.join(self.run_dir, TOKEN_FILE)
 
     async def start(self, ingress: Callable[[], str]) -> None:
         token = auth.new_token()
-        _write_private(os.path.join(self.run_dir, TOKEN_FILE), token)
-        credentials = auth.Credentials(secret=token, run_dir=self.run_dir)
+        _write_private(self.token_path, token)
+        credentials = self._credentials = auth.Credentials(secret=token, run_dir=self.run_dir)
         server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
         management_pb2_grpc.add_ManagementServicer_to_server(self.service, server)
         auth.bind_unix(server, os.path.join(self.run_dir, SOCKET))
@@ -255,14 +282,50 @@ class ManagementServer:
         self.server = server
         self.write_driver_file(ingress())
 
+    async def start_tcp(self, options: ManagementOptions) -> str:
+        """Serve the API on ``options.host:options.port`` too, with TLS; returns
+        ``host:port`` (the bound port when port=0). Once per driver: other options
+        later are a UsageError."""
+        if self.tcp_server is not None:
+            if options != self.tcp_options:
+                raise UsageError("the management API already listens on TCP with other options; shutdown() first")
+            return self.tcp_address
+        assert self._credentials is not None, "start() first"
+        server = auth.internal_server(self._credentials, _TCP_OPTIONS)  # the token, on every call
+        management_pb2_grpc.add_ManagementServicer_to_server(self.service, server)
+        assert options.ssl_certificate is not None and options.ssl_private_key is not None
+        tls = grpc.ssl_server_credentials(
+            [(options.ssl_private_key, options.ssl_certificate)],
+            root_certificates=options.ssl_client_ca,
+            require_client_auth=options.ssl_client_ca is not None,
+        )
+        target = f"{options.host}:{options.port}"
+        try:
+            port = server.add_secure_port(target, tls)
+        except RuntimeError:
+            raise UsageError(
+                f"cannot serve the management API on {target}: the address is in use or not this machine's, "
+                "or ssl_private_key is not the key of ssl_certificate"
+            ) from None
+        await server.start()
+        self.tcp_server, self.tcp_options = server, options
+        host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "[::]") else options.host
+        self.tcp_address = f"{host}:{port}"
+        self.write_driver_file(self._ingress)
+        return self.tcp_address
+
     def write_driver_file(self, ingress: str) -> None:
-        info = {"pid": os.getpid(), "started": time.time(), "ingress": ingress}
+        self._ingress = ingress
+        info = {"pid": os.getpid(), "started": time.time(), "ingress": ingress, "management": self.tcp_address}
         _write_private(os.path.join(self.run_dir, DRIVER_FILE), json.dumps(info))
 
     async def aclose(self) -> None:
-        if self.server is not None:
-            await self.server.stop(0.5)
-            self.server = None
+        """Stop both listeners (calls in flight get half a second to finish)."""
+        for name in ("tcp_server", "server"):
+            server = getattr(self, name)
+            if server is not None:
+                await server.stop(0.5)
+                setattr(self, name, None)
 
 
 def _write_private(path: str, text: str) -> None:
@@ -279,17 +342,29 @@ def _write_private(path: str, text: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Driver:
-    """A running driver of this user, found through its run directory."""
+    """A running driver: one of this user's, found through its run directory, or a
+    remote one reached over TCP with TLS (``remote_driver``)."""
 
-    run_dir: str
+    run_dir: str  # "" for a remote driver
     pid: int
     ingress: str
+    address: str = ""  # host:port of a remote driver's TCP listener
+    tls: grpc.ChannelCredentials | None = dataclasses.field(default=None, repr=False, compare=False)
+    token: str = dataclasses.field(default="", repr=False)
 
     @property
     def target(self) -> str:
-        return f"unix:{os.path.join(self.run_dir, SOCKET)}"
+        return self.address or f"unix:{os.path.join(self.run_dir, SOCKET)}"
+
+    def channel(self) -> grpc.Channel:
+        """A new channel to the driver's management API (the caller closes it)."""
+        if self.tls is not None:
+            return grpc.secure_channel(self.target, self.tls)
+        return grpc.insecure_channel(self.target)  # a Unix socket in a private directory
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.token:
+            return ((auth.SECRET_KEY, self.token),)
         try:
             with open(os.path.join(self.run_dir, TOKEN_FILE)) as f:
                 return ((auth.SECRET_KEY, f.read().strip()),)
@@ -310,3 +385,49 @@ def running_drivers() -> list[Driver]:
     if not drivers:
         raise UsageError("no streamwise app is running for this user (start one with `streamwise run`)")
     return sorted(drivers, key=lambda d: d.pid)
+
+
+def remote_driver(
+    address: str, *, token_file: str, ca_cert_file: str | None = None, cert_file: str | None = None,
+    key_file: str | None = None, timeout_s: float = 30.0,
+) -> Driver:
+    """The driver whose management API listens on ``address`` (``host:port``), with TLS.
+
+    ``ca_cert_file`` verifies the driver's certificate (default: the system's roots);
+    ``cert_file`` and ``key_file`` are this client's certificate, for a driver that
+    requires one; ``token_file`` holds a copy of the driver's ``management.token``.
+    Asks the driver who it is at once, so a wrong address, certificate or token is a
+    UsageError here, naming what failed.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"a management address is HOST:PORT, got {address!r}")
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("a client certificate and its key go together (--cert and --key)")
+    try:
+        with open(token_file) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the management token file {token_file}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"the management token file {token_file} is empty")
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=read_pem_file(ca_cert_file, "CA certificate"),
+        private_key=read_pem_file(key_file, "client key"),
+        certificate_chain=read_pem_file(cert_file, "client certificate"),
+    )
+    driver = Driver("", 0, "", address=address, tls=tls, token=token)
+    with driver.channel() as channel:
+        try:
+            reply = management_pb2_grpc.ManagementStub(channel).ListApplications(
+                management_pb2.ListApplicationsRequest(), metadata=driver.metadata(), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            code = exc.code()
+            why = {
+                grpc.StatusCode.UNAUTHENTICATED: "the driver refused the management token",
+                grpc.StatusCode.UNAVAILABLE: "cannot connect with TLS (is the address right, does --ca-cert sign "
+                "the driver's certificate, does it require a client certificate?)",
+            }.get(code, code.name)
+            raise UsageError(f"management API at {address}: {why}: {exc.details()}") from None
+    return dataclasses.replace(driver, pid=reply.driver_pid, ingress=reply.ingress)

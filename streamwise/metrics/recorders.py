@@ -174,9 +174,10 @@ class RouterRecorder(Recorder):
 
 
 class IngressRecorder(Recorder):
-    """External calls the gRPC ingress served."""
+    """External calls the gRPC ingress served, and the client connections it holds."""
 
     def __init__(self) -> None:
+        self._connections: Callable[[], int | None] | None = None
         self.requests = Family(
             "streamwise_ingress_requests_total", "External gRPC calls, by status", "counter",
             ("application", "method", "status"),
@@ -190,6 +191,20 @@ class IngressRecorder(Recorder):
     def finished(self, application: str, method: str, status: str, seconds: float) -> None:
         self.requests.inc((application, method, status))
         self.latency.histogram((application, method)).observe(seconds)
+
+    def watch_connections(self, read: Callable[[], int | None]) -> None:
+        """Report ``read()`` (called at each scrape; None: unknown, left out) as the
+        open client connections."""
+        self._connections = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        count = self._connections() if self._connections is not None else None
+        if count is not None:
+            # No application label: one connection may carry calls to every app.
+            yield GaugeMetricFamily(
+                "streamwise_ingress_connections", "Client connections the gRPC ingress has open", value=count
+            )
 
 
 class FunctionCollector:

@@ -61,6 +61,7 @@ def server_options(options: GrpcOptions) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", ms(options.keepalive_timeout_s)),
         ("grpc.http2.min_ping_interval_without_data_ms", int(options.min_client_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.enable_channelz", 1),  # the default; the connections gauge reads it (``_connections``)
     ]
     if options.idle_timeout_s is not None:
         args.append(("grpc.max_connection_idle_ms", ms(options.idle_timeout_s)))

@@ -32,7 +32,7 @@ from streamwise.metrics.recorders import IngressRecorder
 from streamwise.proto import replica_pb2
 from streamwise.routing.handle import open_frames
 from streamwise.routing.router import router_for
-from streamwise.streaming import _limits, _wire, serve_api
+from streamwise.streaming import _connections, _limits, _wire, serve_api
 from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import RpcMethod, rpc_table, service_names
 from streamwise.tracing import spans
@@ -101,7 +101,12 @@ class Ingress:
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port`` (the bound port when port=0)."""
+        before = _connections.server_ids()
         server = grpc.aio.server(options=_limits.server_options(self.options))
+        if self._recorder is not None:
+            server_id = _connections.created_since(before)
+            if server_id is not None:
+                self._recorder.watch_connections(lambda: _connections.open_connections(server_id))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         serve_api.add_to_server(serve_api.ServeAPI(self.app_names, lambda: self._draining), server)
         names = service_names(self._rpcs)

@@ -149,3 +149,34 @@ def test_refusals_of_a_full_replica_show_as_retries_of_its_callers(serve):
     assert _value(retries, "streamwise_router_retries_total", reason="full") == rejected
     # Counted where the calls were made: in the two Caller replicas, not the driver.
     assert {s.labels["caller"].split("#")[0] for s in retries} == {"Caller"}
+
+
+def test_ingress_connections_gauge_follows_open_client_connections(app):
+    """Each client channel that has made a call holds one connection, counted by
+    streamwise_ingress_connections; once the channels close the gauge falls back."""
+    import time
+
+    def connections() -> float:
+        return _value(_scrape()["streamwise_ingress_connections"], "streamwise_ingress_connections")
+
+    baseline = connections()
+    n = 4
+    # A local subchannel pool per channel: channels to one target would share a connection.
+    channels = [
+        grpc.insecure_channel(streamwise.ingress_address(), options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(n)
+    ]
+    try:
+        for i, channel in enumerate(channels):
+            reply = predict_pb2_grpc.PredictAPIsServiceStub(channel).Predict(
+                predict_pb2.PredictRequest(input={"x": str(i).encode()}), timeout=30
+            )
+            assert reply.prediction == str(2 * i).encode()
+        assert connections() >= baseline + n
+    finally:
+        for channel in channels:
+            channel.close()
+    deadline = time.monotonic() + 30
+    while connections() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert connections() <= baseline

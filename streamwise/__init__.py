@@ -31,6 +31,7 @@ from streamwise.actors.api import (  # noqa: E402
     shutdown,
 )
 from streamwise.actors.deployment import Application, Deployment, deployment  # noqa: E402
+from streamwise.actors.multiplex import get_multiplexed_model_id, multiplexed  # noqa: E402
 from streamwise.config import (  # noqa: E402
     AutoscalingConfig,
     DeploymentConfig,
@@ -78,11 +79,13 @@ __all__ = [
     "coalesce",
     "deployment",
     "get",
+    "get_multiplexed_model_id",
     "get_request_context",
     "ingress_address",
     "management_address",
     "management_token_file",
     "metrics_address",
+    "multiplexed",
     "open_app",
     "put",
     "run",

@@ -63,6 +63,8 @@ class _Replica:
     # Commands for the replica, sent down its Attach stream; None ends the stream.
     control: asyncio.Queue[controller_pb2.ControlMessage | None] = dataclasses.field(default_factory=asyncio.Queue)
     started_at: float = dataclasses.field(default_factory=time.monotonic)
+    model_ids: tuple[str, ...] = ()  # multiplexed models it holds
+    model_capacity: int = 0
 
     def release(self) -> None:
         if not self.released.is_set():
@@ -145,7 +147,8 @@ class _Deployment:
             load_report_interval_s=self.report_interval_s,
             replicas=[
                 controller_pb2.ReplicaInfo(
-                    replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node
+                    replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node,
+                    model_ids=r.model_ids, model_capacity=r.model_capacity,
                 )
                 for r in self.replicas.values()
                 if r.state is ReplicaState.RUNNING
@@ -596,6 +599,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica.address = request.address
         replica.local_address = request.local_address
         replica.node = request.node
+        replica.model_capacity = request.model_capacity
         if not replica.attached.done():
             replica.attached.set_result(None)
         # The open stream tells the replica we are alive, and carries its commands.
@@ -619,6 +623,17 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 if dep.deleted:
                     return
             await changed.wait()
+
+    async def ReportModels(
+        self, request: controller_pb2.ModelsReport, context: grpc.aio.ServicerContext
+    ) -> controller_pb2.LoadReportAck:
+        """A replica's multiplexed models changed: tell every router of its deployment."""
+        dep, replica = await self._launched(request.replica_id, context)
+        replica.model_ids = tuple(request.model_ids)
+        replica.model_capacity = request.model_capacity
+        if replica.state is ReplicaState.RUNNING:
+            dep.publish()
+        return controller_pb2.LoadReportAck()
 
     async def ReportLoad(
         self, request_iterator: AsyncIterator[controller_pb2.LoadReport], context: grpc.aio.ServicerContext

@@ -100,6 +100,7 @@ async def deployment_status(controller: Controller, dep: _Deployment, *, replica
                     address=replica.address,
                     uptime_s=now - replica.started_at,
                     ongoing_requests=load,
+                    model_ids=replica.model_ids,
                 )
             )
     return status

@@ -25,6 +25,7 @@ import cloudpickle
 import grpc
 
 from streamwise import _auth as auth, objectstore
+from streamwise.actors import multiplex
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.autoscaling.load import LoadReporter
@@ -87,6 +88,22 @@ async def _follow_controller(
         pass
     finally:
         stop.set()
+
+
+async def _report_models(
+    stub: controller_pb2_grpc.ControllerStub, replica_id: str, metadata: tuple[tuple[str, str], ...],
+    capacity: int, changed: asyncio.Event,
+) -> None:
+    """Tell the controller the multiplexed models held, each time they change (only
+    the latest, should they change faster than it is told); ends with the controller."""
+    while True:
+        await changed.wait()
+        changed.clear()
+        report = controller_pb2.ModelsReport(replica_id=replica_id, model_ids=multiplex.held(), model_capacity=capacity)
+        try:
+            await stub.ReportModels(report, metadata=metadata, timeout=10)
+        except grpc.aio.AioRpcError:
+            return
 
 
 def _recorder(spec: ReplicaSpec, replica_id: str, user_object: object) -> ReplicaRecorder | None:
@@ -179,6 +196,10 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
         local = LocalServer(servicer, credentials) if env_local_transport() else None
         attach: grpc.aio.UnaryStreamCall | None = None
         follower: asyncio.Task[None] | None = None
+        models_changed = asyncio.Event()
+        multiplex.set_listener(lambda: loop.call_soon_threadsafe(models_changed.set))
+        model_capacity = multiplex.capacity_of(user_object)
+        models = loop.create_task(_report_models(stub, replica_id, as_launched, model_capacity, models_changed))
         try:
             address = auth.bind_unix(server, grpc_path)
             await server.start()
@@ -188,6 +209,7 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
                     address=address,
                     local_address=await local.start(local_path) if local is not None else "",
                     node=_local_wire.node_id(),
+                    model_capacity=model_capacity,
                 ),
                 metadata=as_launched,
             )
@@ -195,6 +217,8 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
             await stop.wait()
             await servicer.drain(config.graceful_shutdown_timeout_s)
         finally:
+            multiplex.set_listener(None)
+            models.cancel()
             await reporter.aclose()
             if attach is not None:
                 attach.cancel()
@@ -202,8 +226,7 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
                 await local.aclose()
             await server.stop(0)
             auth.remove_sockets(credentials, os.getpid())
-            if follower is not None:
-                await asyncio.gather(follower, return_exceptions=True)
+            await asyncio.gather(models, *([follower] if follower is not None else []), return_exceptions=True)
             await RUNTIME.close_routing()
             executor.shutdown(wait=False, cancel_futures=True)
         return 0

@@ -54,6 +54,11 @@ class ControllerStub:
                 request_serializer=streamwise_dot_proto_dot_controller__pb2.LoadReport.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
                 _registered_method=True)
+        self.ReportModels = channel.unary_unary(
+                '/streamwise.v1.Controller/ReportModels',
+                request_serializer=streamwise_dot_proto_dot_controller__pb2.ModelsReport.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -83,6 +88,12 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +115,11 @@ def add_ControllerServicer_to_server(servicer, server):
             'ReportLoad': grpc.stream_unary_rpc_method_handler(
                     servicer.ReportLoad,
                     request_deserializer=streamwise_dot_proto_dot_controller__pb2.LoadReport.FromString,
+                    response_serializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.SerializeToString,
+            ),
+            'ReportModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportModels,
+                    request_deserializer=streamwise_dot_proto_dot_controller__pb2.ModelsReport.FromString,
                     response_serializer=streamwise_dot_proto_dot_controller__pb2.LoadReportAck.SerializeToString,
             ),
     }
@@ -214,6 +230,33 @@ class Controller:
             target,
             '/streamwise.v1.Controller/ReportLoad',
             streamwise_dot_proto_dot_controller__pb2.LoadReport.SerializeToString,
+            streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/streamwise.v1.Controller/ReportModels',
+            streamwise_dot_proto_dot_controller__pb2.ModelsReport.SerializeToString,
             streamwise_dot_proto_dot_controller__pb2.LoadReportAck.FromString,
             options,
             channel_credentials,

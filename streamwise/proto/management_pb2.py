@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamwise/proto/management.proto\x12\rstreamwise.v1\"\x19\n\x17ListApplicationsRequest\"t\n\x15ListApplicationsReply\x12\x36\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32 .streamwise.v1.ApplicationStatus\x12\x12\n\ndriver_pid\x18\x02 \x01(\r\x12\x0f\n\x07ingress\x18\x03 \x01(\t\"1\n\x1a\x44\x65scribeApplicationRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\"\x8a\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x18\n\x10ongoing_requests\x18\x07 \x01(\x05\"\xf1\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\r\x12\x18\n\x10running_replicas\x18\x03 \x01(\r\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.streamwise.v1.ReplicaStatus\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x35\n\x0b\x61utoscaling\x18\x08 \x01(\x0b\x32 .streamwise.v1.AutoscalingStatus\"\x93\x01\n\x11\x41utoscalingStatus\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x1f\n\x17target_ongoing_requests\x18\x03 \x01(\x01\x12\x18\n\x10ongoing_requests\x18\x04 \x01(\x01\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\x01\"\x92\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x17\n\x0froot_deployment\x18\x03 \x01(\t\x12\x34\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x1f.streamwise.v1.DeploymentStatus\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"\xaf\x01\n\x16ScaleDeploymentRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x03 \x01(\r\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_min_replicasB\x0f\n\r_max_replicas\"\\\n\x17UpdateUserConfigRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x18\n\x10user_config_json\x18\x03 \x01(\t\"/\n\x18\x44\x65leteApplicationRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteApplicationReply\"6\n\rDeployRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\x89\x05\n\nManagement\x12`\n\x10ListApplications\x12&.streamwise.v1.ListApplicationsRequest\x1a$.streamwise.v1.ListApplicationsReply\x12\x62\n\x13\x44\x65scribeApplication\x12).streamwise.v1.DescribeApplicationRequest\x1a .streamwise.v1.ApplicationStatus\x12[\n\x0fScaleDeployment\x12%.streamwise.v1.ScaleDeploymentRequest\x1a\x1f.streamwise.v1.DeploymentStatus0\x01\x12[\n\x10UpdateUserConfig\x12&.streamwise.v1.UpdateUserConfigRequest\x1a\x1f.streamwise.v1.DeploymentStatus\x12L\n\x06\x44\x65ploy\x12\x1c.streamwise.v1.DeployRequest\x1a$.streamwise.v1.ListApplicationsReply\x12\x63\n\x11\x44\x65leteApplication\x12\'.streamwise.v1.DeleteApplicationRequest\x1a%.streamwise.v1.DeleteApplicationReply\x12H\n\x08Shutdown\x12\x1e.streamwise.v1.ShutdownRequest\x1a\x1c.streamwise.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamwise/proto/management.proto\x12\rstreamwise.v1\"\x19\n\x17ListApplicationsRequest\"t\n\x15ListApplicationsReply\x12\x36\n\x0c\x61pplications\x18\x01 \x03(\x0b\x32 .streamwise.v1.ApplicationStatus\x12\x12\n\ndriver_pid\x18\x02 \x01(\r\x12\x0f\n\x07ingress\x18\x03 \x01(\t\"1\n\x1a\x44\x65scribeApplicationRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\"\x9d\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x18\n\x10ongoing_requests\x18\x07 \x01(\x05\x12\x11\n\tmodel_ids\x18\x08 \x03(\t\"\xf1\x01\n\x10\x44\x65ploymentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0ftarget_replicas\x18\x02 \x01(\r\x12\x18\n\x10running_replicas\x18\x03 \x01(\r\x12\x10\n\x08restarts\x18\x04 \x01(\r\x12.\n\x08replicas\x18\x05 \x03(\x0b\x32\x1c.streamwise.v1.ReplicaStatus\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x35\n\x0b\x61utoscaling\x18\x08 \x01(\x0b\x32 .streamwise.v1.AutoscalingStatus\"\x93\x01\n\x11\x41utoscalingStatus\x12\x14\n\x0cmin_replicas\x18\x01 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x02 \x01(\r\x12\x1f\n\x17target_ongoing_requests\x18\x03 \x01(\x01\x12\x18\n\x10ongoing_requests\x18\x04 \x01(\x01\x12\x17\n\x0fqueued_requests\x18\x05 \x01(\x01\"\x92\x01\n\x11\x41pplicationStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x17\n\x0froot_deployment\x18\x03 \x01(\t\x12\x34\n\x0b\x64\x65ployments\x18\x04 \x03(\x0b\x32\x1f.streamwise.v1.DeploymentStatus\x12\x10\n\x08uptime_s\x18\x05 \x01(\x01\"\xaf\x01\n\x16ScaleDeploymentRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x03 \x01(\r\x12\x19\n\x0cmin_replicas\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x19\n\x0cmax_replicas\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_min_replicasB\x0f\n\r_max_replicas\"\\\n\x17UpdateUserConfigRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x18\n\x10user_config_json\x18\x03 \x01(\t\"/\n\x18\x44\x65leteApplicationRequest\x12\x13\n\x0b\x61pplication\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteApplicationReply\"6\n\rDeployRequest\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\x89\x05\n\nManagement\x12`\n\x10ListApplications\x12&.streamwise.v1.ListApplicationsRequest\x1a$.streamwise.v1.ListApplicationsReply\x12\x62\n\x13\x44\x65scribeApplication\x12).streamwise.v1.DescribeApplicationRequest\x1a .streamwise.v1.ApplicationStatus\x12[\n\x0fScaleDeployment\x12%.streamwise.v1.ScaleDeploymentRequest\x1a\x1f.streamwise.v1.DeploymentStatus0\x01\x12[\n\x10UpdateUserConfig\x12&.streamwise.v1.UpdateUserConfigRequest\x1a\x1f.streamwise.v1.DeploymentStatus\x12L\n\x06\x44\x65ploy\x12\x1c.streamwise.v1.DeployRequest\x1a$.streamwise.v1.ListApplicationsReply\x12\x63\n\x11\x44\x65leteApplication\x12\'.streamwise.v1.DeleteApplicationRequest\x1a%.streamwise.v1.DeleteApplicationReply\x12H\n\x08Shutdown\x12\x1e.streamwise.v1.ShutdownRequest\x1a\x1c.streamwise.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,27 +38,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEAPPLICATIONREQUEST']._serialized_start=197
   _globals['_DESCRIBEAPPLICATIONREQUEST']._serialized_end=246
   _globals['_REPLICASTATUS']._serialized_start=249
-  _globals['_REPLICASTATUS']._serialized_end=387
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=390
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=631
-  _globals['_AUTOSCALINGSTATUS']._serialized_start=634
-  _globals['_AUTOSCALINGSTATUS']._serialized_end=781
-  _globals['_APPLICATIONSTATUS']._serialized_start=784
-  _globals['_APPLICATIONSTATUS']._serialized_end=930
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=933
-  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1108
-  _globals['_UPDATEUSERCONFIGREQUEST']._serialized_start=1110
-  _globals['_UPDATEUSERCONFIGREQUEST']._serialized_end=1202
-  _globals['_DELETEAPPLICATIONREQUEST']._serialized_start=1204
-  _globals['_DELETEAPPLICATIONREQUEST']._serialized_end=1251
-  _globals['_DELETEAPPLICATIONREPLY']._serialized_start=1253
-  _globals['_DELETEAPPLICATIONREPLY']._serialized_end=1277
-  _globals['_DEPLOYREQUEST']._serialized_start=1279
-  _globals['_DEPLOYREQUEST']._serialized_end=1333
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1335
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1352
-  _globals['_SHUTDOWNREPLY']._serialized_start=1354
-  _globals['_SHUTDOWNREPLY']._serialized_end=1369
-  _globals['_MANAGEMENT']._serialized_start=1372
-  _globals['_MANAGEMENT']._serialized_end=2021
+  _globals['_REPLICASTATUS']._serialized_end=406
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=409
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=650
+  _globals['_AUTOSCALINGSTATUS']._serialized_start=653
+  _globals['_AUTOSCALINGSTATUS']._serialized_end=800
+  _globals['_APPLICATIONSTATUS']._serialized_start=803
+  _globals['_APPLICATIONSTATUS']._serialized_end=949
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_start=952
+  _globals['_SCALEDEPLOYMENTREQUEST']._serialized_end=1127
+  _globals['_UPDATEUSERCONFIGREQUEST']._serialized_start=1129
+  _globals['_UPDATEUSERCONFIGREQUEST']._serialized_end=1221
+  _globals['_DELETEAPPLICATIONREQUEST']._serialized_start=1223
+  _globals['_DELETEAPPLICATIONREQUEST']._serialized_end=1270
+  _globals['_DELETEAPPLICATIONREPLY']._serialized_start=1272
+  _globals['_DELETEAPPLICATIONREPLY']._serialized_end=1296
+  _globals['_DEPLOYREQUEST']._serialized_start=1298
+  _globals['_DEPLOYREQUEST']._serialized_end=1352
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1354
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1371
+  _globals['_SHUTDOWNREPLY']._serialized_start=1373
+  _globals['_SHUTDOWNREPLY']._serialized_end=1388
+  _globals['_MANAGEMENT']._serialized_start=1391
+  _globals['_MANAGEMENT']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ reached is dropped locally at once, before the controller reports it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +31,8 @@ from streamwise.streaming import _local_wire, _wire
 from streamwise.tracing import spans
 
 RouterKey: TypeAlias = tuple[str, str]  # (application, deployment)
+_MAX_HOMES = 4096  # models whose last replica a router remembers
+_MODEL_ID = _wire.MODEL_ID
 
 
 class Router:
@@ -59,6 +62,11 @@ class Router:
         self._deleted: str | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._waiting = 0  # callers waiting for a replica with room
+        # Multiplexed models: what each replica holds (and its slots), as it reported,
+        # and where this router last sent each model (before the replica can report it).
+        self._models: dict[str, tuple[frozenset[str], int]] = {}
+        self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._unreported: dict[str, set[str]] = {}  # models sent to a replica since its last report
         self._max_queued = -1
         # Autoscaled deployments learn how many calls wait here (replicas report the rest).
         self._reporter = LoadReporter(key, controller_address, credentials, lambda: 0, lambda: self._waiting)
@@ -114,6 +122,15 @@ class Router:
             for r in snapshot.replicas
             if r.replica_id not in self._dead
         ]
+        models = {
+            r.replica_id: (frozenset(r.model_ids), r.model_capacity)
+            for r in snapshot.replicas
+            if r.model_ids or r.model_capacity
+        }
+        present = {r.replica_id for r in snapshot.replicas}
+        for replica_id in [k for k in self._unreported if k not in present or models.get(k) != self._models.get(k)]:
+            del self._unreported[replica_id]  # it reported again: its report says all
+        self._models = models
         live = {r.address for r in self._replicas}
         for address in old - live:
             self._transport.forget(address)
@@ -131,7 +148,7 @@ class Router:
         if not self._ready.is_set():
             await self._ready.wait()
 
-    async def _choose(self, wait_s: float | None = None) -> ReplicaTarget:
+    async def _choose(self, wait_s: float | None = None, model_id: str = "") -> ReplicaTarget:
         """A replica with room for one more call; waits while there is none.
 
         While every replica is running max_ongoing_requests of this router's calls, wait
@@ -139,7 +156,7 @@ class Router:
         a call that would be rejected.
         """
         await self._started()
-        target = self._pick() if self._replicas else None
+        target = self._pick(model_id) if self._replicas else None
         if target is not None:
             return target
         # Shed only while replicas exist but are full: with none (yet, or any more) the
@@ -154,7 +171,7 @@ class Router:
         try:
             while True:
                 await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
-                target = self._pick()
+                target = self._pick(model_id)
                 if target is not None:
                     return target
                 await self._changed.wait()
@@ -178,15 +195,46 @@ class Router:
             except TimeoutError:
                 pass
 
-    def _pick(self) -> ReplicaTarget | None:
-        """Power of two choices among replicas below max_ongoing_requests (by our count)."""
+    def _pick(self, model_id: str = "") -> ReplicaTarget | None:
+        """Power of two choices among replicas below max_ongoing_requests (by our count).
+
+        For a multiplexed model: among those holding it, else those with a free model
+        slot, else among all.
+        """
         limit = self._max_ongoing
         inflight = self._inflight
         free = [r for r in self._replicas if inflight.get(r.replica_id, 0) < limit]
+        if model_id and free:
+            free = self._for_model(model_id, free)
         if len(free) <= 1:
             return free[0] if free else None
         a, b = random.sample(free, 2)
         return a if inflight.get(a.replica_id, 0) <= inflight.get(b.replica_id, 0) else b
+
+    def _for_model(self, model_id: str, free: list[ReplicaTarget]) -> list[ReplicaTarget]:
+        """The replicas of ``free`` to choose from for a call to ``model_id``."""
+        home = self._homes.get(model_id)
+        held = {r.replica_id: self._held(r.replica_id) for r in free}
+        holding = [r for r in free if model_id in held[r.replica_id][0] or r.replica_id == home]
+        if holding:
+            return holding
+        roomy = [r for r in free if not held[r.replica_id][1] or len(held[r.replica_id][0]) < held[r.replica_id][1]]
+        return roomy or free
+
+    def _held(self, replica_id: str) -> tuple[frozenset[str] | set[str], int]:
+        """(models ``replica_id`` holds or is loading for this router, its model slots; 0: not multiplexed)."""
+        reported, capacity = self._models.get(replica_id, (frozenset(), 0))
+        sent = self._unreported.get(replica_id)
+        return (reported | sent if sent else reported), capacity
+
+    def _sent_model(self, model_id: str, target: ReplicaTarget) -> None:
+        """Remember where ``model_id`` went: the replica will hold it once loaded."""
+        if model_id not in self._models.get(target.replica_id, (frozenset(), 0))[0]:
+            self._unreported.setdefault(target.replica_id, set()).add(model_id)
+        self._homes[model_id] = target.replica_id
+        self._homes.move_to_end(model_id)
+        while len(self._homes) > _MAX_HOMES:
+            self._homes.popitem(last=False)
 
     # -- calls -----------------------------------------------------------------------
 
@@ -228,9 +276,12 @@ class Router:
         """
         backoffs = self._config.backoffs()
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s)
+                target = await self._choose(wait_s, model_id)
                 route.chose(target.replica_id)
+                if model_id:
+                    self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
                     return await self._transport.unary(target, request)
@@ -258,9 +309,12 @@ class Router:
         """
         backoffs = self._config.backoffs()
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
+            model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s)
+                target = await self._choose(wait_s, model_id)
                 route.chose(target.replica_id)
+                if model_id:
+                    self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
                     return await self._transport.open_stream(target, request, inputs, encode)

@@ -47,6 +47,7 @@ from typing import Any
 
 import grpc
 
+from streamwise._tls import SERVER_NAME, TlsPair, new_pair
 from streamwise.config import env_internal_auth
 from streamwise.exceptions import UsageError
 
@@ -73,6 +74,8 @@ class Credentials:
     run_dir: str
     required: bool = True  # False only with STREAMWISE_INTERNAL_AUTH=0, for measuring
     lock_fd: int = -1  # the driver's: held open (and locked) while the app runs
+    tls: TlsPair | None = None  # set when the app spans machines (TCP between nodes)
+    node_dir: bool = False  # run_dir is this process's own (a machine other than the driver's)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -96,7 +99,7 @@ def _run_root() -> str:
     return root if len(root) <= _MAX_RUN_DIR - 20 else "/tmp"
 
 
-def new_credentials() -> Credentials:
+def new_credentials(*, spans_machines: bool = False) -> Credentials:
     """A fresh secret and a new private run directory, locked by this process
     (``remove_run_dir`` deletes it).
 
@@ -104,6 +107,10 @@ def new_credentials() -> Credentials:
     so a sweep never finds a live run directory's lock unlocked; and no name outside
     the private directory is ever renamed, so nobody can get in the way.
     """
+    required = env_internal_auth()
+    if spans_machines and not required:
+        raise UsageError("STREAMWISE_INTERNAL_AUTH=0 is for one machine only: an app spanning machines needs its secret")
+    tls = new_pair() if spans_machines else None
     sweep_stale_run_dirs()
     run_dir = tempfile.mkdtemp(prefix=_RUN_PREFIX, dir=_run_root())  # mode 0700, a name nobody had
     try:
@@ -114,10 +121,14 @@ def new_credentials() -> Credentials:
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    required = env_internal_auth()
     if not required:
         log.warning("STREAMWISE_INTERNAL_AUTH=0: the app's internal servers serve any process of this user")
-    return Credentials(secret=secrets.token_hex(32), run_dir=run_dir, required=required, lock_fd=fd)
+    credentials = Credentials(
+        secret=secrets.token_hex(32), run_dir=run_dir, required=required, lock_fd=fd,
+        tls=tls,
+    )
+    use_tls(credentials)
+    return credentials
 
 
 def replica_sockets(credentials: Credentials, pid: int) -> tuple[str, str]:
@@ -239,6 +250,8 @@ def write_handoff(credentials: Credentials, replica_token: str) -> bytes:
         "required": credentials.required,
         "token": replica_token,
     }
+    if credentials.tls is not None:
+        fields["tls"] = [credentials.tls.certificate.decode(), credentials.tls.private_key.decode()]
     return (json.dumps(fields) + "\n").encode()
 
 
@@ -260,13 +273,23 @@ def read_handoff(fd: int) -> tuple[Credentials, str]:
         line = b""
     try:
         fields = json.loads(line)
+        tls = fields.get("tls")
         credentials = Credentials(
-            secret=str(fields["secret"]), run_dir=str(fields["run_dir"]), required=fields["required"] is not False
+            secret=str(fields["secret"]),
+            run_dir=str(fields["run_dir"]),
+            required=fields["required"] is not False,
+            tls=TlsPair(tls[0].encode(), tls[1].encode()) if tls else None,
         )
         token = str(fields["token"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise UsageError("a replica process must be started by streamwise (no credentials handed over)") from None
+    if credentials.tls is not None and not os.path.isdir(credentials.run_dir):
+        # Another machine than the driver's: this process's sockets go in a private
+        # directory of its own (removed with remove_run_dir when it exits).
+        run_dir = tempfile.mkdtemp(prefix="streamwise-node-", dir=_run_root())
+        credentials = dataclasses.replace(credentials, run_dir=run_dir, node_dir=True)
     check_run_dir(credentials.run_dir)
+    use_tls(credentials)
     return credentials, token
 
 
@@ -318,3 +341,44 @@ def bind_unix(server: grpc.aio.Server, path: str) -> str:
     target = f"unix:{path}"
     server.add_insecure_port(target)
     return target
+
+
+def bind_tcp(server: grpc.aio.Server, credentials: Credentials, host: str) -> str:
+    """Listen on ``host`` (a free port) with the app's TLS; returns ``host:port``.
+
+    Who may connect: anyone who reaches the port may open a TLS connection; every
+    call must still carry the app's secret (``AuthInterceptor``), and a caller
+    without it gets UNAUTHENTICATED before any of its bytes are decoded.
+    """
+    if credentials.tls is None or not credentials.required:
+        raise UsageError("an internal TCP listener needs the app's TLS and secret (an app spanning machines)")
+    tls = grpc.ssl_server_credentials([(credentials.tls.private_key, credentials.tls.certificate)])
+    port = server.add_secure_port(f"{host}:0", tls)
+    return f"{host}:{port}"
+
+
+# -- the client side ----------------------------------------------------------------
+
+_channel_tls: grpc.ChannelCredentials | None = None
+
+
+def use_tls(credentials: Credentials) -> None:
+    """Reach this app's TCP addresses with its TLS from now on (this process)."""
+    global _channel_tls
+    _channel_tls = (
+        grpc.ssl_channel_credentials(root_certificates=credentials.tls.certificate)
+        if credentials.tls is not None else None
+    )
+
+
+def channel(address: str, options: Any) -> grpc.aio.Channel:
+    """A channel to one of the app's internal servers: a Unix socket (private to the
+    app's user), or a TCP address served with the app's TLS, trusted only if it
+    presents the app's certificate."""
+    if address.startswith("unix:"):
+        return grpc.aio.insecure_channel(address, options=options)
+    if _channel_tls is None:
+        raise UsageError(f"{address} is a TCP address, but this app does not span machines (no internal TLS)")
+    return grpc.aio.secure_channel(
+        address, _channel_tls, options=(*options, ("grpc.ssl_target_name_override", SERVER_NAME))
+    )

@@ -15,6 +15,7 @@
     grpc_options: {port: 9000, servicer_functions: ["chat_pb2_grpc:add_ChatServicer_to_server"]}
     metrics_port: 9464
     tracing: {exporter: jsonl, sampling_ratio: 0.1}
+    cluster: ray                        # or {ray: {address: "10.0.0.1:6379"}}; default: local
     management:                         # the management API on TCP, TLS only (paths: from the file's folder)
       {port: 9500, host: 0.0.0.0, ssl_certificate_file: server.pem, ssl_private_key_file: server.key}
 
@@ -41,6 +42,7 @@ from streamwise.config import (
     DeploymentConfig,
     GrpcOptions,
     ManagementOptions,
+    RayCluster,
     TracingConfig,
 )
 from streamwise.exceptions import UsageError
@@ -77,6 +79,7 @@ class ServeConfig:
     metrics_host: str | None = None
     tracing: TracingConfig | None = None
     management: ManagementOptions | None = None
+    cluster: RayCluster | str | None = None  # "local", or a RayCluster
     base_dir: str = "."  # import paths are found from here (the file's directory)
 
 
@@ -130,7 +133,8 @@ def parse(text: str, filename: str = "<config>") -> ServeConfig:
     if root is None:
         raise UsageError(f"{filename}: the file is empty; it needs an 'applications' list")
     top = reader.mapping(
-        root, "the config", {"applications", "grpc_options", "metrics_port", "metrics_host", "tracing", "management"}
+        root, "the config",
+        {"applications", "grpc_options", "metrics_port", "metrics_host", "tracing", "management", "cluster"},
     )
     base_dir = os.path.dirname(os.path.abspath(filename)) if filename != "<config>" else os.getcwd()
     if "applications" not in top:
@@ -151,6 +155,20 @@ def parse(text: str, filename: str = "<config>") -> ServeConfig:
     if metrics_port is not None and not (isinstance(metrics_port, int) and 0 <= metrics_port < 65536):
         raise reader.fail(top["metrics_port"][0], f"metrics_port must be a port number, got {metrics_port!r}")
     metrics_host = top["metrics_host"][1] if "metrics_host" in top else None
+    cluster = None
+    if "cluster" in top:
+        node, value = top["cluster"]
+        if value in ("local", "ray"):
+            cluster = value if value == "local" else RayCluster()
+        elif isinstance(node, yaml.MappingNode):
+            fields = reader.mapping(node, "cluster", {"ray"})
+            if "ray" not in fields:
+                raise reader.fail(node, "cluster needs a 'ray' key")
+            ray_node = fields["ray"][0]
+            cluster = reader.build(ray_node, "cluster.ray", RayCluster,
+                                   reader.mapping(ray_node, "cluster.ray", {"address", "namespace"}))
+        else:
+            raise reader.fail(node, f"cluster must be local, ray or {{ray: {{address: ..., namespace: ...}}}}, got {value!r}")
     management = None
     if "management" in top:
         node = top["management"][0]
@@ -166,6 +184,7 @@ def parse(text: str, filename: str = "<config>") -> ServeConfig:
         metrics_host=metrics_host,
         tracing=tracing,
         management=management,
+        cluster=cluster,
         base_dir=base_dir,
     )
 

@@ -64,13 +64,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if metrics_port is None:
         metrics_port = streamwise_config.DEFAULT_CLI_METRICS_PORT
     management = _management_options(args) or (config.management if config is not None else None)
+    cluster = args.cluster or (config.cluster if config is not None else None)
+    if cluster is not None and cluster != "local":
+        cluster = streamwise.RayCluster(address=args.ray_address) if cluster == "ray" else cluster
+    elif args.ray_address:
+        raise UsageError("--ray-address needs --cluster ray")
     try:
         for app, name in apps:
             streamwise.run(
                 app, name=name, grpc_options=grpc_options, tracing=tracing,
                 metrics_port=None if metrics_port < 0 else metrics_port,
                 metrics_host=metrics_host or streamwise_config.DEFAULT_METRICS_HOST,
-                management=management,
+                management=management, cluster=cluster,
             )
         where = f" (gRPC on {streamwise.ingress_address()})" if grpc_options else ""
         if metrics_port >= 0:
@@ -174,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-host", default=None,
         help=f"address the metrics endpoint binds (default: {streamwise_config.DEFAULT_METRICS_HOST})",
     )
+    run.add_argument(
+        "--cluster", choices=["local", "ray"], default=None,
+        help="where replicas run: this machine (default, or STREAMWISE_CLUSTER), or a Ray cluster",
+    )
+    run.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: RAY_ADDRESS, or a new one)")
     management = run.add_argument_group(
         "management over TCP", "serve the management API (status, scale, ...) to operators on other machines: "
         "TLS only, and every call needs the driver's management token"

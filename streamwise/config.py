@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from streamwise.exceptions import UsageError
@@ -149,6 +149,78 @@ DEFAULT_COALESCE = CoalesceConfig()
 
 DEFAULT_AUTO_MAX_REPLICAS = 100  # the upper bound num_replicas="auto" sets
 
+# The ray_actor_options a replica may set (Ray Serve's list), and their kinds.
+RAY_ACTOR_OPTIONS: dict[str, tuple[type, ...]] = {
+    "num_cpus": (int, float),
+    "num_gpus": (int, float),
+    "memory": (int, float),
+    "object_store_memory": (int, float),
+    "resources": (dict,),
+    "accelerator_type": (str,),
+    "runtime_env": (dict,),
+    "label_selector": (dict,),
+}
+
+
+def _check_ray_actor_options(name: str, options: Any) -> None:
+    if options is None:
+        return
+    _check(isinstance(options, Mapping), f"ray_actor_options of {name!r} must be a dict, got {options!r}")
+    for key, value in options.items():
+        _check(
+            key in RAY_ACTOR_OPTIONS,
+            f"ray_actor_options of {name!r}: unknown option {key!r} (known: {', '.join(sorted(RAY_ACTOR_OPTIONS))})",
+        )
+        kinds = RAY_ACTOR_OPTIONS[key]
+        _check(
+            isinstance(value, kinds) and not isinstance(value, bool),
+            f"ray_actor_options of {name!r}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}",
+        )
+        if kinds == (int, float):
+            _check(value >= 0, f"ray_actor_options of {name!r}: {key} must be >= 0, got {value!r}")
+    for key, amount in (options.get("resources") or {}).items():
+        _check(
+            isinstance(key, str) and _is_number(amount) and amount >= 0,
+            f"ray_actor_options of {name!r}: resources must map names to amounts >= 0, got {key!r}: {amount!r}",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RayCluster:
+    """Run replicas as Ray actors, placed by Ray's scheduler across a Ray cluster.
+
+    ``address``: the cluster to join (``ray.init(address=...)``; None: the one this
+    process already joined, else ``RAY_ADDRESS``, else a local one Ray starts).
+    ``namespace``: the Ray namespace of the replicas' actors. Needs
+    ``pip install 'streamwise[ray]'``.
+    """
+
+    address: str | None = None
+    namespace: str = "streamwise"
+
+    def __post_init__(self) -> None:
+        _check(self.address is None or (isinstance(self.address, str) and self.address != ""),
+               f"address must be None or a Ray address, got {self.address!r}")
+        _check(isinstance(self.namespace, str) and self.namespace != "",
+               f"namespace must be a non-empty str, got {self.namespace!r}")
+
+
+def cluster_config(cluster: Any) -> RayCluster | None:
+    """``run(cluster=...)``: "local" (this machine), "ray", a RayCluster, or when
+    None, ``STREAMWISE_CLUSTER`` (``ray`` or ``local``, the default; Ray finds its
+    cluster through ``RAY_ADDRESS`` as usual)."""
+    if cluster is None:
+        cluster = os.environ.get("STREAMWISE_CLUSTER", "").strip() or "local"
+        if cluster not in ("ray", "local"):
+            raise UsageError(f"STREAMWISE_CLUSTER must be ray or local, got {cluster!r}")
+    if isinstance(cluster, RayCluster):
+        return cluster
+    if cluster == "ray":
+        return RayCluster()
+    if cluster == "local":
+        return None
+    raise UsageError(f'cluster must be None, "local", "ray" or a streamwise.RayCluster, got {cluster!r}')
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AutoscalingConfig:
@@ -234,6 +306,11 @@ class DeploymentConfig:
     # once with BackPressureError (RESOURCE_EXHAUSTED at the ingress). -1: no limit.
     max_queued_requests: int = -1
     autoscaling_config: AutoscalingConfig | None = None
+    # Where replicas run when the app runs on a cluster (run(..., cluster="ray")):
+    # resources each replica reserves, as Ray Serve's ray_actor_options, and at
+    # most this many replicas of the deployment on one node. Ignored on one machine.
+    ray_actor_options: Mapping[str, Any] | None = None
+    max_replicas_per_node: int | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and isinstance(self.name, str), "deployment name must be a non-empty str")
@@ -257,6 +334,11 @@ class DeploymentConfig:
             autoscaling is None or not _is_int(self.num_replicas),
             f"{self.name!r} sets both num_replicas={self.num_replicas!r} and autoscaling_config: "
             "set one (num_replicas=\"auto\" goes with autoscaling_config)",
+        )
+        _check_ray_actor_options(self.name, self.ray_actor_options)
+        _check(
+            self.max_replicas_per_node is None or (_is_int(self.max_replicas_per_node) and self.max_replicas_per_node >= 1),
+            f"max_replicas_per_node of {self.name!r} must be None or an int >= 1, got {self.max_replicas_per_node!r}",
         )
         if self.num_replicas == "auto" and autoscaling is None:
             autoscaling = AutoscalingConfig(max_replicas=DEFAULT_AUTO_MAX_REPLICAS)
@@ -468,9 +550,13 @@ class HandleOptions:
     # The call (a stream: all of it) fails with RequestTimeoutError past this, and is
     # cancelled in the replica; calls made while serving it inherit the deadline.
     request_timeout_s: float | None = None
+    # On a cluster: send to replicas on the caller's node while one has room.
+    prefer_local_node: bool = True
 
     def __post_init__(self) -> None:
         from streamwise import codec  # local: codec imports nothing from config
+
+        _check(isinstance(self.prefer_local_node, bool), "prefer_local_node must be True or False")
 
         _check(isinstance(self.method_name, str) and bool(self.method_name), "method_name must be a str")
         _check(self.stream in (None, True, False), "stream must be True, False or None")

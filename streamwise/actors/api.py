@@ -17,7 +17,16 @@ from streamwise.actors.controller import Controller
 from streamwise.actors.management import ManagementServer, ManagementService
 from streamwise.actors.deployment import Application
 from streamwise.actors.spec import AppPlan, plan_app
-from streamwise.config import DEFAULT_METRICS_HOST, GrpcOptions, ManagementOptions, TracingConfig, env_tracing_config
+from streamwise.actors.launcher import Launcher
+from streamwise.config import (
+    DEFAULT_METRICS_HOST,
+    GrpcOptions,
+    ManagementOptions,
+    RayCluster,
+    TracingConfig,
+    cluster_config,
+    env_tracing_config,
+)
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
 from streamwise.streaming.ingress import Ingress
@@ -52,8 +61,9 @@ class _Services:
     """What the driver runs on its core loop: the controller, the management API and
     the gRPC ingress."""
 
-    def __init__(self) -> None:
-        self.controller = Controller()
+    def __init__(self, cluster: RayCluster | None = None) -> None:
+        self.cluster = cluster
+        self.controller = Controller(_launcher(cluster))
         self.controller.observers.extend(_replica_observers)
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
@@ -118,10 +128,10 @@ class _Services:
         config = _config_file.parse(text, filename)
         if (
             config.grpc_options or config.metrics_port is not None or config.tracing or config.metrics_host
-            or config.management
+            or config.management or config.cluster
         ):
             raise UsageError(
-                f"{filename}: grpc_options, metrics_port, metrics_host, tracing and management are set when a "
+                f"{filename}: grpc_options, metrics_port, metrics_host, tracing, management and cluster are set when a "
                 "driver starts "
                 "(streamwise run FILE); streamwise deploy takes applications only"
             )
@@ -180,10 +190,10 @@ class _Services:
 class _Driver:
     """A core loop on a daemon thread, running the services for sync callers of run()."""
 
-    def __init__(self) -> None:
+    def __init__(self, cluster: RayCluster | None) -> None:
+        self.services = _Services(cluster)
         self.core = CoreLoop()
         self._stop = asyncio.Event()
-        self.services = _Services()
         started: asyncio.Future[str] = asyncio.Future(loop=self.core.loop)
         self._main = self.core.submit(self._serve(started))
         try:
@@ -222,12 +232,25 @@ _driver: _Driver | None = None
 _active: _Services | None = None  # the services of run() or of an open_app() block
 
 
-def _ensure_driver() -> _Driver:
+def _launcher(cluster: RayCluster | None) -> Launcher | None:
+    if cluster is None:
+        return None
+    from streamwise.actors.ray_launcher import RayLauncher
+
+    return RayLauncher(cluster)
+
+
+def _ensure_driver(cluster: RayCluster | None) -> _Driver:
     global _driver, _active
+    if _driver is not None and _driver.services.cluster != cluster:
+        raise UsageError(
+            f"this process already runs apps with cluster={_driver.services.cluster!r}; "
+            f"shutdown() before running with cluster={cluster!r}"
+        )
     if _driver is None:
         if RUNTIME.core_loop is not None:
             raise UsageError("streamwise already runs on an event loop here (open_app); run() cannot start too")
-        _driver = _Driver()
+        _driver = _Driver(cluster)
         _active = _driver.services
         RUNTIME.set_controller(_driver.address, _driver.services.controller.credentials)
         RUNTIME.core = _driver.core
@@ -244,6 +267,7 @@ def run(
     metrics_port: int | None = None,
     metrics_host: str = DEFAULT_METRICS_HOST,
     management: ManagementOptions | None = None,
+    cluster: str | RayCluster | None = None,
 ) -> DeploymentHandle:
     """Start ``app`` (controller and every replica, in parallel); return its root handle.
 
@@ -264,8 +288,9 @@ def run(
     """
     tracing = tracing if tracing is not None else env_tracing_config()
     _check_management(management)
+    where = cluster_config(cluster)
     with _lock:
-        driver = _ensure_driver()
+        driver = _ensure_driver(where)
         tracing_setup.configure(tracing, "driver")
         services = driver.services
         if metrics_port is not None:
@@ -290,6 +315,7 @@ async def open_app(
     metrics_port: int | None = None,
     metrics_host: str = DEFAULT_METRICS_HOST,
     management: ManagementOptions | None = None,
+    cluster: str | RayCluster | None = None,
 ) -> AsyncIterator[DeploymentHandle]:
     """Run ``app`` on the running event loop for the duration of an ``async with`` block.
 
@@ -305,7 +331,7 @@ async def open_app(
         if _driver is not None or RUNTIME.core_loop is not None:
             raise UsageError("streamwise already runs in this process; shutdown() it or leave that block first")
         RUNTIME.core_loop = asyncio.get_running_loop()
-    services = _Services()
+    services = _Services(cluster_config(cluster))
     try:
         async with services.controller as controller:
             RUNTIME.set_controller(controller.address, controller.credentials)

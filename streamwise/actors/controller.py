@@ -25,12 +25,12 @@ import grpc
 
 from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors import _logs
-from streamwise.actors.launcher import Launcher, LocalProcessLauncher, ReplicaProcess
+from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement, ReplicaProcess
 from streamwise.actors.spec import AppPlan, ReplicaSpec
 from streamwise.autoscaling.load import LoadBook
 from streamwise.autoscaling.policy import Decider
 from streamwise.config import AutoscalingConfig, DeploymentConfig
-from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError
+from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError, StreamwiseError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 
@@ -166,7 +166,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._ids = itertools.count(1)
         self._roots: dict[str, str] = {}  # app -> its root deployment
         self._server: grpc.aio.Server | None = None
-        self.address = ""
+        self.address = ""  # for processes on this machine
+        self.replica_address = ""  # what replicas are told: on TCP when they may be elsewhere
         self.credentials: auth.Credentials | None = None
         self._owned_run_dir: auth.Credentials | None = None  # until aclose() removed it
         # Called on the controller's loop at each change of a deployment's replicas
@@ -177,11 +178,17 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def start(self) -> str:
         """Make the app's credentials and start the control service; returns its address."""
-        credentials = self.credentials = self._owned_run_dir = auth.new_credentials()
+        credentials = self.credentials = self._owned_run_dir = auth.new_credentials(
+            spans_machines=self._launcher.spans_machines
+        )
         try:
             server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
             controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
             address = auth.bind_unix(server, credentials.socket("controller"))
+            if self._launcher.spans_machines:  # replicas on other nodes reach it here
+                self.replica_address = auth.bind_tcp(server, credentials, self._launcher.host)
+            else:
+                self.replica_address = address
             await server.start()
         except BaseException:
             self._owned_run_dir = None
@@ -201,6 +208,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 await self._server.stop(0.5)
                 self._server = None
         finally:
+            await self._launcher.aclose()
             _logs.stop_writer()  # every replica has exited: its output is all queued
             credentials, self._owned_run_dir = self._owned_run_dir, None
             if credentials is not None:
@@ -446,7 +454,17 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         last_error: replica_pb2.RemoteError | None = None
         backoff = iter(_RESTART_BACKOFF_S)
         while not dep.stopping and not slot.retired:
-            replica = slot.replica = await self._spawn(dep)
+            try:
+                replica = slot.replica = await self._spawn(dep)
+            except StreamwiseError as exc:  # the launcher could not start it (nowhere to place it)
+                if not first_ready.done():
+                    first_ready.set_exception(
+                        DeploymentStartupError(type(exc).__name__, str(exc), "", dep.config.name)
+                    )
+                    return
+                log.error("could not start a replica of %r: %s", dep.config.name, exc)
+                await asyncio.sleep(next(backoff, _RESTART_BACKOFF_S[-1]))
+                continue
             try:
                 if slot.retired:  # retired while its process was being started
                     await self._reap(replica)
@@ -492,11 +510,18 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica_id = f"{dep.config.name}#{next(self._ids)}"
         assert self.credentials is not None
         token = auth.new_token()
+        config = dep.config
         process = await self._launcher.start(
             replica_id,
-            self.address,
+            self.replica_address,
             auth.write_handoff(self.credentials, token),
             _logs.log_path(self.credentials.run_dir, dep.spec.app, replica_id),
+            Placement(
+                app=dep.spec.app,
+                deployment=config.name,
+                ray_actor_options=config.ray_actor_options,
+                max_replicas_per_node=config.max_replicas_per_node,
+            ),
         )
         replica = _Replica(replica_id, process, token)
         if dep.report_interval_s > 0:  # read once it attaches
@@ -519,7 +544,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     async def _monitor(self, dep: _Deployment, replica: _Replica) -> None:
         """Return when the replica's process has exited; kill it if health checks fail."""
         exited = asyncio.ensure_future(replica.process.wait())
-        channel = grpc.aio.insecure_channel(replica.address, options=_wire.GRPC_OPTIONS)
+        channel = auth.channel(replica.address, _wire.GRPC_OPTIONS)
         stub = replica_pb2_grpc.ReplicaStub(channel)
         try:
             while True:

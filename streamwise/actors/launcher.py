@@ -1,7 +1,10 @@
 """Launchers start replica processes. The local launcher runs them on this machine.
 
 A launcher only starts processes; the controller supervises them. A cluster engine
-(Ray's actor scheduler first) plugs in here later with the same small interface.
+plugs in with the same small interface: ``ray_launcher.RayLauncher`` places each
+replica with Ray's actor scheduler. A launcher whose ``spans_machines`` is true
+makes the controller and replicas listen on TCP too (with the app's TLS), for
+processes on other nodes.
 """
 
 from __future__ import annotations
@@ -12,11 +15,23 @@ import os
 import pathlib
 import signal
 import sys
-from typing import Protocol
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import streamwise
 from streamwise import _auth, objectstore
 from streamwise.actors import _logs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Placement:
+    """What a replica asks of the node it runs on (a cluster launcher's business)."""
+
+    app: str
+    deployment: str
+    ray_actor_options: Mapping[str, Any] | None = None
+    max_replicas_per_node: int | None = None
 
 
 class ReplicaProcess(Protocol):
@@ -30,11 +45,18 @@ class ReplicaProcess(Protocol):
 
 
 class Launcher(Protocol):
-    async def start(self, replica_id: str, controller_address: str, handoff: bytes, log_path: str) -> ReplicaProcess:
+    spans_machines: bool
+    host: str  # the driver's address, for a controller listening on TCP
+
+    async def start(
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+    ) -> ReplicaProcess:
         """Start the process of ``replica_id``; ``handoff`` (its credentials) must
         reach it through a channel only it can read; its output goes to the
         operator, prefixed with its id, and to ``log_path``."""
         ...
+
+    async def aclose(self) -> None: ...
 
 
 class _LocalProcess:
@@ -73,6 +95,9 @@ class LocalProcessLauncher:
     The credentials go through a socket pair whose other end only the child holds.
     """
 
+    spans_machines = False
+    host = ""
+
     def __init__(self) -> None:
         package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
         env = dict(os.environ)
@@ -83,7 +108,9 @@ class LocalProcessLauncher:
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
 
-    async def start(self, replica_id: str, controller_address: str, handoff: bytes, log_path: str) -> ReplicaProcess:
+    async def start(
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+    ) -> ReplicaProcess:
         ours, theirs = _auth.handoff_pair()
         try:
             process = await asyncio.create_subprocess_exec(
@@ -114,3 +141,6 @@ class LocalProcessLauncher:
             theirs.close()
             ours.close()
         return _LocalProcess(process, replica_id, log_path)
+
+    async def aclose(self) -> None:
+        pass

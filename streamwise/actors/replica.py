@@ -31,6 +31,7 @@ from streamwise.actors.spec import ReplicaSpec
 from streamwise.autoscaling.load import LoadReporter
 from streamwise.batching.stats import BatchStatsLog
 from streamwise.config import env_local_transport
+from streamwise.exceptions import ObjectLostError
 from streamwise.metrics import recorders
 from streamwise.metrics.recorders import ReplicaRecorder
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
@@ -119,7 +120,9 @@ def _recorder(spec: ReplicaSpec, replica_id: str, user_object: object) -> Replic
     return recorder
 
 
-async def serve(controller_address: str, replica_id: str, credentials: auth.Credentials, token: str) -> int:
+async def serve(
+    controller_address: str, replica_id: str, credentials: auth.Credentials, token: str, listen_host: str = ""
+) -> int:
     """Run the replica until told to stop; the exit code says whether it started."""
     loop = asyncio.get_running_loop()
     RUNTIME.set_controller(controller_address, credentials)
@@ -138,7 +141,7 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
 
     loop.add_signal_handler(_DRIVER_DIED, driver_died)
 
-    channel = grpc.aio.insecure_channel(controller_address, options=_wire.GRPC_OPTIONS)
+    channel = auth.channel(controller_address, _wire.GRPC_OPTIONS)
     stub = controller_pb2_grpc.ControllerStub(channel)
     as_launched = (*credentials.metadata, (auth.REPLICA_TOKEN_KEY, token))
     try:
@@ -202,6 +205,8 @@ async def serve(controller_address: str, replica_id: str, credentials: auth.Cred
         models = loop.create_task(_report_models(stub, replica_id, as_launched, model_capacity, models_changed))
         try:
             address = auth.bind_unix(server, grpc_path)
+            if listen_host:  # callers on other nodes: TCP, with the app's TLS and secret
+                address = auth.bind_tcp(server, credentials, listen_host)
             await server.start()
             attach = stub.Attach(
                 controller_pb2.AttachRequest(
@@ -242,14 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--store-session", required=True)
     parser.add_argument("--handoff-fd", type=int, required=True)
+    parser.add_argument("--listen-host", default="", help="also serve callers on other nodes, on this address")
     args = parser.parse_args(argv)
     credentials, token = auth.read_handoff(args.handoff_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     _die_with_parent(args.parent_pid)
-    objectstore.join_session(args.store_session)
     try:
-        return asyncio.run(serve(args.controller, args.replica_id, credentials, token))
+        objectstore.join_session(args.store_session)
+    except ObjectLostError:
+        if not credentials.node_dir:
+            raise
+        # Not the driver's machine: this process keeps a store session of its own.
+    try:
+        return asyncio.run(serve(args.controller, args.replica_id, credentials, token, args.listen_host))
     finally:
+        if credentials.node_dir:
+            auth.remove_run_dir(credentials)
         # The last process of a dead driver's session deletes its shared memory.
         objectstore.close_session(driver_gone=_driver_gone)
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from streamwise._auth import Credentials
+from streamwise._auth import Credentials, channel as auth_channel
 from streamwise.proto import controller_pb2, controller_pb2_grpc
 from streamwise.streaming import _wire
 
@@ -110,7 +110,7 @@ class LoadReporter:
             next_report = now + self._interval_s
 
     async def _run(self) -> None:
-        channel = grpc.aio.insecure_channel(self._address, options=_wire.GRPC_OPTIONS)
+        channel = auth_channel(self._address, _wire.GRPC_OPTIONS)
         try:
             stub = controller_pb2_grpc.ControllerStub(channel)
             await stub.ReportLoad(self._reports(), metadata=self._credentials.metadata)

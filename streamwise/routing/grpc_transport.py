@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from streamwise import exceptions
-from streamwise._auth import Credentials
+from streamwise._auth import Credentials, channel as auth_channel
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
 from streamwise.streaming import _wire
@@ -28,7 +28,7 @@ class _Connection:
     __slots__ = ("channel", "stub", "active", "retired")
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+        self.channel = auth_channel(address, _wire.GRPC_OPTIONS)
         self.stub = replica_pb2_grpc.ReplicaStub(self.channel)
         self.active = 0
         self.retired = False

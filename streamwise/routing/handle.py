@@ -132,6 +132,7 @@ class DeploymentHandle:
                 inputs=inputs, encode_inputs=wire.encode_input, before=begin,
                 # Whether every frame was read is not known here: clear what may be left.
                 after=lambda: wire.end(complete=False), parent=parent, deadline=deadline,
+                prefer_local=options.prefer_local_node,
             )
 
         if stream:
@@ -152,7 +153,9 @@ class DeploymentHandle:
                 try:
                     async with _timeout(deadline, deployment, method):
                         await begin()
-                        reply = await router_for(key).unary(request, parent=parent)
+                        reply = await router_for(key).unary(
+                            request, parent=parent, prefer_local=options.prefer_local_node
+                        )
                     if reply.HasField("error"):
                         complete = True
                         raise error(reply.error)
@@ -178,6 +181,7 @@ def open_frames(
     wait_s: float | None = None,
     parent: Any = None,
     deadline: float | None = None,
+    prefer_local: bool = True,
 ) -> DeploymentResponseGenerator:
     """Start a streaming call of an encoded ``request`` on deployment ``key``.
 
@@ -192,7 +196,9 @@ def open_frames(
         try:
             if before is not None:
                 await before()
-            return await router_for(key).open_stream(request, inputs, encode_inputs, wait_s=wait_s, parent=parent)
+            return await router_for(key).open_stream(
+                request, inputs, encode_inputs, wait_s=wait_s, parent=parent, prefer_local=prefer_local
+            )
         except BaseException:
             if after is not None:
                 after()

@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 import grpc
 from opentelemetry import context as otel_context
 
-from streamwise._auth import Credentials
+from streamwise._auth import Credentials, channel as auth_channel
 from streamwise.autoscaling.load import LoadReporter
 from streamwise.config import RouterConfig
 from streamwise.exceptions import BackPressureError, DeploymentNotFoundError, ReplicaDiedError, UnavailableError
@@ -67,6 +67,8 @@ class Router:
         self._models: dict[str, tuple[frozenset[str], int]] = {}
         self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._unreported: dict[str, set[str]] = {}  # models sent to a replica since its last report
+        self._elsewhere = False  # some replicas run on other nodes
+        self._here: set[str] = set()  # ids of the replicas on this router's node
         self._max_queued = -1
         # Autoscaled deployments learn how many calls wait here (replicas report the rest).
         self._reporter = LoadReporter(key, controller_address, credentials, lambda: 0, lambda: self._waiting)
@@ -77,7 +79,7 @@ class Router:
     # -- replica set ---------------------------------------------------------------
 
     async def _watch(self) -> None:
-        channel = grpc.aio.insecure_channel(self._controller_address, options=_wire.GRPC_OPTIONS)
+        channel = auth_channel(self._controller_address, _wire.GRPC_OPTIONS)
         try:
             stub = controller_pb2_grpc.ControllerStub(channel)
             request = controller_pb2.WatchRequest(app=self.key[0], deployment=self.key[1])
@@ -122,6 +124,8 @@ class Router:
             for r in snapshot.replicas
             if r.replica_id not in self._dead
         ]
+        self._here = {r.replica_id for r in snapshot.replicas if r.node == here}
+        self._elsewhere = len(self._here) < len(snapshot.replicas)
         models = {
             r.replica_id: (frozenset(r.model_ids), r.model_capacity)
             for r in snapshot.replicas
@@ -148,7 +152,7 @@ class Router:
         if not self._ready.is_set():
             await self._ready.wait()
 
-    async def _choose(self, wait_s: float | None = None, model_id: str = "") -> ReplicaTarget:
+    async def _choose(self, wait_s: float | None = None, model_id: str = "", prefer_local: bool = True) -> ReplicaTarget:
         """A replica with room for one more call; waits while there is none.
 
         While every replica is running max_ongoing_requests of this router's calls, wait
@@ -156,7 +160,7 @@ class Router:
         a call that would be rejected.
         """
         await self._started()
-        target = self._pick(model_id) if self._replicas else None
+        target = self._pick(model_id, prefer_local) if self._replicas else None
         if target is not None:
             return target
         # Shed only while replicas exist but are full: with none (yet, or any more) the
@@ -171,7 +175,7 @@ class Router:
         try:
             while True:
                 await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
-                target = self._pick(model_id)
+                target = self._pick(model_id, prefer_local)
                 if target is not None:
                     return target
                 await self._changed.wait()
@@ -195,15 +199,19 @@ class Router:
             except TimeoutError:
                 pass
 
-    def _pick(self, model_id: str = "") -> ReplicaTarget | None:
+    def _pick(self, model_id: str = "", prefer_local: bool = True) -> ReplicaTarget | None:
         """Power of two choices among replicas below max_ongoing_requests (by our count).
 
-        For a multiplexed model: among those holding it, else those with a free model
-        slot, else among all.
+        Among those on this node first (unless ``prefer_local`` is false), else among
+        all; for a multiplexed model, among those holding it, else those with a free
+        model slot, else among all.
         """
         limit = self._max_ongoing
         inflight = self._inflight
         free = [r for r in self._replicas if inflight.get(r.replica_id, 0) < limit]
+        if prefer_local and self._elsewhere:
+            here = self._here
+            free = [r for r in free if r.replica_id in here] or free
         if model_id and free:
             free = self._for_model(model_id, free)
         if len(free) <= 1:
@@ -267,18 +275,20 @@ class Router:
         *,
         wait_s: float | None = None,
         parent: otel_context.Context | None = None,
+        prefer_local: bool = True,
     ) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
 
         ``wait_s`` bounds the wait for a live replica (UnavailableError after it);
-        ``parent`` is the caller's trace context. Cancelling the awaiting task cancels
+        ``parent`` is the caller's trace context; ``prefer_local``: replicas on this
+        node first. Cancelling the awaiting task cancels
         the call on the replica.
         """
         backoffs = self._config.backoffs()
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
             model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s, model_id)
+                target = await self._choose(wait_s, model_id, prefer_local)
                 route.chose(target.replica_id)
                 if model_id:
                     self._sent_model(model_id, target)
@@ -301,6 +311,7 @@ class Router:
         *,
         wait_s: float | None = None,
         parent: otel_context.Context | None = None,
+        prefer_local: bool = True,
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
 
@@ -311,7 +322,7 @@ class Router:
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
             model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s, model_id)
+                target = await self._choose(wait_s, model_id, prefer_local)
                 route.chose(target.replica_id)
                 if model_id:
                     self._sent_model(model_id, target)

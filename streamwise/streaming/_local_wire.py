@@ -36,9 +36,18 @@ ACK, REPLY, FRAME, STATUS = 10, 11, 12, 13
 OK = "OK"
 
 
+NODE_ID_ENV = "STREAMWISE_NODE_ID"
+
+
 @functools.cache
 def node_id() -> str:
-    """This machine's identity (its boot id): callers elsewhere never use the socket."""
+    """This node's identity: callers on other nodes never use the socket, and routers
+    prefer replicas of their own node. The cluster engine's node id when a launcher
+    set ``STREAMWISE_NODE_ID`` (several nodes may share a machine), else the
+    machine's boot id."""
+    given = os.environ.get(NODE_ID_ENV, "").strip()
+    if given:
+        return given
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()

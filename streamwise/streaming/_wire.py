@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from streamwise import exceptions
+from streamwise import _auth, exceptions
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 
 # Initial metadata a replica sends once it has admitted a call, before user code runs.
@@ -43,7 +43,7 @@ GRPC_OPTIONS = (
 async def ask_replica(address: str, metadata: Any, rpc: str, request: Any, timeout_s: float) -> Any:
     """One control call (``rpc``, a Replica RPC's name) to the replica at ``address``,
     on a channel of its own; None if it does not answer within ``timeout_s``."""
-    async with grpc.aio.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+    async with _auth.channel(address, GRPC_OPTIONS) as channel:
         try:
             return await getattr(replica_pb2_grpc.ReplicaStub(channel), rpc)(
                 request, metadata=metadata, timeout=timeout_s

@@ -1,0 +1,207 @@
+"""Replicas as Ray actors: Ray's scheduler places them across a Ray cluster.
+
+The only module that imports ray. Each replica gets a small async actor, its *host*,
+which reserves what the deployment asks for (``ray_actor_options``; per-node limits
+through ``max_replicas_per_node``) and, once Ray has placed it, starts the usual
+``python -m streamwise.actors.replica`` as its child, on its node. From there the
+replica runs exactly as on one machine (its own event loop, signals, its parent's
+death signal), with two differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
+and it also listens on the node's address, with the app's TLS, for callers on other
+nodes. Ray places, and tells when a host or its node dies; supervision, restarts
+and routing stay the controller's.
+
+The app's credentials reach a host as actor arguments, which anyone allowed to use
+the Ray cluster can read (they can run code on its nodes anyway): the Ray cluster is
+the trust boundary, as it is for Ray Serve. The host hands them to its child through
+a socket pair, as the local launcher does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+import sys
+from typing import Any
+
+import streamwise
+from streamwise import _auth
+from streamwise.actors.launcher import Placement
+from streamwise.config import RayCluster
+from streamwise.exceptions import UsageError
+from streamwise.streaming import _local_wire
+
+log = logging.getLogger("streamwise.ray")
+
+# A host that Ray cannot place (no node has what it asks for) fails its start after this.
+_PLACEMENT_TIMEOUT_S = 60.0
+_STOPPED = -int(signal.SIGKILL)  # what wait() returns when Ray reports the host dead
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("running on a Ray cluster needs Ray: pip install 'streamwise[ray]'") from None
+    return ray
+
+
+class _ReplicaHost:
+    """The Ray actor holding one replica's resources; its child process is the replica."""
+
+    async def __init__(self, replica_id: str, controller: str, handoff: bytes, store_session: str,
+                       package_root: str) -> None:
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        env = dict(os.environ)
+        env[_local_wire.NODE_ID_ENV] = self.node_id
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
+        ours, theirs = _auth.handoff_pair()
+        try:
+            # Started from Ray's long-lived event loop thread: the child's parent-death
+            # signal fires when this actor's process goes, not before.
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "streamwise.actors.replica",
+                "--controller", controller,
+                "--replica-id", replica_id,
+                "--parent-pid", str(os.getpid()),
+                "--store-session", store_session,
+                "--handoff-fd", str(theirs.fileno()),
+                "--listen-host", self.node_ip,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+            )
+            theirs.close()
+            with contextlib.suppress(OSError):
+                ours.sendall(handoff)
+        finally:
+            theirs.close()
+            ours.close()
+
+    def placement(self) -> tuple[str, str, int]:
+        """(Ray node id, node address, the replica's pid), once placed and started."""
+        return self.node_id, self.node_ip, self._process.pid
+
+    async def run(self) -> int:
+        """The replica's exit code, once it exited."""
+        return await self._process.wait()
+
+    def stop(self, sig: int) -> None:
+        if self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(sig)
+
+
+class _RayProcess:
+    """The controller's view of one replica on Ray (the ReplicaProcess protocol)."""
+
+    def __init__(self, ray: Any, host: Any, pid: int, node_id: str) -> None:
+        self._ray = ray
+        self._host = host
+        self.pid = pid
+        self.node_id = node_id
+        self._run = asyncio.wrap_future(host.run.remote().future())
+        self._code: int | None = None
+
+    async def wait(self) -> int:
+        """The replica's exit code; if its host or node died, a SIGKILL's code."""
+        if self._code is None:
+            try:
+                self._code = await asyncio.shield(self._run)
+            except self._ray.exceptions.RayError:
+                self._code = _STOPPED
+        return self._code
+
+    def terminate(self) -> None:
+        """Drain and stop the replica (SIGTERM to it, on its node)."""
+        with contextlib.suppress(Exception):
+            self._host.stop.remote(int(signal.SIGTERM))
+
+    def kill(self) -> None:
+        """Stop it now: its host actor goes, and the replica with it."""
+        with contextlib.suppress(Exception):
+            self._ray.kill(self._host, no_restart=True)
+
+
+class RayLauncher:
+    """Starts each replica in a Ray actor placed by Ray's scheduler."""
+
+    spans_machines = True
+
+    def __init__(self, cluster: RayCluster) -> None:
+        ray = _import_ray()
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
+        self._namespace = cluster.namespace
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.host = ray.util.get_node_ip_address()
+        # The driver's routers tell same-node replicas by the Ray node id too.
+        os.environ[_local_wire.NODE_ID_ENV] = self.node_id
+        _local_wire.node_id.cache_clear()
+        self._host_class = ray.remote(_ReplicaHost)
+        self._package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
+
+    def _options(self, placement: Placement) -> dict[str, Any]:
+        wanted = dict(placement.ray_actor_options or {})
+        resources = dict(wanted.pop("resources", None) or {})
+        if placement.max_replicas_per_node is not None:
+            # Every node has 1.0 of this implicit resource (Ray Serve's way).
+            prefix = getattr(self._ray._raylet, "IMPLICIT_RESOURCE_PREFIX", "node:__internal_implicit_resource_")
+            implicit = f"{prefix}{placement.app}:{placement.deployment}"
+            resources[implicit] = 1.0 / placement.max_replicas_per_node
+        options: dict[str, Any] = {
+            "num_cpus": wanted.pop("num_cpus", 1),  # Ray Serve's default
+            "max_restarts": 0,  # the controller replaces replicas itself
+            "max_task_retries": 0,
+            "namespace": self._namespace,
+            "scheduling_strategy": "SPREAD",
+            **wanted,
+        }
+        if resources:
+            options["resources"] = resources
+        return options
+
+    async def start(
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+    ) -> _RayProcess:
+        """Ask Ray to place the replica's host and start it there; returns once it runs
+        (UsageError if Ray could not place it within a minute)."""
+        from streamwise import objectstore
+
+        host = self._host_class.options(**self._options(placement)).remote(
+            replica_id, controller_address, handoff, objectstore.session_name(), self._package_root
+        )
+        placed = asyncio.wrap_future(host.placement.remote().future())
+        try:
+            node_id, _, pid = await asyncio.wait_for(placed, _PLACEMENT_TIMEOUT_S)
+        except TimeoutError:
+            self._ray.kill(host, no_restart=True)
+            raise UsageError(
+                f"Ray placed no node for replica {replica_id} within {_PLACEMENT_TIMEOUT_S:.0f}s: no node has "
+                f"what it asks for ({self._options(placement)})"
+            ) from None
+        except self._ray.exceptions.RayError as exc:
+            raise UsageError(f"Ray could not start replica {replica_id}: {exc}") from None
+        except BaseException:
+            self._ray.kill(host, no_restart=True)
+            raise
+        return _RayProcess(self._ray, host, pid, node_id)
+
+    async def aclose(self) -> None:
+        """Leave the Ray cluster if this launcher joined it; this process is no longer
+        on a Ray node as far as routing goes."""
+        if os.environ.get(_local_wire.NODE_ID_ENV) == self.node_id:
+            del os.environ[_local_wire.NODE_ID_ENV]
+            _local_wire.node_id.cache_clear()
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()

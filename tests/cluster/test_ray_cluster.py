@@ -1,0 +1,177 @@
+"""Replicas placed by Ray across a multi-node Ray cluster started on this machine.
+
+The nodes share the machine but not their identity: each replica's node is the Ray
+node that runs it, so calls between nodes take the authenticated TLS path, and a
+killed node takes its replicas with it. Skipped when Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import psutil
+import pytest
+
+import streamwise
+from streamwise.actors.management import running_drivers
+from streamwise.exceptions import ReplicaDiedError, StreamwiseError
+from streamwise.proto import management_pb2, management_pb2_grpc
+
+ray = pytest.importorskip("ray")
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+_NODE = dict(num_cpus=2, object_store_memory=80 * 2**20)
+_FAST_HEALTH = {"health_check_initial_delay_ms": 500, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes, "node_a" (the head, where this process is) and "node_b"."""
+    made = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args=dict(_NODE, resources={"node_a": 100}, include_dashboard=False, _system_config=_FAST_HEALTH),
+    )
+    node_b = made.add_node(**_NODE, resources={"node_b": 100})
+    made.wait_for_nodes()
+    ray.init(address=made.address, namespace="streamwise-tests", log_to_driver=False)
+    try:
+        yield made, made.head_node.node_id, node_b.node_id
+    finally:
+        ray.shutdown()
+        made.shutdown()
+
+
+def _replica_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        cmdline = process.info["cmdline"] or []
+        if "streamwise.actors.replica" in cmdline and process.info["uids"].real == os.getuid():
+            found.append(process)
+    return found
+
+
+@pytest.fixture
+def on_ray(cluster):
+    """run() on the cluster; afterwards shut down and check no replica process is left."""
+    yield cluster
+    streamwise.shutdown()
+    deadline = time.monotonic() + 20
+    while _replica_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _replica_processes(), f"replica processes left: {_replica_processes()}"
+
+
+def _pinned(node: str, **options):
+    return {"ray_actor_options": {"num_cpus": 0, "resources": {node: 1}}, **options}
+
+
+@streamwise.deployment(**_pinned("node_b"))
+class Counter:
+    async def count(self, n: int):
+        for i in range(n):
+            yield i
+
+    async def node(self) -> str:
+        return os.environ["STREAMWISE_NODE_ID"]
+
+    async def slow(self, n: int, gap_s: float):
+        for i in range(n):
+            yield i
+            await asyncio.sleep(gap_s)
+
+
+@streamwise.deployment(**_pinned("node_a"))
+class Front:
+    def __init__(self, counter):
+        self.counter = counter
+
+    async def __call__(self, n: int) -> tuple[str, str, list[int]]:
+        items = [i async for i in self.counter.count.remote(n)]
+        return os.environ["STREAMWISE_NODE_ID"], await self.counter.node.remote(), items
+
+
+def test_replicas_run_where_their_resources_are_and_stream_across_nodes(on_ray):
+    """Front asks for node_a's resource and Counter for node_b's: each runs on its
+    node, and Front's stream from Counter crosses between them whole."""
+    _, node_a, node_b = on_ray
+    handle = streamwise.run(Front.bind(Counter.bind()), cluster="ray")
+    front_node, counter_node, items = handle.remote(50).result()
+    assert (front_node, counter_node) == (node_a, node_b)
+    assert items == list(range(50))
+
+
+class Where:
+    async def node(self) -> str:
+        return os.environ["STREAMWISE_NODE_ID"]
+
+
+def test_callers_prefer_replicas_on_their_own_node(on_ray):
+    """max_replicas_per_node=1 spreads two replicas over the two nodes; calls from
+    this process (on node_a) all go to node_a's, unless it says prefer_local_node=False."""
+    _, node_a, node_b = on_ray
+    where = streamwise.deployment(
+        Where, name="Where", num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 0}
+    )
+    handle = streamwise.run(where.bind(), cluster="ray")
+    assert {handle.node.remote().result() for _ in range(30)} == {node_a}
+    anywhere = handle.options(prefer_local_node=False)
+    assert {anywhere.node.remote().result() for _ in range(60)} == {node_a, node_b}
+
+
+def test_a_replica_asking_for_what_no_node_has_fails_the_start(on_ray, monkeypatch):
+    """Ray cannot place a replica needing a resource no node has: run() fails naming it."""
+    monkeypatch.setattr("streamwise.actors.ray_launcher._PLACEMENT_TIMEOUT_S", 2.0)
+    nowhere = streamwise.deployment(Where, name="Nowhere", ray_actor_options={"num_cpus": 0, "resources": {"gpu_xl": 1}})
+    with pytest.raises(StreamwiseError, match="gpu_xl"):
+        streamwise.run(nowhere.bind(), cluster="ray")
+
+
+def _status(deployment: str) -> management_pb2.DeploymentStatus:
+    import grpc
+
+    (driver,) = [d for d in running_drivers() if d.pid == os.getpid()]
+    with grpc.insecure_channel(driver.target) as channel:
+        stub = management_pb2_grpc.ManagementStub(channel)
+        app = stub.DescribeApplication(management_pb2.DescribeApplicationRequest(application="default"),
+                                       metadata=driver.metadata())
+    (found,) = [d for d in app.deployments if d.name == deployment]
+    return found
+
+
+def test_a_killed_node_fails_its_calls_and_its_replica_is_replaced(on_ray):
+    """A replica on node_c streams to this process when node_c's raylet is killed: the
+    stream fails with ReplicaDiedError, and the replica comes back on node_d."""
+    cluster, _, _ = on_ray
+    node_c = cluster.add_node(**_NODE, resources={"pool": 1})
+    cluster.wait_for_nodes()
+    pooled = Counter.options(name="Pooled", ray_actor_options={"num_cpus": 0, "resources": {"pool": 1}})
+    handle = streamwise.run(pooled.bind(), cluster="ray")
+    assert handle.node.remote().result() == node_c.node_id
+    node_d = cluster.add_node(**_NODE, resources={"pool": 1})
+    cluster.wait_for_nodes()
+    outcome: list[object] = []
+    first = threading.Event()
+
+    def consume() -> None:
+        try:
+            for i in handle.slow.remote(10_000, 0.01):
+                if i == 0:
+                    first.set()
+            outcome.append("ended")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert first.wait(30)
+    cluster.remove_node(node_c, allow_graceful=False)
+    reader.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], ReplicaDiedError), outcome
+    deadline = time.monotonic() + 60
+    while _status("Pooled").running_replicas != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert handle.node.remote().result() == node_d.node_id
+    cluster.remove_node(node_d)

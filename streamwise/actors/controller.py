@@ -566,8 +566,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 replica_pb2.HealthRequest(), timeout=dep.config.health_check_timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
+            if dep.stopping or replica.state is not ReplicaState.RUNNING:
+                return True  # it is going anyway: a refused check says nothing
             log.warning("health check of %s failed: %s", replica.replica_id, exc.code().name)
-            return dep.stopping
+            return False
         if reply.HasField("error"):
             log.warning(
                 "health check of %s failed: %s: %s", replica.replica_id, reply.error.type_name, reply.error.message

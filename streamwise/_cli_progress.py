@@ -22,7 +22,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from streamwise.actors.controller import _Deployment
+    from streamwise.actors._deployment_state import _Deployment
 
 
 class ReplicaProgress:
@@ -35,7 +35,7 @@ class ReplicaProgress:
         self._draining: dict[tuple[str, str], int] = {}  # replicas a stopping deployment had
 
     def __call__(self, dep: _Deployment) -> None:
-        from streamwise.actors.controller import ReplicaState
+        from streamwise.actors._deployment_state import ReplicaState
 
         key = (dep.spec.app, dep.config.name)
         states = [replica.state for replica in dep.replicas.values()]

@@ -33,7 +33,7 @@ from streamwise.streaming.ingress import Ingress
 from streamwise.tracing import setup as tracing_setup
 
 if TYPE_CHECKING:
-    from streamwise.actors.controller import _Deployment
+    from streamwise.actors._deployment_state import _Deployment
 
 _lock = threading.RLock()
 

@@ -12,24 +12,21 @@ process launched for a replica may fetch its spec or attach as it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import enum
 import itertools
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors import _logs
-from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement, ReplicaProcess
-from streamwise.actors.spec import AppPlan, ReplicaSpec
-from streamwise.autoscaling.load import LoadBook
-from streamwise.autoscaling.policy import Decider
-from streamwise.config import AutoscalingConfig, DeploymentConfig
+from streamwise.actors._deployment_state import ReplicaState, _Deployment, _Replica, _Slot
+from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement
+from streamwise.actors.spec import AppPlan
+from streamwise.autoscaling.autoscaler import Autoscaler
+from streamwise.config import AutoscalingConfig
 from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError, StreamwiseError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
@@ -38,122 +35,6 @@ log = logging.getLogger("streamwise.controller")
 
 _RESTART_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 _KILL_GRACE_S = 2.0  # after graceful_shutdown_timeout_s, before SIGKILL
-
-
-class ReplicaState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-
-
-@dataclasses.dataclass(eq=False)
-class _Replica:
-    replica_id: str
-    process: ReplicaProcess
-    token: str = dataclasses.field(repr=False)  # proves the process is the one launched for replica_id
-    state: ReplicaState = ReplicaState.STARTING
-    address: str = ""
-    local_address: str = ""
-    node: str = ""
-    attached: asyncio.Future[replica_pb2.RemoteError | None] = dataclasses.field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    released: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    # Commands for the replica, sent down its Attach stream; None ends the stream.
-    control: asyncio.Queue[controller_pb2.ControlMessage | None] = dataclasses.field(default_factory=asyncio.Queue)
-    started_at: float = dataclasses.field(default_factory=time.monotonic)
-    model_ids: tuple[str, ...] = ()  # multiplexed models it holds
-    model_capacity: int = 0
-
-    def release(self) -> None:
-        if not self.released.is_set():
-            self.released.set()
-            self.control.put_nowait(None)
-
-
-@dataclasses.dataclass(eq=False)
-class _Slot:
-    """One replica a deployment should run; its supervisor keeps it filled until retired."""
-
-    replica: _Replica | None = None
-    retired: bool = False
-    task: asyncio.Task[None] | None = None
-
-
-class _Deployment:
-    """Controller-side state of one deployment."""
-
-    def __init__(self, spec: ReplicaSpec, observers: list[Callable[[_Deployment], None]] | None = None) -> None:
-        self.observers = observers if observers is not None else []
-        self.spec = spec
-        self.config = spec.config
-        self.spec_bytes = codec.cloudpickle_dumps(spec)
-        self.replicas: dict[str, _Replica] = {}
-        self.version = 0
-        self.changed = asyncio.Event()
-        self.deleted = False
-        self.stopping = False
-        self.slots: list[_Slot] = []
-        self.restarts = 0  # replicas replaced after they died or failed health checks
-        self.created_at = time.monotonic()
-        self.load = LoadBook()
-        self.decider: Decider | None = None
-        self.autoscaler: asyncio.Task[None] | None = None
-        self.resizing: set[asyncio.Task[None]] = set()  # the autoscaler's scale changes under way
-        self.seen_load = (0.0, 0.0)  # (ongoing, queued) at the autoscaler's last decision
-
-    @property
-    def target(self) -> int:
-        """Replicas the deployment should run now (some may be starting)."""
-        return sum(not slot.retired for slot in self.slots)
-
-    @property
-    def report_interval_s(self) -> float:
-        autoscaling = self.config.autoscaling_config
-        return 0.0 if autoscaling is None else float(autoscaling.metrics_interval_s)
-
-    def reporting_message(self) -> controller_pb2.ControlMessage:
-        return controller_pb2.ControlMessage(
-            load_reporting=controller_pb2.LoadReporting(interval_s=self.report_interval_s)
-        )
-
-    def reconfigure(self, config: DeploymentConfig) -> None:
-        """Take ``config`` from now on (replicas started later are built with it)."""
-        self.config = config
-        self.spec = dataclasses.replace(self.spec, config=config)
-        self.spec_bytes = codec.cloudpickle_dumps(self.spec)
-
-    def publish(self) -> None:
-        self.version += 1
-        self.changed.set()
-        self.changed = asyncio.Event()
-        self.notify()
-
-    def notify(self) -> None:
-        """Tell the observers (``Controller.observers``) that the replicas changed."""
-        for observer in self.observers:
-            try:
-                observer(self)
-            except Exception:  # an observer's bug must not stop the controller
-                log.exception("a replica observer failed")
-
-    def snapshot(self) -> controller_pb2.ReplicaSet:
-        return controller_pb2.ReplicaSet(
-            version=self.version,
-            deleted=self.deleted,
-            max_ongoing_requests=self.config.max_ongoing_requests,
-            max_queued_requests=self.config.max_queued_requests,
-            load_report_interval_s=self.report_interval_s,
-            replicas=[
-                controller_pb2.ReplicaInfo(
-                    replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node,
-                    model_ids=r.model_ids, model_capacity=r.model_capacity,
-                )
-                for r in self.replicas.values()
-                if r.state is ReplicaState.RUNNING
-            ],
-        )
 
 
 class Controller(controller_pb2_grpc.ControllerServicer):
@@ -352,55 +233,22 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         """Start or stop autoscaling ``dep`` as its config now says, and tell its
         replicas (on their control stream) and routers (in the replica set) how often
         to report their load."""
-        autoscaling = dep.config.autoscaling_config
-        if autoscaling is None:
-            dep.decider = None
-            if dep.autoscaler is not None:
-                dep.autoscaler.cancel()
-                dep.autoscaler = None
-        else:
-            dep.decider = Decider(dep.spec.app, dep.config.name, autoscaling)
-            if dep.autoscaler is None or dep.autoscaler.done():
-                dep.autoscaler = asyncio.get_running_loop().create_task(self._autoscale(dep))
+        if dep.autoscaler is None and dep.config.autoscaling_config is not None:
+            dep.autoscaler = Autoscaler(
+                dep.spec.app,
+                dep.config.name,
+                dep.load,
+                lambda: dep.target,
+                lambda: sum(r.state is ReplicaState.RUNNING for r in dep.replicas.values()),
+                lambda n: self._resize(dep, n),
+            )
+        if dep.autoscaler is not None:
+            dep.autoscaler.follow(dep.config.autoscaling_config)
         message = dep.reporting_message()
         for replica in dep.replicas.values():
             if not replica.released.is_set():
                 replica.control.put_nowait(message)
         dep.publish()
-
-    async def _autoscale(self, dep: _Deployment) -> None:
-        """Decide ``dep``'s replica count on every load report (or every interval)
-        and scale to it in the background, so a slow drain never delays a scale-up."""
-        while not dep.stopping and dep.decider is not None:
-            decider = dep.decider
-            autoscaling = decider.config
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dep.load.changed.wait(), autoscaling.metrics_interval_s)
-            dep.load.changed.clear()
-            if dep.stopping or dep.decider is not decider:
-                continue
-            now = time.monotonic()
-            ongoing, queued = dep.load.totals(now, autoscaling.look_back_period_s)
-            current = dep.target
-            if current == 0:  # calls wait for the first replica: count all of them
-                queued = max(queued, dep.load.queued_now())
-            dep.seen_load = (ongoing, queued)
-            running = sum(r.state is ReplicaState.RUNNING for r in dep.replicas.values())
-            wanted = decider.decide(now, current, running, ongoing, queued)
-            if wanted != current:
-                log.info(
-                    "autoscaling %r from %d to %d replicas (ongoing %.1f, queued %.1f)",
-                    dep.config.name, current, wanted, ongoing, queued,
-                )
-                task = asyncio.get_running_loop().create_task(self._resize_quietly(dep, wanted))
-                dep.resizing.add(task)
-                task.add_done_callback(dep.resizing.discard)
-
-    async def _resize_quietly(self, dep: _Deployment, num_replicas: int) -> None:
-        try:
-            await self._resize(dep, num_replicas)
-        except DeploymentStartupError as exc:  # the autoscaler tries again on its next decision
-            log.error("autoscaling %r could not start a replica: %s", dep.config.name, exc)
 
     async def delete_app(self, name: str) -> None:
         deployments = self._apps.pop(name, None)
@@ -413,10 +261,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dep.stopping = True
         dep.deleted = True
         dep.publish()
-        background = [t for t in (dep.autoscaler, *dep.resizing) if t is not None]
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        if dep.autoscaler is not None:
+            await dep.autoscaler.aclose()
         await asyncio.gather(*(self._stop_replica(dep, r) for r in list(dep.replicas.values())))
         tasks = [slot.task for slot in dep.slots if slot.task is not None]
         for task in tasks:

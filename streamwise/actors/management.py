@@ -32,7 +32,8 @@ from streamwise.proto import management_pb2, management_pb2_grpc, replica_pb2
 from streamwise.streaming import _wire
 
 if TYPE_CHECKING:
-    from streamwise.actors.controller import Controller, _Deployment
+    from streamwise.actors._deployment_state import _Deployment
+    from streamwise.actors.controller import Controller
 
 SOCKET = "management"
 TOKEN_FILE = "management.token"
@@ -61,7 +62,7 @@ async def _ongoing(address: str, metadata: tuple[tuple[str, str], ...]) -> int:
 
 async def deployment_status(controller: Controller, dep: _Deployment, *, replicas: bool = True) -> management_pb2.DeploymentStatus:
     """What an operator sees of one deployment (asking each running replica its load)."""
-    from streamwise.actors.controller import ReplicaState
+    from streamwise.actors._deployment_state import ReplicaState
 
     now = time.monotonic()
     live = list(dep.replicas.values())

@@ -51,6 +51,7 @@ class _Replica:
     started_at: float = dataclasses.field(default_factory=time.monotonic)
     model_ids: tuple[str, ...] = ()  # multiplexed models it holds
     model_capacity: int = 0
+    store_session: str = ""
 
     def release(self) -> None:
         if not self.released.is_set():
@@ -136,7 +137,7 @@ class _Deployment:
             replicas=[
                 controller_pb2.ReplicaInfo(
                     replica_id=r.replica_id, address=r.address, local_address=r.local_address, node=r.node,
-                    model_ids=r.model_ids, model_capacity=r.model_capacity,
+                    model_ids=r.model_ids, model_capacity=r.model_capacity, store_session=r.store_session,
                 )
                 for r in self.replicas.values()
                 if r.state is ReplicaState.RUNNING

@@ -473,6 +473,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica.local_address = request.local_address
         replica.node = request.node
         replica.model_capacity = request.model_capacity
+        replica.store_session = request.store_session
         if not replica.attached.done():
             replica.attached.set_result(None)
         # The open stream tells the replica we are alive, and carries its commands.

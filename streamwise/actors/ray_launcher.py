@@ -52,12 +52,21 @@ def _import_ray() -> Any:
 class _ReplicaHost:
     """The Ray actor holding one replica's resources; its child process is the replica."""
 
-    async def __init__(self, replica_id: str, controller: str, handoff: bytes, store_session: str,
-                       package_root: str) -> None:
+    def __init__(self, replica_id: str, controller: str, handoff: bytes, package_root: str) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
+        self._args = (replica_id, controller, handoff, package_root)
+        self._process: asyncio.subprocess.Process | None = None
+
+    def where(self) -> tuple[str, str]:
+        """(Ray node id, node address): answered once Ray has placed this actor."""
+        return self.node_id, self.node_ip
+
+    async def start(self, store_session: str) -> int:
+        """Start the replica, joining this node's object store session; its pid."""
+        replica_id, controller, handoff, package_root = self._args
         env = dict(os.environ)
         env[_local_wire.NODE_ID_ENV] = self.node_id
         path = env.get("PYTHONPATH", "")
@@ -85,19 +94,37 @@ class _ReplicaHost:
         finally:
             theirs.close()
             ours.close()
-
-    def placement(self) -> tuple[str, str, int]:
-        """(Ray node id, node address, the replica's pid), once placed and started."""
-        return self.node_id, self.node_ip, self._process.pid
+        return self._process.pid
 
     async def run(self) -> int:
         """The replica's exit code, once it exited."""
+        assert self._process is not None
         return await self._process.wait()
 
     def stop(self, sig: int) -> None:
-        if self._process.returncode is None:
+        if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(sig)
+
+
+class _NodeStore:
+    """The object store session of one node other than the driver's: replicas there
+    join it, so values stay zero-copy within the node (the driver's node uses the
+    driver's own session). Values cross nodes with their calls (``_payload.carry``)."""
+
+    def __init__(self) -> None:
+        from streamwise import objectstore
+
+        self.name = objectstore.session_name()
+
+    def session(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        """End the session (its replicas are gone): its shared memory is freed."""
+        from streamwise import objectstore
+
+        objectstore.close_session()
 
 
 class _RayProcess:
@@ -149,6 +176,8 @@ class RayLauncher:
         os.environ[_local_wire.NODE_ID_ENV] = self.node_id
         _local_wire.node_id.cache_clear()
         self._host_class = ray.remote(_ReplicaHost)
+        self._store_class = ray.remote(_NodeStore)
+        self._stores: dict[str, tuple[Any, asyncio.Future[str]]] = {}  # node id -> (agent, its session)
         self._package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
 
     def _options(self, placement: Placement) -> dict[str, Any]:
@@ -176,26 +205,44 @@ class RayLauncher:
     ) -> _RayProcess:
         """Ask Ray to place the replica's host and start it there; returns once it runs
         (UsageError if Ray could not place it within a minute)."""
-        from streamwise import objectstore
-
         host = self._host_class.options(**self._options(placement)).remote(
-            replica_id, controller_address, handoff, objectstore.session_name(), self._package_root
+            replica_id, controller_address, handoff, self._package_root
         )
-        placed = asyncio.wrap_future(host.placement.remote().future())
         try:
-            node_id, _, pid = await asyncio.wait_for(placed, _PLACEMENT_TIMEOUT_S)
-        except TimeoutError:
-            self._ray.kill(host, no_restart=True)
-            raise UsageError(
-                f"Ray placed no node for replica {replica_id} within {_PLACEMENT_TIMEOUT_S:.0f}s: no node has "
-                f"what it asks for ({self._options(placement)})"
-            ) from None
+            where = asyncio.wrap_future(host.where.remote().future())
+            try:
+                node_id, _ = await asyncio.wait_for(where, _PLACEMENT_TIMEOUT_S)
+            except TimeoutError:
+                raise UsageError(
+                    f"Ray placed no node for replica {replica_id} within {_PLACEMENT_TIMEOUT_S:.0f}s: no node has "
+                    f"what it asks for ({self._options(placement)})"
+                ) from None
+            session = await self._session_of(node_id)
+            pid = await asyncio.wrap_future(host.start.remote(session).future())
         except self._ray.exceptions.RayError as exc:
+            self._ray.kill(host, no_restart=True)
             raise UsageError(f"Ray could not start replica {replica_id}: {exc}") from None
         except BaseException:
             self._ray.kill(host, no_restart=True)
             raise
         return _RayProcess(self._ray, host, pid, node_id)
+
+    async def _session_of(self, node_id: str) -> str:
+        """The object store session replicas on ``node_id`` join (made on first use)."""
+        from streamwise import objectstore
+
+        if node_id == self.node_id:
+            return objectstore.session_name()
+        found = self._stores.get(node_id)
+        if found is None or (found[1].done() and found[1].exception() is not None):
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            agent = self._store_class.options(
+                num_cpus=0, namespace=self._namespace, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote()
+            found = self._stores[node_id] = (agent, asyncio.wrap_future(agent.session.remote().future()))
+        return await asyncio.shield(found[1])
 
     async def aclose(self) -> None:
         """Leave the Ray cluster if this launcher joined it; this process is no longer
@@ -203,5 +250,11 @@ class RayLauncher:
         if os.environ.get(_local_wire.NODE_ID_ENV) == self.node_id:
             del os.environ[_local_wire.NODE_ID_ENV]
             _local_wire.node_id.cache_clear()
+        stores, self._stores = self._stores, {}
+        for agent, _ in stores.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.wrap_future(agent.close.remote().future()), 10)
+            with contextlib.suppress(Exception):
+                self._ray.kill(agent, no_restart=True)
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()

@@ -215,6 +215,7 @@ async def serve(
                     local_address=await local.start(local_path) if local is not None else "",
                     node=_local_wire.node_id(),
                     model_capacity=model_capacity,
+                    store_session=objectstore.session_name(),
                 ),
                 metadata=as_launched,
             )

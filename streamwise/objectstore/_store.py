@@ -244,12 +244,50 @@ class Store:
             self._held[segid] = held
         return held
 
-    def _claim(self, length: int) -> tuple[str, int, int]:
-        """A file of at least ``length`` bytes under a temporary name: pooled if one
-        fits, else new. Raises ObjectStoreFullError past the session's capacity."""
+    def adopt(self, segid: str, size: int, pieces: Sequence[tuple[int, memoryview]]) -> Held:
+        """Hold segment ``segid`` (of ``size`` bytes) of another node's session in this
+        one, made here from ``pieces`` ((offset, bytes) in it) unless this session
+        already has it, held once by the caller. Segment ids are unique everywhere,
+        so refs inside the value name the adopted segment as they named the original."""
+        with contextlib.suppress(ObjectLostError):
+            return self.hold(segid, size)
+        path, write_fd, _ = self._claim(size, exact=True)
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            mm = self._writer_map(write_fd, size)
+            with memoryview(mm) as target:
+                for offset, data in pieces:
+                    target[offset : offset + data.nbytes] = data
+            try:
+                os.link(path, self.session.segment(segid, size))  # published complete, never over another
+            except FileExistsError:  # adopted by another process meanwhile: use theirs
+                os.close(fd)
+                fd = -1
+                return self.hold(segid, size)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        finally:
+            os.close(write_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        held = Held(segid, size, fd)
+        held.refs = 1
+        with self._mutex:
+            self._held[segid] = held
+        return held
+
+    def _claim(self, length: int, *, exact: bool = False) -> tuple[str, int, int]:
+        """A file of at least ``length`` bytes (``exact``: of exactly that many, a
+        multiple of the page size) under a temporary name: pooled if one fits, else
+        new. Raises ObjectStoreFullError past the session's capacity."""
         session = self.session
         used, pool = session.usage()
-        fits = sorted(p for p in pool if length <= p[0] <= max(2 * length, length + (1 << 20)))
+        most = length if exact else max(2 * length, length + (1 << 20))
+        fits = sorted(p for p in pool if length <= p[0] <= most)
         for size, pooled in fits:
             tmp = session.tmp(size)
             try:

@@ -33,12 +33,14 @@ from typing import Any
 from streamwise import codec as codecs
 from streamwise.config import HandleOptions, TransportConfig, env_transport_config
 from streamwise.exceptions import MessageTooLargeError, SerializationError
-from streamwise.objectstore._payload import PICKLE_CODECS, Payload, encode
+from streamwise.objectstore._payload import PICKLE_CODECS, Payload, carry, encode
 from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
 from streamwise.objectstore.ref import ObjectRef, ref_of
 
-# Request metadata of a by-reference call: "<threshold>:<anchor>:<call>". Set only by
+# Request metadata of a by-reference call: "<threshold>:<anchor>:<call>:<session>",
+# the last the caller's store session (a callee in another one sends results with
+# their bytes inside, see ``_payload.carry``). Set only by
 # CallerWire: a request carrying it is decoded as an envelope and then unpickled, so
 # nothing may copy external (client) metadata into a CallRequest under this key.
 REF_KEY = "sw-ref"
@@ -131,7 +133,7 @@ class CallerWire:
         if self.by_reference:
             self._store = store = current_store()
             self._call = anchor, call = store.open_call()
-            metadata[REF_KEY] = f"{self.threshold}:{anchor}:{call}"
+            metadata[REF_KEY] = f"{self.threshold}:{anchor}:{call}:{store.session.name}"
 
     def end(self, complete: bool) -> None:
         """The call is over; ``complete``: every result it sent was decoded here."""
@@ -154,6 +156,15 @@ class CallerWire:
         if not self.by_reference:
             return self._response.loads(data)
         return Payload.from_wire(current_store(), data, self._call).value()
+
+
+def carried_request(request: Any) -> Any:
+    """A copy of a by-reference ``request`` whose arguments carry their bytes, for a
+    replica of another node's session (the caller still holds them: see CallerWire)."""
+    carried = type(request)()
+    carried.CopyFrom(request)
+    carried.args = carry(current_store(), request.args)
+    return carried
 
 
 def decode_result(raw: Any) -> Any:
@@ -202,12 +213,12 @@ class ServerWire:
     def _response(self) -> codecs.Codec:
         return codecs.get_codec(self._codec_names[1])
 
-    def _parse_spec(self) -> tuple[int, tuple[int, int]]:
+    def _parse_spec(self) -> tuple[int, tuple[int, int], str]:
         try:
-            threshold, anchor, call = (int(x) for x in (self._spec or "").split(":"))
+            threshold, anchor, call, session = (self._spec or "").split(":")
+            return int(threshold), (int(anchor), int(call)), session
         except ValueError:
             raise SerializationError("streamwise", f"bad {REF_KEY} metadata {self._spec!r}") from None
-        return threshold, (anchor, call)
 
     def loads_args(self, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if not data:
@@ -238,10 +249,12 @@ class ServerWire:
         if not self.by_reference:
             return _check_size(self._response.dumps(value), what, self._limit)
         store = current_store()
-        threshold, self._call = self._parse_spec()
+        threshold, self._call, caller_session = self._parse_spec()
         payload = encode(store, value, self._response.name, threshold)
         if not payload.main and not payload.buffers and not payload.extra:
             return payload.to_wire()  # inline: nothing to pin
+        if caller_session != store.session.name:  # another node: the bytes go along, nothing is pinned
+            return carry(store, payload.to_wire())
         # Our holds end with `payload` (when this returns); the pins keep each segment
         # alive until the caller holds it.
         pins: list[int] = []

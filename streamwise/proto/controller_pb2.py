@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from streamwise.proto import replica_pb2 as streamwise_dot_proto_dot_replica__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamwise/proto/controller.proto\x12\rstreamwise.v1\x1a\x1estreamwise/proto/replica.proto\"!\n\x0bSpecRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"+\n\tSpecReply\x12\x10\n\x08sys_path\x18\x01 \x03(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\"\x9c\x01\n\rAttachRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\x12\x15\n\rlocal_address\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x16\n\x0emodel_capacity\x18\x06 \x01(\r\"[\n\x0e\x43ontrolMessage\x12\x13\n\x0buser_config\x18\x01 \x01(\x0c\x12\x34\n\x0eload_reporting\x18\x02 \x01(\x0b\x32\x1c.streamwise.v1.LoadReporting\"#\n\rLoadReporting\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"N\n\nLoadReport\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x0e\n\x06queued\x18\x04 \x01(\x01\"\x0f\n\rLoadReportAck\"/\n\x0cWatchRequest\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"\x82\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rlocal_address\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tmodel_ids\x18\x05 \x03(\t\x12\x16\n\x0emodel_capacity\x18\x06 \x01(\r\"M\n\x0cModelsReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x16\n\x0emodel_capacity\x18\x03 \x01(\r\"\xb7\x01\n\nReplicaSet\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.streamwise.v1.ReplicaInfo\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x1c\n\x14max_ongoing_requests\x18\x04 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x05 \x01(\x05\x12\x1e\n\x16load_report_interval_s\x18\x06 \x01(\x01\x32\xfc\x02\n\nController\x12\x46\n\x0eGetReplicaSpec\x12\x1a.streamwise.v1.SpecRequest\x1a\x18.streamwise.v1.SpecReply\x12G\n\x06\x41ttach\x12\x1c.streamwise.v1.AttachRequest\x1a\x1d.streamwise.v1.ControlMessage0\x01\x12I\n\rWatchReplicas\x12\x1b.streamwise.v1.WatchRequest\x1a\x19.streamwise.v1.ReplicaSet0\x01\x12G\n\nReportLoad\x12\x19.streamwise.v1.LoadReport\x1a\x1c.streamwise.v1.LoadReportAck(\x01\x12I\n\x0cReportModels\x12\x1b.streamwise.v1.ModelsReport\x1a\x1c.streamwise.v1.LoadReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamwise/proto/controller.proto\x12\rstreamwise.v1\x1a\x1estreamwise/proto/replica.proto\"!\n\x0bSpecRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"+\n\tSpecReply\x12\x10\n\x08sys_path\x18\x01 \x03(\t\x12\x0c\n\x04spec\x18\x02 \x01(\x0c\"\xb3\x01\n\rAttachRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\x12\x15\n\rlocal_address\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x16\n\x0emodel_capacity\x18\x06 \x01(\r\x12\x15\n\rstore_session\x18\x07 \x01(\t\"[\n\x0e\x43ontrolMessage\x12\x13\n\x0buser_config\x18\x01 \x01(\x0c\x12\x34\n\x0eload_reporting\x18\x02 \x01(\x0b\x32\x1c.streamwise.v1.LoadReporting\"#\n\rLoadReporting\x12\x12\n\ninterval_s\x18\x01 \x01(\x01\"N\n\nLoadReport\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0f\n\x07ongoing\x18\x03 \x01(\x01\x12\x0e\n\x06queued\x18\x04 \x01(\x01\"\x0f\n\rLoadReportAck\"/\n\x0cWatchRequest\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"\x99\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x15\n\rlocal_address\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tmodel_ids\x18\x05 \x03(\t\x12\x16\n\x0emodel_capacity\x18\x06 \x01(\r\x12\x15\n\rstore_session\x18\x07 \x01(\t\"M\n\x0cModelsReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x16\n\x0emodel_capacity\x18\x03 \x01(\r\"\xb7\x01\n\nReplicaSet\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.streamwise.v1.ReplicaInfo\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\x12\x1c\n\x14max_ongoing_requests\x18\x04 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x05 \x01(\x05\x12\x1e\n\x16load_report_interval_s\x18\x06 \x01(\x01\x32\xfc\x02\n\nController\x12\x46\n\x0eGetReplicaSpec\x12\x1a.streamwise.v1.SpecRequest\x1a\x18.streamwise.v1.SpecReply\x12G\n\x06\x41ttach\x12\x1c.streamwise.v1.AttachRequest\x1a\x1d.streamwise.v1.ControlMessage0\x01\x12I\n\rWatchReplicas\x12\x1b.streamwise.v1.WatchRequest\x1a\x19.streamwise.v1.ReplicaSet0\x01\x12G\n\nReportLoad\x12\x19.streamwise.v1.LoadReport\x1a\x1c.streamwise.v1.LoadReportAck(\x01\x12I\n\x0cReportModels\x12\x1b.streamwise.v1.ModelsReport\x1a\x1c.streamwise.v1.LoadReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECREPLY']._serialized_start=119
   _globals['_SPECREPLY']._serialized_end=162
   _globals['_ATTACHREQUEST']._serialized_start=165
-  _globals['_ATTACHREQUEST']._serialized_end=321
-  _globals['_CONTROLMESSAGE']._serialized_start=323
-  _globals['_CONTROLMESSAGE']._serialized_end=414
-  _globals['_LOADREPORTING']._serialized_start=416
-  _globals['_LOADREPORTING']._serialized_end=451
-  _globals['_LOADREPORT']._serialized_start=453
-  _globals['_LOADREPORT']._serialized_end=531
-  _globals['_LOADREPORTACK']._serialized_start=533
-  _globals['_LOADREPORTACK']._serialized_end=548
-  _globals['_WATCHREQUEST']._serialized_start=550
-  _globals['_WATCHREQUEST']._serialized_end=597
-  _globals['_REPLICAINFO']._serialized_start=600
-  _globals['_REPLICAINFO']._serialized_end=730
-  _globals['_MODELSREPORT']._serialized_start=732
-  _globals['_MODELSREPORT']._serialized_end=809
-  _globals['_REPLICASET']._serialized_start=812
-  _globals['_REPLICASET']._serialized_end=995
-  _globals['_CONTROLLER']._serialized_start=998
-  _globals['_CONTROLLER']._serialized_end=1378
+  _globals['_ATTACHREQUEST']._serialized_end=344
+  _globals['_CONTROLMESSAGE']._serialized_start=346
+  _globals['_CONTROLMESSAGE']._serialized_end=437
+  _globals['_LOADREPORTING']._serialized_start=439
+  _globals['_LOADREPORTING']._serialized_end=474
+  _globals['_LOADREPORT']._serialized_start=476
+  _globals['_LOADREPORT']._serialized_end=554
+  _globals['_LOADREPORTACK']._serialized_start=556
+  _globals['_LOADREPORTACK']._serialized_end=571
+  _globals['_WATCHREQUEST']._serialized_start=573
+  _globals['_WATCHREQUEST']._serialized_end=620
+  _globals['_REPLICAINFO']._serialized_start=623
+  _globals['_REPLICAINFO']._serialized_end=776
+  _globals['_MODELSREPORT']._serialized_start=778
+  _globals['_MODELSREPORT']._serialized_end=855
+  _globals['_REPLICASET']._serialized_start=858
+  _globals['_REPLICASET']._serialized_end=1041
+  _globals['_CONTROLLER']._serialized_start=1044
+  _globals['_CONTROLLER']._serialized_end=1424
 # @@protoc_insertion_point(module_scope)

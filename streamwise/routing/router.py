@@ -20,7 +20,9 @@ from typing import Any, TypeAlias
 import grpc
 from opentelemetry import context as otel_context
 
+from streamwise import objectstore
 from streamwise._auth import Credentials, channel as auth_channel
+from streamwise.objectstore.calls import REF_KEY, carried_request
 from streamwise.autoscaling.load import LoadReporter
 from streamwise.config import RouterConfig
 from streamwise.exceptions import BackPressureError, DeploymentNotFoundError, ReplicaDiedError, UnavailableError
@@ -68,6 +70,7 @@ class Router:
         self._homes: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._unreported: dict[str, set[str]] = {}  # models sent to a replica since its last report
         self._elsewhere = False  # some replicas run on other nodes
+        self._session: str | None = None  # this process's object store session, once needed
         self._here: set[str] = set()  # ids of the replicas on this router's node
         self._max_queued = -1
         # Autoscaled deployments learn how many calls wait here (replicas report the rest).
@@ -120,7 +123,9 @@ class Router:
         old = {r.address for r in self._replicas}
         here = _local_wire.node_id()
         self._replicas = [
-            ReplicaTarget(self._name, r.replica_id, r.address, r.local_address if r.node == here else "")
+            ReplicaTarget(
+                self._name, r.replica_id, r.address, r.local_address if r.node == here else "", r.store_session
+            )
             for r in snapshot.replicas
             if r.replica_id not in self._dead
         ]
@@ -246,6 +251,16 @@ class Router:
 
     # -- calls -----------------------------------------------------------------------
 
+    def _for_target(self, request: replica_pb2.CallRequest, target: ReplicaTarget) -> replica_pb2.CallRequest:
+        """``request`` as ``target`` can read it: by-reference arguments carry their
+        bytes to a replica of another node's object store session."""
+        session = target.store_session
+        if not session or REF_KEY not in request.metadata:
+            return request
+        if self._session is None:
+            self._session = objectstore.session_name()
+        return request if session == self._session else carried_request(request)
+
     def _acquire(self, target: ReplicaTarget) -> None:
         self._inflight[target.replica_id] = self._inflight.get(target.replica_id, 0) + 1
 
@@ -294,7 +309,7 @@ class Router:
                     self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
-                    return await self._transport.unary(target, request)
+                    return await self._transport.unary(target, self._for_target(request, target))
                 except NotAccepted as exc:
                     await self._retry_wait(exc, backoffs, route)
                 except ReplicaDiedError:
@@ -328,7 +343,7 @@ class Router:
                     self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
-                    return await self._transport.open_stream(target, request, inputs, encode)
+                    return await self._transport.open_stream(target, self._for_target(request, target), inputs, encode)
                 except NotAccepted as exc:
                     self.release(target)
                     await self._retry_wait(exc, backoffs, route)

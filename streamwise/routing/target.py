@@ -27,6 +27,7 @@ class ReplicaTarget:
     replica_id: str
     address: str  # gRPC target of the replica (unix:PATH on this machine)
     local_address: str = ""  # its same-node socket, when the caller is on its machine
+    store_session: str = ""  # its object store session ("": the caller's)
 
 
 class FrameStream(Protocol):

@@ -12,10 +12,12 @@ import os
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
 import streamwise
+from streamwise import objectstore
 from streamwise.actors.management import running_drivers
 from streamwise.exceptions import ReplicaDiedError, StreamwiseError
 from streamwise.proto import management_pb2, management_pb2_grpc
@@ -106,6 +108,43 @@ def test_replicas_run_where_their_resources_are_and_stream_across_nodes(on_ray):
 class Where:
     async def node(self) -> str:
         return os.environ["STREAMWISE_NODE_ID"]
+
+
+@streamwise.deployment(**_pinned("node_b"))
+class Arrays:
+    async def session(self) -> str:
+        return objectstore.session_name()
+
+    async def total(self, ref: streamwise.ObjectRef) -> tuple[int, bool]:
+        array = await ref
+        return int(array.sum()), array.flags.writeable
+
+    async def make(self, n: int) -> np.ndarray:
+        return np.arange(n, dtype=np.int64)
+
+    async def keep(self, n: int) -> streamwise.ObjectRef:
+        return streamwise.put(np.full(n, 7, dtype=np.int64))
+
+    async def chunks(self, n: int, count: int):
+        for i in range(count):
+            yield np.full(n, i, dtype=np.int64)
+
+
+def test_object_refs_cross_nodes_and_stay_zero_copy_on_each(on_ray):
+    """A 10 MB array put on node_a is read on node_b (another object store session),
+    and arrays made on node_b arrive here: as results, inside a returned ref, and
+    as stream items. On either side they are read-only views of shared memory."""
+    handle = streamwise.run(Arrays.bind(), cluster="ray")
+    assert handle.session.remote().result() != objectstore.session_name()  # each node its own store
+    n = 10 * 2**20 // 8
+    ref = streamwise.put(np.arange(n, dtype=np.int64))
+    assert handle.total.remote(ref).result() == (n * (n - 1) // 2, False)
+    made = handle.make.remote(n).result()
+    assert made.flags.writeable is False and int(made[-1]) == n - 1 and made.nbytes == 10 * 2**20
+    kept = handle.keep.remote(n).result()
+    assert isinstance(kept, streamwise.ObjectRef) and int(streamwise.get(kept).sum()) == 7 * n
+    items = [int(a[0]) for a in handle.chunks.remote(n // 4, 3)]
+    assert items == [0, 1, 2]
 
 
 def test_callers_prefer_replicas_on_their_own_node(on_ray):

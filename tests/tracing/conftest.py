@@ -43,3 +43,18 @@ def otlp_receiver() -> Iterator[Receiver]:
         yield receiver
     finally:
         server.stop(None)
+
+
+@pytest.fixture
+def tls_otlp_receiver(tls_files) -> Iterator[Receiver]:
+    """A Receiver serving TLS on localhost with the test CA's server certificate."""
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    credentials = grpc.ssl_server_credentials([(tls_files.server_key.read_bytes(), tls_files.server_cert.read_bytes())])
+    receiver.port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield receiver
+    finally:
+        server.stop(None)

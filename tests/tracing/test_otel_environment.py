@@ -57,6 +57,19 @@ def test_endpoint_service_name_and_resource_come_from_the_environment(otlp_recei
     assert all(r["deployment.environment"] == "test" and r["team"] == "search" for r in otlp_receiver.resources)
 
 
+def test_a_collector_over_tls_with_the_standard_certificate_variable(tls_otlp_receiver, tls_files):
+    """An https:// endpoint is reached with TLS, trusting OTEL_EXPORTER_OTLP_CERTIFICATE:
+    the spans of the driver and its replica arrive at a TLS-only collector."""
+    _run_driver(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://localhost:{tls_otlp_receiver.port}",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tls_files.ca),
+        }
+    )
+    names = {span.name for _, span in tls_otlp_receiver.spans}
+    assert {"route Shop.__call__", "Shop.__call__"} <= names
+
+
 def test_the_traces_endpoint_wins_over_the_general_one(otlp_receiver):
     """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used over OTEL_EXPORTER_OTLP_ENDPOINT."""
     _run_driver(

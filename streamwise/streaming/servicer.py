@@ -93,6 +93,11 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     def ongoing(self) -> int:
         return self._ongoing
 
+    @property
+    def has_room(self) -> bool:
+        """Whether a call made now would be admitted (not draining, below max_ongoing_requests)."""
+        return not self._draining and self._ongoing < self._max_ongoing
+
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new calls and wait up to ``timeout_s`` for running ones; True if idle."""
         self._draining = True

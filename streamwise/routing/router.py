@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -269,16 +268,12 @@ class Router:
         if before >= self._max_ongoing:
             self._notify()  # a caller may be waiting for room
 
-    @contextlib.contextmanager
-    def running_here(self, replica_id: str) -> Iterator[None]:
-        """Count a call that the replica ``replica_id`` (this process) runs in-process
-        as one of this router's, so that the router neither sends that replica more
-        than it has room for nor lets more calls wait than ``max_queued_requests``."""
-        self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
-        try:
-            yield
-        finally:
-            self._release_id(replica_id)
+    def running_here(self, replica_id: str) -> _RunningHere:
+        """A context manager counting a call that the replica ``replica_id`` (this
+        process) runs in-process as one of this router's, so that the router neither
+        sends that replica more than it has room for nor lets more calls wait than
+        ``max_queued_requests``."""
+        return _RunningHere(self, replica_id)
 
     async def _retry_wait(self, exc: NotAccepted, backoffs: Iterator[float], route: spans.RouteSpan) -> None:
         delay = next(backoffs) if exc.full else 0.0
@@ -366,6 +361,21 @@ class Router:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
+
+
+class _RunningHere:
+    __slots__ = ("_router", "_replica_id")
+
+    def __init__(self, router: Router, replica_id: str) -> None:
+        self._router = router
+        self._replica_id = replica_id
+
+    def __enter__(self) -> None:
+        inflight = self._router._inflight
+        inflight[self._replica_id] = inflight.get(self._replica_id, 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._router._release_id(self._replica_id)
 
 
 def router_for(key: RouterKey) -> Router:

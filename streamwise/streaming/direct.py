@@ -5,9 +5,10 @@ on the public ``host:port``; gRPC core binds it with ``SO_REUSEPORT``, so the
 replicas (and the driver, while no replica runs) share the port and the kernel
 spreads new *connections* among them. A call that a replica accepted runs
 in-process when it is for this replica's own deployment and the replica has room
-(below ``max_ongoing_requests``, not draining): the same
-:class:`~streamwise.streaming.servicer.ReplicaServicer` code path as an internal
-call, without a hop. Otherwise (the replica is full, the call names another app) it
+(below ``max_ongoing_requests``, not draining; a multiplexed model loaded here):
+through the :class:`~streamwise.streaming.servicer.ReplicaServicer`, as an internal
+call is (admission, request context, spans, metrics), without a hop; a stream's
+items go to the client as they are yielded, one message each, without frames. Otherwise (the replica is full, the call names another app) it
 goes through the router like any call, to another replica if one has room; so the
 calls of one client channel spread across replicas once one replica is full.
 
@@ -37,60 +38,11 @@ from streamwise.proto import front_pb2, front_pb2_grpc, replica_pb2
 from streamwise.routing.router import router_for
 from streamwise.streaming import _wire
 from streamwise.streaming.front import Emit, Front, FrontApp, RouterDispatch, remote_abort
-from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
 from streamwise.tracing import spans
 
 log = logging.getLogger("streamwise.ingress")
-
-
-class _Refused(Exception):
-    """The servicer did not admit the call (it began draining): route it instead."""
-
-
-class _Context:
-    """What the servicer uses of a grpc.aio ServicerContext, for a call run in-process.
-
-    Frames are unpacked into the external call's messages as they are written
-    (``emit`` awaits the client's flow control); input messages are read from the
-    external call as the servicer asks for them.
-    """
-
-    __slots__ = ("_request", "_inputs", "_emit", "error")
-
-    def __init__(
-        self, request: replica_pb2.CallRequest, inputs: AsyncIterator[bytes] | None = None, emit: Emit | None = None
-    ) -> None:
-        self._request: replica_pb2.CallRequest | None = request
-        self._inputs = inputs
-        self._emit = emit
-        self.error: replica_pb2.RemoteError | None = None
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Refused(code, details)
-
-    async def send_initial_metadata(self, metadata: Any) -> None:
-        pass
-
-    async def write(self, frame: replica_pb2.Frame) -> None:
-        if frame.HasField("error"):
-            self.error = frame.error  # the last frame: raised once the servicer is done
-            return
-        assert self._emit is not None
-        for message in unpack_messages(frame.items):
-            await self._emit(message)
-
-    async def read(self) -> Any:
-        if self._request is not None:
-            request, self._request = self._request, None
-            return replica_pb2.StreamInput(call=request)
-        assert self._inputs is not None
-        try:
-            raw = await self._inputs.__anext__()
-        except StopAsyncIteration:
-            return grpc.aio.EOF
-        return replica_pb2.StreamInput(items=pack_messages([raw]))
 
 
 class InProcessDispatch:
@@ -126,37 +78,25 @@ class InProcessDispatch:
         return spans.route(self._deployment, _wire.method_label(request.method), request.metadata, None)
 
     async def unary(self, app: FrontApp, request: replica_pb2.CallRequest) -> bytes:
-        if self._takes(app, request):
-            with self._route_span(request) as route, self._counted(app):
-                route.chose(self._replica_id)
-                try:
-                    reply = await self._servicer.Call(request, _Context(request))  # type: ignore[arg-type]
-                except _Refused:
-                    reply = None
-            if reply is not None:
-                if reply.HasField("error"):
-                    raise remote_abort(reply.error)
-                return reply.value
-        return await self._elsewhere(request).unary(app, request)
+        if not self._takes(app, request):
+            return await self._elsewhere(request).unary(app, request)
+        with self._route_span(request) as route, self._counted(app):
+            route.chose(self._replica_id)
+            result = await self._servicer.call_in_process(request)
+        if isinstance(result, replica_pb2.RemoteError):
+            raise remote_abort(result)
+        return result
 
     async def stream(
         self, app: FrontApp, request: replica_pb2.CallRequest, inputs: AsyncIterator[bytes] | None, emit: Emit
     ) -> None:
         if self._takes(app, request):
-            context = _Context(request, inputs, emit)
             with self._route_span(request) as route, self._counted(app):
                 route.chose(self._replica_id)
-                try:
-                    if inputs is None:
-                        await self._servicer.Stream(request, context)  # type: ignore[arg-type]
-                    else:
-                        await self._servicer.Channel(None, context)  # type: ignore[arg-type]
-                except _Refused:
-                    context = None
-            if context is not None:
-                if context.error is not None:
-                    raise remote_abort(context.error)
-                return
+                error = await self._servicer.stream_in_process(request, emit, inputs)
+            if error is not None:
+                raise remote_abort(error)
+            return
         await self._elsewhere(request).stream(app, request, inputs, emit)
 
 

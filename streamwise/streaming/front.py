@@ -151,7 +151,7 @@ class Front:
         self._server: grpc.aio.Server | None = None
         self._closing: asyncio.Task[None] | None = None
         self._health = _Health()
-        self._inflight = 0  # RPCs of the user's services, from their arrival to their end
+        self._inflight = 0  # calls of the user's services running
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
@@ -188,6 +188,13 @@ class Front:
             ],
             server,
         )
+        # The user's RPCs as registered methods (gRPC core matches them itself, as for
+        # a generated servicer); anything else reaches the generic handler: NOT_FOUND.
+        by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        for path, rpc in self._rpcs.items():
+            by_service.setdefault(rpc.service, {})[path.rsplit("/", 1)[1]] = _method_handler(self, rpc)
+        for service, handlers in by_service.items():
+            server.add_registered_method_handlers(service, handlers)
         server.add_generic_rpc_handlers([_Handler(self)])
         target = f"{self.options.host}:{self.options.port}"
         try:
@@ -253,12 +260,6 @@ class Front:
     def app_names(self) -> list[str]:
         return sorted(self._apps)
 
-    def arrived(self) -> None:
-        """Count an RPC in flight from the moment gRPC looks its handler up: a close
-        then waits for it even before its handler has run."""
-        self._inflight += 1
-        self._idle.clear()
-
     def _lookup(
         self, rpc: RpcMethod, context: grpc.aio.ServicerContext, metadata: dict[str, str], span: Any
     ) -> tuple[FrontApp, replica_pb2.CallRequest]:
@@ -308,9 +309,10 @@ class Front:
         """Count the RPC, trace it, bound it by request_timeout_s, map errors to statuses.
 
         Yields the RPC's span (None when not traced) and the client's metadata. The
-        client's W3C trace context, if any, is the span's parent. The RPC was counted
-        in flight when it arrived (``_Handler.service``).
+        client's W3C trace context, if any, is the span's parent.
         """
+        self._inflight += 1
+        self._idle.clear()
         metadata = _metadata(context)
         started = time.perf_counter()
         status = "CANCELLED"
@@ -408,25 +410,23 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 class _Handler(grpc.GenericRpcHandler):
-    """Hands every RPC path to the front, as raw bytes both ways."""
+    """Answers RPCs of no served service: NOT_FOUND, naming those served."""
 
     def __init__(self, front: Front) -> None:
-        self._front = front
+        self._not_found = grpc.stream_stream_rpc_method_handler(front.not_found)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        path = details.method
-        if path.startswith(_REGISTERED):
+        if details.method.startswith(_REGISTERED):
             return None  # health, reflection and the ServeAPI are registered services
-        front = self._front
-        rpc = front._rpcs.get(path)
-        if rpc is None:
-            return grpc.stream_stream_rpc_method_handler(front.not_found)
-        front.arrived()  # _serving counts it out
-        # partial keeps the handlers coroutine functions, which grpc.aio awaits on the loop.
-        if rpc.client_streaming and rpc.server_streaming:
-            return grpc.stream_stream_rpc_method_handler(functools.partial(front.stream_stream, rpc))
-        if rpc.client_streaming:
-            return grpc.stream_unary_rpc_method_handler(functools.partial(front.stream_unary, rpc))
-        if rpc.server_streaming:
-            return grpc.unary_stream_rpc_method_handler(functools.partial(front.unary_stream, rpc))
-        return grpc.unary_unary_rpc_method_handler(functools.partial(front.unary_unary, rpc))
+        return self._not_found
+
+
+def _method_handler(front: Front, rpc: RpcMethod) -> grpc.RpcMethodHandler:
+    # partial keeps the handlers coroutine functions, which grpc.aio awaits on the loop.
+    if rpc.client_streaming and rpc.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(functools.partial(front.stream_stream, rpc))
+    if rpc.client_streaming:
+        return grpc.stream_unary_rpc_method_handler(functools.partial(front.stream_unary, rpc))
+    if rpc.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(functools.partial(front.unary_stream, rpc))
+    return grpc.unary_unary_rpc_method_handler(functools.partial(front.unary_unary, rpc))

@@ -133,8 +133,9 @@ class Ingress:
         self._notify()
         await self._delivered()
         if self.options.direct:
-            # Hand the port to the replicas before run() returns, not some time after.
-            await self._rebalance()
+            # Hand the port to the replicas before run() returns: clients that connect
+            # afterwards find only the replicas listening.
+            await self._rebalance(wait_closed=True)
 
     async def _delivered(self, timeout_s: float = _TABLE_ACK_TIMEOUT_S) -> None:
         """Wait until every replica following the table serves by the latest one
@@ -184,9 +185,10 @@ class Ingress:
 
     # -- who listens -------------------------------------------------------------------
 
-    async def _rebalance(self) -> list[Router]:
+    async def _rebalance(self, wait_closed: bool = False) -> list[Router]:
         """Listen on the port exactly while no root replica of any app runs; returns
-        the routers whose replica sets tell the next change."""
+        the routers whose replica sets tell the next change. ``wait_closed``: return
+        only once a listener that stops is closed (its calls finished)."""
         running = 0
         routers = [router_for((app.name, app.deployment)) for app in list(self._apps.values())]
         for router in routers:
@@ -198,6 +200,8 @@ class Ingress:
             task.add_done_callback(self._stopping.discard)
         elif not running and self._front is None and not self.draining:
             await self._listen()
+        if wait_closed and self._stopping:
+            await asyncio.shield(asyncio.gather(*self._stopping, return_exceptions=True))
         return routers
 
     async def _follow_replicas(self) -> None:

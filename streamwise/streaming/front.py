@@ -22,7 +22,7 @@ import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -46,6 +46,7 @@ _REGISTERED = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")
 _PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
 
 Emit = Callable[[bytes], Awaitable[None]]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,14 +303,15 @@ class Front:
             span.set_attribute("streamwise.application", app.name)
         return app, request
 
-    @contextlib.asynccontextmanager
-    async def _serving(
-        self, rpc: RpcMethod, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[Any, dict[str, str]]]:
+    async def _serve(
+        self, rpc: RpcMethod, context: grpc.aio.ServicerContext, run: Callable[[Any, dict[str, str]], Awaitable[T]]
+    ) -> T:
         """Count the RPC, trace it, bound it by request_timeout_s, map errors to statuses.
 
-        Yields the RPC's span (None when not traced) and the client's metadata. The
-        client's W3C trace context, if any, is the span's parent.
+        ``run(span, metadata)`` does the call, given the RPC's span (None when not
+        traced) and the client's metadata; the client's W3C trace context, if any,
+        is the span's parent. An error aborts the RPC with its status; cancellation
+        (the client went away) cancels ``run``.
         """
         self._inflight += 1
         self._idle.clear()
@@ -325,11 +327,12 @@ class Front:
             ) as span:
                 try:
                     if self.options.request_timeout_s is None:
-                        yield span, metadata
+                        result = await run(span, metadata)
                     else:
                         async with asyncio.timeout(self.options.request_timeout_s):
-                            yield span, metadata
+                            result = await run(span, metadata)
                     status = "OK"
+                    return result
                 except Exception as exc:
                     abort = _abort_for(exc)
                     status = abort.code.name
@@ -337,6 +340,7 @@ class Front:
                         span.set_status(Status(StatusCode.ERROR, abort.code.name))
                         span.set_attribute("rpc.grpc.status_code", abort.code.value[0])
                     await context.abort(abort.code, abort.details)
+                    raise  # not reached: abort raises
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -348,20 +352,23 @@ class Front:
                 self._recorder.finished(app, rpc.path, status, time.perf_counter() - started)
 
     async def unary_unary(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as (span, metadata):
+        async def run(span: Any, metadata: dict[str, str]) -> bytes:
             app, request = self._lookup(rpc, context, metadata, span)
             request.args = raw
             return await self._dispatch.unary(app, request)
-        return b""  # not reached: _serving aborts
+
+        return await self._serve(rpc, context, run)
 
     async def unary_stream(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as (span, metadata):
+        async def run(span: Any, metadata: dict[str, str]) -> None:
             app, request = self._lookup(rpc, context, metadata, span)
             request.args = raw
             await self._dispatch.stream(app, request, None, context.write)
 
+        await self._serve(rpc, context, run)
+
     async def stream_unary(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as (span, metadata):
+        async def run(span: Any, metadata: dict[str, str]) -> bytes:
             app, request = self._lookup(rpc, context, metadata, span)
             replies: list[bytes] = []
 
@@ -372,12 +379,15 @@ class Front:
             if len(replies) != 1:
                 raise Abort(grpc.StatusCode.INTERNAL, f"{rpc.path} produced {len(replies)} responses, expected 1")
             return replies[0]
-        return b""
+
+        return await self._serve(rpc, context, run)
 
     async def stream_stream(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as (span, metadata):
+        async def run(span: Any, metadata: dict[str, str]) -> None:
             app, request = self._lookup(rpc, context, metadata, span)
             await self._dispatch.stream(app, request, requests, context.write)
+
+        await self._serve(rpc, context, run)
 
     async def not_found(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         served = ", ".join(sorted(self._rpcs))

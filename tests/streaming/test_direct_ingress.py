@@ -6,6 +6,7 @@ import asyncio
 import os
 import pathlib
 import signal
+import time
 
 import grpc
 import ingress_direct_pb2 as pb
@@ -184,3 +185,33 @@ def test_two_apps_share_the_port(serve):
 
     one, two = asyncio.run(main())
     assert len(two) == 1 and not one & two
+
+
+FAST_AUTOSCALING = streamwise.AutoscalingConfig(
+    min_replicas=0, max_replicas=1, metrics_interval_s=0.05, look_back_period_s=0.2,
+    upscale_delay_s=0.1, downscale_delay_s=0.5,
+)
+
+
+def _until(condition, what: str) -> None:
+    """Wait (up to 30 s) for ``condition()`` to hold."""
+    for _ in range(3000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_scaled_to_zero_the_driver_listens_and_the_first_call_wakes_the_app(serve):
+    """With no root replica running the driver listens on the port, so the first call
+    is answered (it starts a replica); once the replica runs, it alone listens; back
+    at zero replicas the driver listens again."""
+    serve(Direct.options(num_replicas=None, autoscaling_config=FAST_AUTOSCALING).bind(), grpc_options=_options())
+    address = streamwise.ingress_address()
+    assert _listeners(_port()) == {os.getpid()}
+    (first,) = set(asyncio.run(_pids(address, 1)))
+    assert first != os.getpid()
+    _until(lambda: _listeners(_port()) == {first}, "the replica to take the port over")
+    _until(lambda: _listeners(_port()) == {os.getpid()}, "scaling to zero")
+    (second,) = set(asyncio.run(_pids(address, 1)))
+    assert second not in (first, os.getpid())

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/ingress_bench.py           # full run, under a minute and a half on 2 cores
+    python benchmarks/ingress_bench.py           # full run, both paths, about two minutes on 2 cores
     python benchmarks/ingress_bench.py --quick   # smoke run with small counts
 
 What is measured: an external gRPC client, in its own process, calling

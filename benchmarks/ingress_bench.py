@@ -2,19 +2,26 @@
 
 Run from the repository root:
 
-    python benchmarks/ingress_bench.py           # full run, under a minute and a half on 2 cores
+    python benchmarks/ingress_bench.py           # full run, both paths, about two minutes on 2 cores
     python benchmarks/ingress_bench.py --quick   # smoke run with small counts
 
 What is measured: an external gRPC client, in its own process, calling
-``swbench.Bench`` (``benchmarks/protos/bench.proto``) through the streamwise gRPC
-ingress (in this process, the driver) on to one replica of a deployment, beside the
-same client code calling a plain grpc.aio server (its own process) that implements
-the same service directly with the same generated code:
+``swbench.Bench`` (``benchmarks/protos/bench.proto``) on one replica of a
+deployment, beside the same client code calling a plain grpc.aio server (its own
+process) that implements the same service directly with the same generated code.
+Both paths of the streamwise ingress are measured, one after the other, each next
+to the plain server in the same run:
 
-    unary req/s, 1 and 32 concurrent calls          32 concurrent >= 0.4x plain
-    server-stream items/s, 1 and 8 concurrent       >= 0.6x plain, each
+- direct (``GrpcOptions(direct=True)``, the default): client -> the replica, which
+  listens on the public port itself;
+- proxy (``direct=False``): client -> the ingress in the driver (this process) ->
+  the replica.
+
+                                                    direct           proxy
+    unary req/s, 1 and 32 concurrent calls          32: >= 0.9x      32: >= 0.4x plain
+    server-stream items/s, 1 and 8 concurrent       >= 0.9x          >= 0.6x plain, each
       streams of small messages (one message per item)
-    time to first item of a server stream, p50     <= 2x plain
+    time to first item of a server stream, p50     <= 1.3x          <= 2x plain
       and p99 (sequential calls that take the first message and cancel)
 
 Each side has its own client process (this file run with a hidden ``--client``
@@ -64,9 +71,16 @@ CALL_TIMEOUT_S = 60.0  # per RPC, so that a stuck server fails the run instead o
 CONCURRENCY = 32
 STREAM_CONCURRENCY = 8
 
-UNARY_RATIO_MIN = 0.4  # unary req/s at 32 concurrent
-STREAM_RATIO_MIN = 0.6  # items/s
-FIRST_ITEM_RATIO_MAX = 2.0  # time to first item p50
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    unary_ratio_min: float  # unary req/s at 32 concurrent
+    stream_ratio_min: float  # items/s
+    first_item_ratio_max: float  # time to first item p50
+
+
+TARGETS = {"direct": Targets(0.9, 0.9, 1.3), "proxy": Targets(0.4, 0.6, 2.0)}
 
 # The generated modules; imported by _import_generated() once they exist.
 bench_pb2: Any = None
@@ -274,7 +288,7 @@ def _best(sw: Child, plain: Child, rounds: int, op: str, **kwargs: Any) -> tuple
     return sw_best, plain_best
 
 
-def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
+def _measure(sw: Child, plain: Child, sizes: Sizes, targets: Targets) -> None:
     for side in (sw, plain):
         side.ask("warmup", calls=sizes.warmup_calls, items=sizes.stream_items // 10)
 
@@ -283,13 +297,14 @@ def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
     sw_rate, plain_rate = _best(
         sw, plain, sizes.rounds, "unary", calls=sizes.concurrent_calls, concurrency=CONCURRENCY
     )
-    say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", UNARY_RATIO_MIN))
+    say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", targets.unary_ratio_min))
 
+    stream_min = targets.stream_ratio_min
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=1, items=sizes.stream_items)
-    say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+    say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", stream_min))
     n = sizes.concurrent_stream_items
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=STREAM_CONCURRENCY, items=n)
-    say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", STREAM_RATIO_MIN))
+    say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", stream_min))
 
     sw_samples: list[float] = []
     plain_samples: list[float] = []
@@ -297,7 +312,7 @@ def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
         kwargs = dict(calls=sizes.first_item_calls, items=sizes.first_item_stream)
         sw_samples += sw.ask("first_item", **kwargs)["samples"]
         plain_samples += plain.ask("first_item", **kwargs)["samples"]
-    for line in first_item_lines(sw_samples, plain_samples, FIRST_ITEM_RATIO_MAX, **_PLAIN):
+    for line in first_item_lines(sw_samples, plain_samples, targets.first_item_ratio_max, **_PLAIN):
         say(line)
     say(
         f"{'  for reference':<26}{len(sw_samples)} sequential calls per side, each taking the first "
@@ -308,6 +323,9 @@ def _measure(sw: Child, plain: Child, sizes: Sizes) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument(
+        "--path", choices=("both", "direct", "proxy"), default="both", help="ingress path(s) to measure (default: both)"
+    )
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
     say(
-        "  streamwise: client process -> ingress (driver process) -> 1 replica process; "
+        "  streamwise direct: client process -> 1 replica process (listening on the public port); "
+        "proxy: client process -> ingress (driver process) -> 1 replica process; "
         "plain: client process -> grpc.aio server process"
     )
+    paths = ("direct", "proxy") if args.path == "both" else (args.path,)
     children: list[Child] = []
     with generated_code() as generated:
         try:
@@ -340,21 +360,26 @@ def main(argv: list[str] | None = None) -> int:
             children.append(plain_server)
             plain_address = f"127.0.0.1:{int(plain_server.read_line())}"
 
-            streamwise.run(
-                BenchService.bind(),
-                name="bench",
-                grpc_options=streamwise.GrpcOptions(
-                    port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server]
-                ),
-            )
-            sw = Child(__file__, ["--client", streamwise.ingress_address()], env)
-            children.append(sw)
             plain = Child(__file__, ["--client", plain_address], env)
             children.append(plain)
-            for client in (sw, plain):
-                client.ask("connect")
-
-            _measure(sw, plain, sizes)
+            plain.ask("connect")
+            for path in paths:
+                streamwise.run(
+                    BenchService.bind(),
+                    name="bench",
+                    grpc_options=streamwise.GrpcOptions(
+                        port=0, host="127.0.0.1", servicer_functions=[bench_pb2_grpc.add_BenchServicer_to_server],
+                        direct=path == "direct",
+                    ),
+                )
+                sw = Child(__file__, ["--client", streamwise.ingress_address()], env)
+                try:
+                    sw.ask("connect")
+                    say(f"-- {path} path, load average {os.getloadavg()[0]:.2f}")
+                    _measure(sw, plain, sizes, TARGETS[path])
+                finally:
+                    sw.stop()
+                    streamwise.shutdown()
         finally:
             # Clients first (they hold channels to both servers), then the servers.
             for child in reversed(children):

@@ -490,6 +490,17 @@ def env_local_transport() -> bool:
     return _env_flag("STREAMWISE_LOCAL_TRANSPORT")
 
 
+def env_grpc_direct() -> bool:
+    """The default of ``GrpcOptions.direct``: replicas serve external clients themselves.
+
+    ``STREAMWISE_GRPC_DIRECT=0`` makes the driver's ingress proxy every external call
+    instead (``GrpcOptions(direct=...)`` overrides it either way).
+    """
+    if os.environ.get("STREAMWISE_GRPC_DIRECT", "").strip() == "":
+        return True
+    return _env_flag("STREAMWISE_GRPC_DIRECT")
+
+
 def env_metrics_enabled() -> bool:
     """Whether streamwise records its Prometheus metrics (the default).
 
@@ -591,7 +602,14 @@ class GrpcOptions:
     (None: never) for a connection running no call; the server pings every
     ``keepalive_time_s`` and closes a peer that does not answer within
     ``keepalive_timeout_s``, and closes clients that ping more often than
-    ``min_client_ping_interval_s`` while idle.
+    ``min_client_ping_interval_s`` while idle. The limits hold per listener: with
+    ``direct`` each replica of the root deployment is one.
+
+    ``direct`` (default: on, or ``STREAMWISE_GRPC_DIRECT``): every replica of the
+    app's root deployment listens on the public port itself (``SO_REUSEPORT``) and
+    runs the calls it accepts in-process while it has room, sending the rest through
+    the router; the driver listens only while no root replica runs. ``False``: the
+    driver's ingress alone listens and proxies every call to a replica.
     """
 
     port: int = DEFAULT_GRPC_PORT
@@ -611,9 +629,11 @@ class GrpcOptions:
     keepalive_time_s: float = DEFAULT_INGRESS_KEEPALIVE_TIME_S
     keepalive_timeout_s: float = DEFAULT_INGRESS_KEEPALIVE_TIMEOUT_S
     min_client_ping_interval_s: float = DEFAULT_INGRESS_MIN_PING_INTERVAL_S
+    direct: bool = dataclasses.field(default_factory=lambda: env_grpc_direct())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "servicer_functions", tuple(self.servicer_functions))
+        _check(isinstance(self.direct, bool), f"direct must be True or False, got {self.direct!r}")
         for name in ("max_connections", "max_concurrent_streams"):
             value = getattr(self, name)
             _check(_is_int(value) and value > 0, f"{name} must be an int > 0, got {value!r}")

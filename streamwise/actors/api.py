@@ -160,15 +160,16 @@ class _Services:
                     "the gRPC ingress already runs with other options; shutdown() first to change them"
                 )
             return
-        ingress = Ingress(options)
+        ingress = Ingress(options, self.controller.credentials, self.controller.launcher_host)
         await ingress.start()
         self.ingress = ingress
         if self.management is not None:
             self.management.write_driver_file(ingress.address)
 
     def plan(self, app: Application, name: str, tracing: TracingConfig | None) -> AppPlan:
-        servicers = self.ingress.options.servicer_functions if self.ingress is not None else None
-        return plan_app(app, name, servicers, tracing)
+        if self.ingress is None:
+            return plan_app(app, name, None, tracing)
+        return plan_app(app, name, self.ingress.options.servicer_functions, tracing, self.ingress.front_spec())
 
     async def deploy(self, plan: AppPlan) -> None:
         if self.ingress is not None:

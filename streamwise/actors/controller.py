@@ -102,6 +102,11 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    @property
+    def launcher_host(self) -> str:
+        """The driver's address for processes on other machines ("" on one machine)."""
+        return self._launcher.host if self._launcher.spans_machines else ""
+
     # -- apps ------------------------------------------------------------------------
 
     def app_names(self) -> list[str]:

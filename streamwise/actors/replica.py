@@ -36,6 +36,7 @@ from streamwise.metrics import recorders
 from streamwise.metrics.recorders import ReplicaRecorder
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
 from streamwise.streaming import _local_wire, _wire
+from streamwise.streaming.direct import DirectFront
 from streamwise.streaming.local_server import LocalServer
 from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
@@ -199,6 +200,7 @@ async def serve(
         local = LocalServer(servicer, credentials) if env_local_transport() else None
         attach: grpc.aio.UnaryStreamCall | None = None
         follower: asyncio.Task[None] | None = None
+        front: DirectFront | None = None  # this replica's listener on the app's public port
         models_changed = asyncio.Event()
         multiplex.set_listener(lambda: loop.call_soon_threadsafe(models_changed.set))
         model_capacity = multiplex.capacity_of(user_object)
@@ -208,6 +210,12 @@ async def serve(
             if listen_host:  # callers on other nodes: TCP, with the app's TLS and secret
                 address = auth.bind_tcp(server, credentials, listen_host)
             await server.start()
+            if spec.front is not None:
+                front = DirectFront(
+                    spec.front, servicer, app=spec.app, deployment=config.name, methods=spec.methods,
+                    replica_id=replica_id, credentials=credentials,
+                )
+                await front.start()
             attach = stub.Attach(
                 controller_pb2.AttachRequest(
                     replica_id=replica_id,
@@ -221,8 +229,12 @@ async def serve(
             )
             follower = loop.create_task(_follow_controller(attach, user_object, reporter, stop))
             await stop.wait()
-            await servicer.drain(config.graceful_shutdown_timeout_s)
+            grace = config.graceful_shutdown_timeout_s
+            # The public listener first: new clients go to the port's other listeners.
+            await asyncio.gather(servicer.drain(grace), *([front.aclose(grace)] if front is not None else []))
         finally:
+            if front is not None:
+                await front.aclose(0)
             multiplex.set_listener(None)
             models.cancel()
             await reporter.aclose()

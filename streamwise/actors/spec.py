@@ -8,9 +8,17 @@ from typing import Any
 
 from streamwise.actors._methods import MethodKind
 from streamwise.actors.deployment import Application, Deployment
-from streamwise.config import DeploymentConfig, TracingConfig
+from streamwise.config import DeploymentConfig, GrpcOptions, TracingConfig
 from streamwise.exceptions import UsageError
 from streamwise.routing.handle import DeploymentHandle
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrontSpec:
+    """How a root replica serves external clients itself (``GrpcOptions.direct``)."""
+
+    options: GrpcOptions  # the port is the one the driver reserved (never 0)
+    table_address: str  # the driver's FrontTable service: the apps served on the port
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,6 +35,8 @@ class ReplicaSpec:
     # add_XServicer_to_server functions, whose RPCs the replica decodes and encodes.
     servicer_functions: tuple[Any, ...] | None = None
     tracing: TracingConfig | None = None
+    # Set on the root deployment of an app served directly: listen on the public port.
+    front: FrontSpec | None = None
 
     def instantiate(self) -> Any:
         if isinstance(self.target, type):
@@ -51,11 +61,13 @@ def plan_app(
     app: str,
     servicer_functions: tuple[Any, ...] | None = None,
     tracing: TracingConfig | None = None,
+    front: FrontSpec | None = None,
 ) -> AppPlan:
     """Walk the bound graph; bound deployments among arguments become handles.
 
-    ``servicer_functions`` (when the app is served over gRPC) go to the root's spec;
-    ``tracing`` to every spec.
+    ``servicer_functions`` (when the app is served over gRPC) and ``front`` (when its
+    root replicas listen on the public port) go to the root's spec; ``tracing`` to
+    every spec.
     """
     if not isinstance(root, Application):
         raise UsageError(f"run() takes a bound deployment (Deployment.bind(...)), not {root!r}")
@@ -100,5 +112,7 @@ def plan_app(
     visit(root)
     root_name = root.deployment.name
     if servicer_functions is not None:
-        specs[root_name] = dataclasses.replace(specs[root_name], servicer_functions=tuple(servicer_functions))
+        specs[root_name] = dataclasses.replace(
+            specs[root_name], servicer_functions=tuple(servicer_functions), front=front
+        )
     return AppPlan(app, tuple(specs.values()), specs[root_name])

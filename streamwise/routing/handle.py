@@ -182,13 +182,15 @@ def open_frames(
     parent: Any = None,
     deadline: float | None = None,
     prefer_local: bool = True,
+    avoid: str = "",
 ) -> DeploymentResponseGenerator:
     """Start a streaming call of an encoded ``request`` on deployment ``key``.
 
     ``before`` runs first (e.g. to finish encoding the request) and ``after`` once the
     call is over, whether or not it opened; ``wait_s`` bounds the wait for a live
     replica; ``parent`` is the caller's trace context; past ``deadline`` (seconds since
-    the epoch) reading fails with RequestTimeoutError. Items come from
+    the epoch) reading fails with RequestTimeoutError; ``avoid`` is a replica to
+    choose only when no other has room. Items come from
     ``decode(frame.items)``, errors from ``error(remote_error)``.
     """
 
@@ -197,7 +199,8 @@ def open_frames(
             if before is not None:
                 await before()
             return await router_for(key).open_stream(
-                request, inputs, encode_inputs, wait_s=wait_s, parent=parent, prefer_local=prefer_local
+                request, inputs, encode_inputs, wait_s=wait_s, parent=parent, prefer_local=prefer_local,
+                avoid=avoid,
             )
         except BaseException:
             if after is not None:

@@ -146,6 +146,16 @@ class Router:
         self._ready.set()
         self._notify()
 
+    async def live_replicas(self) -> int:
+        """How many replicas the deployment has now (once the controller has said)."""
+        await self._started()
+        return len(self._replicas)
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of the replica set (or once the deployment is gone)."""
+        if self._deleted is None:
+            await self._changed.wait()
+
     def mark_dead(self, target: ReplicaTarget) -> None:
         """Stop routing to ``target`` now, before the controller reports it gone."""
         self._dead.add(target.replica_id)
@@ -157,15 +167,19 @@ class Router:
         if not self._ready.is_set():
             await self._ready.wait()
 
-    async def _choose(self, wait_s: float | None = None, model_id: str = "", prefer_local: bool = True) -> ReplicaTarget:
+    async def _choose(
+        self, wait_s: float | None = None, model_id: str = "", prefer_local: bool = True, avoid: str = ""
+    ) -> ReplicaTarget:
         """A replica with room for one more call; waits while there is none.
+
+        ``avoid`` (a replica id) is chosen only when no other replica has room.
 
         While every replica is running max_ongoing_requests of this router's calls, wait
         for one of them to finish (or for the replica set to change) instead of sending
         a call that would be rejected.
         """
         await self._started()
-        target = self._pick(model_id, prefer_local) if self._replicas else None
+        target = self._pick(model_id, prefer_local, avoid) if self._replicas else None
         if target is not None:
             return target
         # Shed only while replicas exist but are full: with none (yet, or any more) the
@@ -180,7 +194,7 @@ class Router:
         try:
             while True:
                 await self._wait_for_replicas(wait_s or self._config.no_replica_timeout_s)
-                target = self._pick(model_id, prefer_local)
+                target = self._pick(model_id, prefer_local, avoid)
                 if target is not None:
                     return target
                 await self._changed.wait()
@@ -204,7 +218,7 @@ class Router:
             except TimeoutError:
                 pass
 
-    def _pick(self, model_id: str = "", prefer_local: bool = True) -> ReplicaTarget | None:
+    def _pick(self, model_id: str = "", prefer_local: bool = True, avoid: str = "") -> ReplicaTarget | None:
         """Power of two choices among replicas below max_ongoing_requests (by our count).
 
         Among those on this node first (unless ``prefer_local`` is false), else among
@@ -219,6 +233,8 @@ class Router:
             free = [r for r in free if r.replica_id in here] or free
         if model_id and free:
             free = self._for_model(model_id, free)
+        if avoid and len(free) > 1:
+            free = [r for r in free if r.replica_id != avoid] or free
         if len(free) <= 1:
             return free[0] if free else None
         a, b = random.sample(free, 2)
@@ -266,13 +282,23 @@ class Router:
 
     def release(self, target: ReplicaTarget) -> None:
         """Forget one in-flight call to ``target`` (streams call this when they end)."""
-        before = self._inflight.get(target.replica_id, 0)
+        self._release_id(target.replica_id)
+
+    def _release_id(self, replica_id: str) -> None:
+        before = self._inflight.get(replica_id, 0)
         if before > 1:
-            self._inflight[target.replica_id] = before - 1
+            self._inflight[replica_id] = before - 1
         else:
-            self._inflight.pop(target.replica_id, None)
+            self._inflight.pop(replica_id, None)
         if before >= self._max_ongoing:
             self._notify()  # a caller may be waiting for room
+
+    def running_here(self, replica_id: str) -> _RunningHere:
+        """A context manager counting a call that the replica ``replica_id`` (this
+        process) runs in-process as one of this router's, so that the router neither
+        sends that replica more than it has room for nor lets more calls wait than
+        ``max_queued_requests``."""
+        return _RunningHere(self, replica_id)
 
     async def _retry_wait(self, exc: NotAccepted, backoffs: Iterator[float], route: spans.RouteSpan) -> None:
         delay = next(backoffs) if exc.full else 0.0
@@ -291,10 +317,12 @@ class Router:
         wait_s: float | None = None,
         parent: otel_context.Context | None = None,
         prefer_local: bool = True,
+        avoid: str = "",
     ) -> replica_pb2.CallReply:
         """Send a unary call to a replica, retrying where it was not taken.
 
         ``wait_s`` bounds the wait for a live replica (UnavailableError after it);
+        ``avoid`` is a replica to send to only when no other has room;
         ``parent`` is the caller's trace context; ``prefer_local``: replicas on this
         node first. Cancelling the awaiting task cancels
         the call on the replica.
@@ -303,7 +331,7 @@ class Router:
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
             model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s, model_id, prefer_local)
+                target = await self._choose(wait_s, model_id, prefer_local, avoid)
                 route.chose(target.replica_id)
                 if model_id:
                     self._sent_model(model_id, target)
@@ -327,8 +355,11 @@ class Router:
         wait_s: float | None = None,
         parent: otel_context.Context | None = None,
         prefer_local: bool = True,
+        avoid: str = "",
     ) -> FrameStream:
         """Open a stream on a replica that accepted it; the caller must ``release`` it.
+
+        ``avoid``: as for :meth:`unary`.
 
         ``inputs`` makes it a bidirectional call (see Transport.open_stream).
         Cancelling the awaiting task cancels the call on the replica.
@@ -337,7 +368,7 @@ class Router:
         with spans.route(self._name, _wire.method_label(request.method), request.metadata, parent) as route:
             model_id = request.metadata.get(_MODEL_ID, "")
             while True:
-                target = await self._choose(wait_s, model_id, prefer_local)
+                target = await self._choose(wait_s, model_id, prefer_local, avoid)
                 route.chose(target.replica_id)
                 if model_id:
                     self._sent_model(model_id, target)
@@ -358,6 +389,21 @@ class Router:
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
+
+
+class _RunningHere:
+    __slots__ = ("_router", "_replica_id")
+
+    def __init__(self, router: Router, replica_id: str) -> None:
+        self._router = router
+        self._replica_id = replica_id
+
+    def __enter__(self) -> None:
+        inflight = self._router._inflight
+        inflight[self._replica_id] = inflight.get(self._replica_id, 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._router._release_id(self._replica_id)
 
 
 def router_for(key: RouterKey) -> Router:

@@ -1,11 +1,21 @@
-"""The external gRPC server: each RPC is forwarded, undecoded, to an app's ingress deployment.
+"""The driver's side of external gRPC: owns the public port and says which apps it serves.
 
-The ingress never decodes a client's message: request bytes travel to a replica of the
-app's root deployment, which decodes them with the user's generated classes (see
-``payload.RpcPayload``); response bytes come back in frames and are written to the
-client one message per item. It runs on the driver's core loop, beside the
-controller, and is the one place where streamwise errors become gRPC statuses for
-external clients.
+Two paths, chosen by ``GrpcOptions.direct``:
+
+- **Direct** (default). The root replicas of the apps listen on the public port
+  themselves (``streaming.direct``). The driver binds the port with ``SO_REUSEPORT``
+  without listening on it, which holds the port for the replicas (a ``port=0`` is
+  resolved here, once) and keeps other users' processes off it. It serves the apps
+  table to those replicas over the internal ``FrontTable`` service, and it listens
+  on the port itself (the proxy :class:`~streamwise.streaming.front.Front`) only
+  while no root replica of any app runs: before the first has started, after the
+  last died, or scaled to zero (so the call that wakes a deployment finds a
+  listener). Once one runs again, the driver's listener stops (GOAWAY: its clients
+  reconnect to the replicas) and lets its running calls finish.
+- **Proxy** (``direct=False``). The driver's listener alone serves the port and
+  forwards every call, undecoded, through the router to a replica.
+
+Either way the listener runs on the driver's core loop, beside the controller.
 """
 
 from __future__ import annotations
@@ -13,327 +23,246 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
-import os
-import time
+import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from opentelemetry.trace import Status, StatusCode
 
-from streamwise import exceptions
+from streamwise import _auth as auth
+from streamwise.actors.spec import FrontSpec
 from streamwise.config import GrpcOptions
 from streamwise.exceptions import UsageError
-from streamwise.metrics import recorders
-from streamwise.metrics.recorders import IngressRecorder
-from streamwise.proto import replica_pb2
-from streamwise.routing.handle import open_frames
-from streamwise.routing.router import router_for
-from streamwise.streaming import _connections, _limits, _wire, serve_api
-from streamwise.streaming.payload import pack_messages, unpack_messages
-from streamwise.streaming.schema import RpcMethod, rpc_table, service_names
-from streamwise.tracing import spans
+from streamwise.proto import front_pb2, front_pb2_grpc
+from streamwise.routing.router import Router, router_for
+from streamwise.streaming import _wire
+from streamwise.streaming.front import Front, FrontApp, RouterDispatch
+from streamwise.streaming.schema import rpc_table
 
-_REGISTERED = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")
-_PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
-
-
-@dataclasses.dataclass(frozen=True)
-class _App:
-    name: str
-    deployment: str
-    methods: frozenset[str]
-
-
-class _Abort(Exception):
-    """End the RPC with this status (raised inside handlers, turned into context.abort)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-
-
-def _remote_abort(err: replica_pb2.RemoteError) -> _Abort:
-    code = getattr(grpc.StatusCode, err.status, None) if err.status else None
-    # User errors reach clients as type and message only: tracebacks stay inside.
-    return _Abort(code or grpc.StatusCode.INTERNAL, f"{err.type_name}: {err.message}")
-
-
-def _abort_for(exc: BaseException) -> _Abort:
-    """The status an external client sees for an error on the way to a replica."""
-    if isinstance(exc, _Abort):
-        return exc
-    if isinstance(exc, exceptions.BackPressureError):
-        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, exceptions.DeploymentNotFoundError):
-        return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, exceptions.UnavailableError):
-        return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, exceptions.RequestTimeoutError | TimeoutError):
-        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "request timed out")
-    return _Abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+_TABLE_ACK_TIMEOUT_S = 10.0
 
 
 class Ingress:
     """Serves the apps run with ``grpc_options`` to external gRPC clients."""
 
-    def __init__(self, options: GrpcOptions) -> None:
+    def __init__(
+        self, options: GrpcOptions, credentials: auth.Credentials | None = None, cluster_host: str = ""
+    ) -> None:
+        """``cluster_host``: the driver's address when replicas may run on other
+        machines (they then follow the app table over TCP, with the app's TLS)."""
+        if options.direct and credentials is None:
+            raise UsageError("the direct gRPC ingress needs the app's credentials")
         self.options = options
+        self._credentials = credentials
+        self._cluster_host = cluster_host
         self._rpcs = rpc_table(options.servicer_functions)
-        self._apps: dict[str, _App] = {}
-        self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._draining = False
-        self._recorder: IngressRecorder | None = None
-        if recorders.ENABLED:
-            self._recorder = IngressRecorder()
-            recorders.REGISTRY.register(self._recorder)
+        self._apps: dict[str, FrontApp] = {}
+        self._front: Front | None = None  # the driver's own listener
+        self._port = 0
+        self._reservation: socket.socket | None = None
+        self._table = _TableService(self)
+        self._table_server: grpc.aio.Server | None = None
+        self._table_address = ""
+        self._changed = asyncio.Event()
+        self._version = 0
+        self._watchers: set[_Watcher] = set()  # replicas following the table
+        self._acked = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self.draining = False
         self.address = ""
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port`` (the bound port when port=0)."""
-        before = _connections.server_ids()
-        server = grpc.aio.server(options=_limits.server_options(self.options))
-        if self._recorder is not None:
-            server_id = _connections.created_since(before)
-            if server_id is not None:
-                self._recorder.watch_connections(lambda: _connections.open_connections(server_id))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        serve_api.add_to_server(serve_api.ServeAPI(self.app_names, lambda: self._draining), server)
-        names = service_names(self._rpcs)
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                serve_api.SERVICE,
-                serve_api.RAY_SERVICE,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        server.add_generic_rpc_handlers([_Handler(self)])
-        target = f"{self.options.host}:{self.options.port}"
-        try:
-            port = server.add_secure_port(target, self._credentials()) if self.options.ssl_certificate else (
-                server.add_insecure_port(target)
-            )
-        except RuntimeError as exc:
-            raise UsageError(f"cannot bind the gRPC ingress to {target}: {exc}") from exc
-        await server.start()
-        self._server = server
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if not self.options.direct:
+            self._port = await self._listen()
+        else:
+            self._port = self._reserve()
+            try:
+                assert self._credentials is not None
+                server = auth.internal_server(self._credentials, _wire.GRPC_OPTIONS)
+                front_pb2_grpc.add_FrontTableServicer_to_server(self._table, server)
+                self._table_address = auth.bind_unix(server, self._credentials.socket("front"))
+                if self._cluster_host:  # root replicas on other machines follow it here
+                    self._table_address = auth.bind_tcp(server, self._credentials, self._cluster_host)
+                await server.start()
+                self._table_server = server
+                await self._listen()
+            except BaseException:
+                await self.aclose()
+                raise
+            self._follower = asyncio.get_running_loop().create_task(self._follow_replicas())
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "[::]") else self.options.host
-        self.address = f"{host}:{port}"
+        self.address = f"{host}:{self._port}"
         return self.address
 
-    def _credentials(self) -> grpc.ServerCredentials:
-        o = self.options
-        return grpc.ssl_server_credentials(
-            [(o.ssl_private_key, o.ssl_certificate)],
-            root_certificates=o.ssl_client_ca,
-            require_client_auth=o.ssl_client_ca is not None,
-        )
+    def _reserve(self) -> int:
+        """Bind the public address with SO_REUSEPORT, not listening; returns the port."""
+        host = self.options.host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, self.options.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(sockaddr)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise UsageError(f"cannot bind the gRPC ingress to {self.options.host}:{self.options.port}: {exc}") from exc
+        self._reservation = sock
+        return sock.getsockname()[1]
+
+    async def _listen(self) -> int:
+        options = self.options
+        if self._port:
+            options = _with_port(options, self._port)
+        front = Front(options, self._rpcs, self._apps, RouterDispatch(options.replica_wait_timeout_s))
+        port = await front.start()
+        await front.set_serving(bool(self._apps))
+        self._front = front
+        return port
+
+    def front_spec(self) -> FrontSpec | None:
+        """What a root replica needs to listen on the public port; None on the proxy path."""
+        if not self.options.direct or not self._table_address:
+            return None
+        return FrontSpec(options=_with_port(self.options, self._port), table_address=self._table_address)
 
     async def add_app(self, name: str, deployment: str, methods: Mapping[str, Any]) -> None:
         """Serve ``name``; health turns SERVING (its replicas are ready by now)."""
-        self._apps[name] = _App(name, deployment, frozenset(methods))
-        for service in ("", *service_names(self._rpcs)):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._apps[name] = FrontApp(name, deployment, frozenset(methods))
+        if self._front is not None:
+            await self._front.set_serving(True)
+        self._notify()
+        await self._delivered()
+        if self.options.direct:
+            # Hand the port to the replicas before run() returns: clients that connect
+            # afterwards find only the replicas listening.
+            await self._rebalance(wait_closed=True)
+
+    async def _delivered(self, timeout_s: float = _TABLE_ACK_TIMEOUT_S) -> None:
+        """Wait until every replica following the table serves by the latest one
+        (a replica that does not answer within ``timeout_s`` is not waited for)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while any(w.acked < self._version for w in self._watchers):
+                    self._acked.clear()
+                    await self._acked.wait()
 
     def remove_app(self, name: str) -> None:
         self._apps.pop(name, None)
+        self._notify()
 
-    async def aclose(self) -> None:
-        """Drain: report NOT_SERVING, let running RPCs finish (up to drain_timeout_s), stop."""
-        if self._server is None:
-            return
-        self._draining = True
-        await self._health.enter_graceful_shutdown()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self.options.drain_timeout_s)
-        await self._server.stop(0)
-        self._server = None
-        if self._recorder is not None:
-            recorders.REGISTRY.unregister(self._recorder)
-            self._recorder = None
+    def _notify(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
 
-    # -- requests --------------------------------------------------------------------
-
-    def app_names(self) -> list[str]:
-        return sorted(self._apps)
-
-    def _lookup(
-        self, rpc: RpcMethod, context: grpc.aio.ServicerContext, metadata: dict[str, str], span: Any
-    ) -> tuple[_App, replica_pb2.CallRequest]:
-        app_name = metadata.get("application")
-        if app_name:
-            app = self._apps.get(app_name)
-            if app is None:
-                raise _Abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"unknown application {app_name!r}; running: {', '.join(self.app_names()) or 'none'}",
-                )
-        elif len(self._apps) == 1:
-            app = next(iter(self._apps.values()))
-        else:
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"choose an application with 'application' metadata; running: "
-                f"{', '.join(self.app_names()) or 'none'}",
-            )
-        if rpc.target not in app.methods:
-            raise _Abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"application {app.name!r} (deployment {app.deployment!r}) has no method "
-                f"{rpc.target!r} for {rpc.path}; its methods: {', '.join(sorted(app.methods))}",
-            )
-        request_id = metadata.get("request_id") or os.urandom(8).hex()
-        context.set_trailing_metadata((("request_id", request_id),))
-        request = replica_pb2.CallRequest(method=rpc.path, codec=_wire.RPC_CODEC, response_codec=_wire.RPC_CODEC)
-        for key in _PASSTHROUGH:
-            if key in metadata:
-                request.metadata[key] = metadata[key]
-        request.metadata["request_id"] = request_id
-        # The client's deadline, or request_timeout_s: calls made while serving the
-        # request inherit it, so none outlives it.
-        remaining = [t for t in (context.time_remaining(), self.options.request_timeout_s) if t is not None]
-        if remaining:
-            request.metadata[_wire.DEADLINE] = repr(time.time() + min(remaining))
-        if span is not None:
-            span.set_attribute("streamwise.request_id", request_id)
-            span.set_attribute("streamwise.application", app.name)
-        return app, request
-
-    @contextlib.asynccontextmanager
-    async def _serving(
-        self, rpc: RpcMethod, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[Any, dict[str, str]]]:
-        """Count the RPC, trace it, bound it by request_timeout_s, map errors to statuses.
-
-        Yields the RPC's span (None when not traced) and the client's metadata. The
-        client's W3C trace context, if any, is the span's parent.
-        """
-        self._inflight += 1
-        self._idle.clear()
-        metadata = _metadata(context)
-        started = time.perf_counter()
-        status = "CANCELLED"
-        try:
-            with spans.serve(
-                rpc.path.lstrip("/"),
-                metadata,
-                lambda: {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
-                external=True,
-            ) as span:
-                try:
-                    if self.options.request_timeout_s is None:
-                        yield span, metadata
-                    else:
-                        async with asyncio.timeout(self.options.request_timeout_s):
-                            yield span, metadata
-                    status = "OK"
-                except Exception as exc:
-                    abort = _abort_for(exc)
-                    status = abort.code.name
-                    if span is not None:
-                        span.set_status(Status(StatusCode.ERROR, abort.code.name))
-                        span.set_attribute("rpc.grpc.status_code", abort.code.value[0])
-                    await context.abort(abort.code, abort.details)
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
-            if self._recorder is not None:
-                # Only names of apps served: a client's metadata must not make new series.
-                app = metadata.get("application") or (next(iter(self._apps)) if len(self._apps) == 1 else "")
-                app = app if app in self._apps else "unknown"
-                self._recorder.finished(app, rpc.path, status, time.perf_counter() - started)
-
-    def _frames(self, app: _App, request: replica_pb2.CallRequest, inputs: Any = None):
-        return open_frames(
-            (app.name, app.deployment),
-            request,
-            decode=unpack_messages,
-            error=_remote_abort,
-            inputs=inputs,
-            encode_inputs=pack_messages if inputs is not None else None,
-            wait_s=self.options.replica_wait_timeout_s,
+    def table(self) -> front_pb2.AppTable:
+        return front_pb2.AppTable(
+            apps=[front_pb2.FrontApp(name=a.name, deployment=a.deployment, methods=sorted(a.methods)) for a in self._apps.values()],
+            draining=self.draining,
+            version=self._version,
         )
 
-    async def unary_unary(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as (span, metadata):
-            app, request = self._lookup(rpc, context, metadata, span)
-            request.args = raw
-            router = router_for((app.name, app.deployment))
-            reply = await router.unary(request, wait_s=self.options.replica_wait_timeout_s)
-            if reply.HasField("error"):
-                raise _remote_abort(reply.error)
-            return reply.value
-        return b""  # not reached: _serving aborts
+    async def aclose(self) -> None:
+        """Drain: report NOT_SERVING (here and on the replicas' listeners), let running
+        RPCs finish (up to drain_timeout_s), stop. The replicas' listeners stop when
+        their replicas do (they drain the same way)."""
+        self.draining = True
+        self._notify()
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+            self._follower = None
+        front, self._front = self._front, None
+        if front is not None:
+            await front.aclose(self.options.drain_timeout_s)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
+        server, self._table_server = self._table_server, None
+        if server is not None:
+            await server.stop(0)
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
 
-    async def unary_stream(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as (span, metadata):
-            app, request = self._lookup(rpc, context, metadata, span)
-            request.args = raw
-            async with self._frames(app, request) as frames:
-                async for message in frames:
-                    await context.write(message)
+    # -- who listens -------------------------------------------------------------------
 
-    async def stream_unary(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        async with self._serving(rpc, context) as (span, metadata):
-            app, request = self._lookup(rpc, context, metadata, span)
-            async with self._frames(app, request, requests) as frames:
-                replies = [message async for message in frames]
-            if len(replies) != 1:
-                raise _Abort(grpc.StatusCode.INTERNAL, f"{rpc.path} produced {len(replies)} responses, expected 1")
-            return replies[0]
-        return b""
+    async def _rebalance(self, wait_closed: bool = False) -> list[Router]:
+        """Listen on the port exactly while no root replica of any app runs; returns
+        the routers whose replica sets tell the next change. ``wait_closed``: return
+        only once a listener that stops is closed (its calls finished)."""
+        running = 0
+        routers = [router_for((app.name, app.deployment)) for app in list(self._apps.values())]
+        for router in routers:
+            running += await router.live_replicas()
+        if running and self._front is not None:
+            front, self._front = self._front, None
+            task = asyncio.get_running_loop().create_task(front.aclose(self.options.drain_timeout_s, draining=False))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        elif not running and self._front is None and not self.draining:
+            await self._listen()
+        if wait_closed and self._stopping:
+            await asyncio.shield(asyncio.gather(*self._stopping, return_exceptions=True))
+        return routers
 
-    async def stream_stream(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        async with self._serving(rpc, context) as (span, metadata):
-            app, request = self._lookup(rpc, context, metadata, span)
-            async with self._frames(app, request, requests) as frames:
-                async for message in frames:
-                    await context.write(message)
-
-    async def not_found(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        served = ", ".join(sorted(self._rpcs))
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown method; this server serves: {served}")
-
-
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    async def _follow_replicas(self) -> None:
+        while True:
+            changed = self._changed
+            routers = await self._rebalance()
+            waiters = [asyncio.ensure_future(w) for w in (*(r.wait_changed() for r in routers), changed.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
 
 
-class _Handler(grpc.GenericRpcHandler):
-    """Hands every RPC path to the ingress, as raw bytes both ways."""
+class _TableService(front_pb2_grpc.FrontTableServicer):
+    """Streams the apps table to the root replicas, whole, at each change, and
+    collects the versions each one says it serves by."""
 
     def __init__(self, ingress: Ingress) -> None:
         self._ingress = ingress
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        path = details.method
-        if path.startswith(_REGISTERED):
-            return None  # health, reflection and the ingress's own RPCs are registered services
+    async def WatchApps(self, request_iterator: AsyncIterator[front_pb2.AppsAck], context: grpc.aio.ServicerContext) -> None:
         ingress = self._ingress
-        rpc = ingress._rpcs.get(path)
-        if rpc is None:
-            return grpc.stream_stream_rpc_method_handler(ingress.not_found)
-        # partial keeps the handlers coroutine functions, which grpc.aio awaits on the loop.
-        if rpc.client_streaming and rpc.server_streaming:
-            return grpc.stream_stream_rpc_method_handler(functools.partial(ingress.stream_stream, rpc))
-        if rpc.client_streaming:
-            return grpc.stream_unary_rpc_method_handler(functools.partial(ingress.stream_unary, rpc))
-        if rpc.server_streaming:
-            return grpc.unary_stream_rpc_method_handler(functools.partial(ingress.unary_stream, rpc))
-        return grpc.unary_unary_rpc_method_handler(functools.partial(ingress.unary_unary, rpc))
+        watcher = _Watcher()
+        ingress._watchers.add(watcher)
+
+        async def read_acks() -> None:
+            async for ack in request_iterator:
+                watcher.acked = ack.version
+                ingress._acked.set()
+
+        reader = asyncio.get_running_loop().create_task(read_acks())
+        try:
+            while True:
+                changed = ingress._changed
+                table = ingress.table()
+                await context.write(table)
+                if table.draining:
+                    return
+                await changed.wait()
+        finally:
+            ingress._watchers.discard(watcher)
+            ingress._acked.set()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+class _Watcher:
+    __slots__ = ("acked",)
+
+    def __init__(self) -> None:
+        self.acked = -1
+
+
+def _with_port(options: GrpcOptions, port: int) -> GrpcOptions:
+    return dataclasses.replace(options, port=port)

@@ -46,6 +46,14 @@ class RpcPayload:
         """The deployment method that serves this RPC."""
         return self._rpc.target
 
+    def message(self, raw: bytes) -> Any:
+        """One request message, decoded (InvalidRequestError if it cannot be)."""
+        return self._decode(raw)
+
+    def message_bytes(self, result: Any) -> bytes:
+        """One response message, encoded."""
+        return self._rpc.encode(result)
+
     def _decode(self, raw: bytes) -> Any:
         try:
             return self._rpc.decode(raw)

@@ -15,7 +15,7 @@ import concurrent.futures
 import contextvars
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -92,6 +92,11 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     @property
     def ongoing(self) -> int:
         return self._ongoing
+
+    @property
+    def has_room(self) -> bool:
+        """Whether a call made now would be admitted (not draining, below max_ongoing_requests)."""
+        return not self._draining and self._ongoing < self._max_ongoing
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new calls and wait up to ``timeout_s`` for running ones; True if idle."""
@@ -310,6 +315,115 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             write.finish()
         return error
 
+    async def call_in_process(self, request: replica_pb2.CallRequest) -> bytes | replica_pb2.RemoteError:
+        """Run an external RPC's unary call here, for the replica's own listener.
+
+        Like :meth:`Call`, without a reply message around the result: returns the
+        encoded response, or the error the method raised. The caller checked
+        :attr:`has_room`; the call is admitted without waiting. Cancellation cancels
+        the method (and propagates).
+        """
+        self._ongoing += 1
+        self._idle.clear()
+        started = time.perf_counter()
+        status = "CANCELLED"
+        try:
+            self._enter_context(request)
+            with self._span(request, streaming=False) as span:
+                try:
+                    payload = self._payload(request)
+                    kind, call = self._bind(request, payload)
+                    if kind is MethodKind.ASYNC:
+                        result = await call()
+                    elif kind is MethodKind.SYNC:
+                        result = await self._in_thread(call)
+                    else:
+                        result = [item async for item in self._iterate(kind, call)]
+                    value = payload.value(result)
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                        raise  # the client went away, or its deadline passed
+                    if span is not None:
+                        spans.mark_error(span, exc)
+                    error = _wire.error_to_proto(exc)
+                    status = ok_status(error)
+                    return error
+                status = "OK"
+                return value
+        finally:
+            self._done()
+            if self._recorder is not None:
+                self._recorder.finished(request.method, status, time.perf_counter() - started)
+
+    async def stream_in_process(
+        self,
+        request: replica_pb2.CallRequest,
+        emit: Callable[[bytes], Awaitable[None]],
+        inputs: AsyncIterator[bytes] | None = None,
+    ) -> replica_pb2.RemoteError | None:
+        """Run an external RPC's streaming call here, for the replica's own listener.
+
+        Like :meth:`Stream` (or :meth:`Channel` with ``inputs``: the client's raw
+        messages), but each response message goes to ``emit`` as the method yields
+        it, encoded with the RPC's message class: no frames, as every item is one
+        gRPC message anyway (and ``emit`` awaits the client's flow control). The
+        caller checked :attr:`has_room`; the call is admitted without waiting.
+        Returns the error the method ended with, if any. Cancellation cancels the
+        method and closes its generator (its ``finally`` runs) before it propagates.
+        """
+        self._ongoing += 1
+        self._idle.clear()
+        self._enter_context(request)
+        started = time.perf_counter()
+        recorder = self._recorder
+        count = 0
+        first_item_s: float | None = None
+        status = "CANCELLED"
+        try:
+            with self._span(request, streaming=True) as span:
+                items: Any = None
+                try:
+                    payload = self._payload(request)
+                    assert isinstance(payload, RpcPayload)
+                    leading = (_decoded(inputs, payload),) if inputs is not None else ()
+                    kind, call = self._bind(request, payload, *leading)
+                    if inputs is not None and kind in (MethodKind.SYNC, MethodKind.SYNC_GEN):
+                        raise UsageError(
+                            f"{self._deployment}.{request.method} takes an input stream, so it must be `async def`"
+                        )
+                    items = self._iterate(kind, call)
+                    encode = payload.message_bytes
+                    async for item in items:
+                        message = encode(item)
+                        if first_item_s is None:
+                            first_item_s = time.perf_counter() - started
+                        count += 1
+                        await emit(message)
+                    error = None
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                        raise  # the client went away, or its deadline passed
+                    error = exc
+                finally:
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                if span is not None:
+                    span.set_attribute("streamwise.items", count)
+                    if error is not None:
+                        spans.mark_error(span, error)
+            if error is None:
+                status = "OK"
+                return None
+            proto = _wire.error_to_proto(error)
+            status = ok_status(proto)
+            return proto
+        finally:
+            self._done()
+            if recorder is not None:
+                recorder.streamed(request.method, count, first_item_s)
+                recorder.finished(request.method, status, time.perf_counter() - started)
+
     async def CheckHealth(self, request: replica_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> replica_pb2.HealthReply:
         check = getattr(self._obj, "check_health", None)
         if check is None:
@@ -368,6 +482,12 @@ def _cancelled_here() -> bool:
     CancelledError itself, which is reported to the caller like any other error)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def _decoded(raw_inputs: AsyncIterator[bytes], payload: RpcPayload) -> AsyncIterator[Any]:
+    """An external client's input messages, decoded as they arrive."""
+    async for raw in raw_inputs:
+        yield payload.message(raw)
 
 
 async def _inputs(context: grpc.aio.ServicerContext, payload: Payload) -> AsyncIterator[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 import streamwise
 from streamwise.proto import predict_pb2, predict_pb2_grpc
@@ -33,12 +34,15 @@ class Front:
         return "-".join(f"{w}{n}" for w, n in zip(words, lengths, strict=True)).encode()
 
 
-def test_spans_reach_otlp_receiver_in_one_trace(serve, otlp_receiver):
-    """Every hop's span arrives over OTLP/gRPC under the client's trace id, correctly parented."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "proxy"])
+def test_spans_reach_otlp_receiver_in_one_trace(serve, otlp_receiver, direct):
+    """Every hop's span arrives over OTLP/gRPC under the client's trace id, correctly
+    parented; the external call's span is made where it was accepted (the root
+    replica on the direct path, the driver's ingress on the proxy path)."""
     receiver, port = otlp_receiver, otlp_receiver.port
     serve(
         Front.bind(Back.bind()),
-        grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1"),
+        grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1", direct=direct),
         tracing=streamwise.TracingConfig(exporter="otlp", otlp_endpoint=f"127.0.0.1:{port}"),
     )
     trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -69,11 +73,12 @@ def test_spans_reach_otlp_receiver_in_one_trace(serve, otlp_receiver):
     def parent(name):
         return by_id.get(spans[name][1].parent_span_id.hex())
 
-    ingress = spans["streamwise.PredictAPIsService/Predict"][1]
+    ingress_service, ingress = spans["streamwise.PredictAPIsService/Predict"]
     assert ingress.parent_span_id.hex() == client_span
+    assert ingress_service == ("Front" if direct else "driver")
     assert parent("route Front.Predict") == "streamwise.PredictAPIsService/Predict"
     assert parent("Front.Predict") == "route Front.Predict"
     assert parent("route Back.words") == "Front.Predict"
     assert parent("Back.words") == "route Back.words"
     services = {service for service, _ in spans.values()}
-    assert {"driver", "Front", "Back"} <= services
+    assert {"Front", "Back"} <= services

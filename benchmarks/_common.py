@@ -71,10 +71,11 @@ def compare(
     label_width: int = 22,
     base_label_width: int = 23,
     base_width: int = 15,
+    who: str = "streamwise",
 ) -> str:
-    """One figure of streamwise beside its baseline, with their ratio and its verdict."""
+    """One figure of streamwise (or ``who``) beside its baseline, with their ratio and its verdict."""
     return (
-        f"{label:<{label_width}}streamwise {sw:>17}   {base_label:<{base_label_width}}{base:>{base_width}}   "
+        f"{label:<{label_width}}{who} {sw:>17}   {base_label:<{base_label_width}}{base:>{base_width}}   "
         f"ratio {ratio:6.2f}  ({target})  {mark}"
     )
 
@@ -92,7 +93,7 @@ def rate_line(
 
 
 def first_item_lines(
-    sw: list[float], base: list[float], maximum: float, *, base_label: str, **widths: int
+    sw: list[float], base: list[float], maximum: float | None, *, base_label: str, **widths: int
 ) -> list[str]:
     """``compare`` of p50 (judged by ``ratio <= maximum``) and p99 of two samples of
     seconds to a first item; ``{q}`` in ``base_label`` becomes the percentile."""
@@ -101,7 +102,7 @@ def first_item_lines(
         sw_ms = percentile(sw, q) * 1e3
         base_ms = percentile(base, q) * 1e3
         ratio = sw_ms / base_ms
-        if q == 50:
+        if q == 50 and maximum is not None:
             target, mark = f"target <= {maximum:g}", verdict(ratio <= maximum)
         else:
             target, mark = "no target", "-"

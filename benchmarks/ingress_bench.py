@@ -24,6 +24,10 @@ to the plain server in the same run:
     time to first item of a server stream, p50     <= 1.3x          <= 2x plain
       and p99 (sequential calls that take the first message and cancel)
 
+With ``ray[serve]`` installed (and unless ``--no-ray-serve``), Ray Serve's gRPC proxy
+serving the same service follows, measured with the same client in the same run,
+and each direct-path figure is printed as a multiple of Ray Serve's (target: >= 4x).
+
 Each side has its own client process (this file run with a hidden ``--client``
 flag): it takes commands as JSON lines on stdin and answers with JSON lines on
 stdout, so both sides get the same commands, alternately, round after round.
@@ -40,6 +44,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 import sys
 from time import perf_counter
 from typing import Any
@@ -57,9 +62,11 @@ from _common import (
     first_item_lines,
     generated_code,
     import_generated,
+    percentile,
     rate_line,
     say,
     serve_until_stdin_closes,
+    verdict,
     with_pythonpath,
 )
 
@@ -75,12 +82,12 @@ STREAM_CONCURRENCY = 8
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
-    unary_ratio_min: float  # unary req/s at 32 concurrent
-    stream_ratio_min: float  # items/s
-    first_item_ratio_max: float  # time to first item p50
+    unary_ratio_min: float | None  # unary req/s at 32 concurrent (None: no target)
+    stream_ratio_min: float | None  # items/s
+    first_item_ratio_max: float | None  # time to first item p50
 
 
-TARGETS = {"direct": Targets(0.9, 0.9, 1.3), "proxy": Targets(0.4, 0.6, 2.0)}
+TARGETS = {"direct": Targets(0.9, 0.9, 1.3), "proxy": Targets(0.4, 0.6, 2.0), "ray": Targets(None, None, None)}
 
 # The generated modules; imported by _import_generated() once they exist.
 bench_pb2: Any = None
@@ -144,6 +151,61 @@ class BenchService:
             yield bench_pb2.Msg(data=msg.data, n=i)
 
 
+# -- Ray Serve, serving the same service through its gRPC proxy (when installed) --------
+
+
+def _ray_serve_app() -> Any:
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=64)
+    class RayBench:
+        async def Unary(self, msg):
+            import bench_pb2
+
+            return bench_pb2.Msg(data=msg.data, n=msg.n + 1)
+
+        async def Stream(self, msg):
+            import bench_pb2
+
+            for i in range(msg.n):
+                yield bench_pb2.Msg(data=msg.data, n=i)
+
+    return RayBench.bind()
+
+
+def _start_ray_serve(generated: str) -> str | None:
+    """Ray Serve's gRPC proxy serving swbench.Bench on a free port; its address
+    (None when ray[serve] is not installed)."""
+    try:
+        import ray
+        from ray import serve
+        from ray.serve.config import gRPCOptions
+    except ImportError:
+        return None
+    os.environ["PYTHONPATH"] = with_pythonpath(dict(os.environ), generated)["PYTHONPATH"]  # for Ray's workers
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=["bench_pb2_grpc.add_BenchServicer_to_server"]))
+    serve.run(_ray_serve_app(), name="bench", route_prefix="/bench")
+    return f"127.0.0.1:{port}"
+
+
+def _stop_ray_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _ray_lines(direct: dict[str, float], ray_figures: dict[str, float]) -> None:
+    for label, value in direct.items():
+        ratio = value / ray_figures[label]
+        say(f"{label:<26}direct / Ray Serve {ratio:8.1f}x   (target >= 4)  {verdict(ratio >= 4)}")
+
+
 # -- the plain grpc.aio server, run in a child process ----------------------------------
 
 
@@ -169,6 +231,10 @@ async def _serve_plain() -> None:
 # -- the client, run in a child process per side ----------------------------------------
 
 
+# Every side gets the app's name, as Ray Serve requires (the others ignore or accept it).
+APP = (("application", "bench"),)
+
+
 class Client:
     """Calls one server with the generated stub; every command returns a JSON-able dict."""
 
@@ -184,13 +250,13 @@ class Client:
         await self.channel.close()
 
     async def _unary(self) -> None:
-        reply = await self.stub.Unary(bench_pb2.Msg(data=UNARY_DATA, n=7), timeout=CALL_TIMEOUT_S)
+        reply = await self.stub.Unary(bench_pb2.Msg(data=UNARY_DATA, n=7), timeout=CALL_TIMEOUT_S, metadata=APP)
         if reply.data != UNARY_DATA or reply.n != 8:
             raise RuntimeError(f"wrong unary reply: {reply!r}")
 
     async def _stream(self, n: int) -> int:
         count = 0
-        async for msg in self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=n), timeout=CALL_TIMEOUT_S):
+        async for msg in self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=n), timeout=CALL_TIMEOUT_S, metadata=APP):
             if msg.n != count or msg.data != ITEM_DATA:
                 raise RuntimeError(f"wrong stream item {count}: {msg!r}")
             count += 1
@@ -227,7 +293,7 @@ class Client:
         samples = []
         for _ in range(calls):
             start = perf_counter()
-            call = self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=items), timeout=CALL_TIMEOUT_S)
+            call = self.stub.Stream(bench_pb2.Msg(data=ITEM_DATA, n=items), timeout=CALL_TIMEOUT_S, metadata=APP)
             msg = await call.read()
             samples.append(perf_counter() - start)
             call.cancel()
@@ -275,8 +341,8 @@ _PLAIN: dict[str, Any] = {
 }
 
 
-def _rate_line(label: str, sw: float, plain: float, unit: str, minimum: float | None) -> str:
-    return rate_line(label, sw, plain, unit, minimum, **_PLAIN)
+def _rate_line(label: str, sw: float, plain: float, unit: str, minimum: float | None, who: str) -> str:
+    return rate_line(label, sw, plain, unit, minimum, **_PLAIN, who=who)
 
 
 def _best(sw: Child, plain: Child, rounds: int, op: str, **kwargs: Any) -> tuple[float, float]:
@@ -288,23 +354,29 @@ def _best(sw: Child, plain: Child, rounds: int, op: str, **kwargs: Any) -> tuple
     return sw_best, plain_best
 
 
-def _measure(sw: Child, plain: Child, sizes: Sizes, targets: Targets) -> None:
+def _measure(sw: Child, plain: Child, sizes: Sizes, targets: Targets, who: str = "streamwise") -> dict[str, float]:
+    """Print each figure of ``sw`` (``who``) beside ``plain``; return ``sw``'s figures."""
+    figures: dict[str, float] = {}
     for side in (sw, plain):
         side.ask("warmup", calls=sizes.warmup_calls, items=sizes.stream_items // 10)
 
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "unary", calls=sizes.unary_calls, concurrency=1)
-    say(_rate_line("unary 1 concurrent", sw_rate, plain_rate, "req/s", None))
+    say(_rate_line("unary 1 concurrent", sw_rate, plain_rate, "req/s", None, who))
+    figures["unary 1 concurrent"] = sw_rate
     sw_rate, plain_rate = _best(
         sw, plain, sizes.rounds, "unary", calls=sizes.concurrent_calls, concurrency=CONCURRENCY
     )
-    say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", targets.unary_ratio_min))
+    say(_rate_line(f"unary {CONCURRENCY} concurrent", sw_rate, plain_rate, "req/s", targets.unary_ratio_min, who))
+    figures[f"unary {CONCURRENCY} concurrent"] = sw_rate
 
     stream_min = targets.stream_ratio_min
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=1, items=sizes.stream_items)
-    say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", stream_min))
+    say(_rate_line(f"1 stream x {sizes.stream_items:,}", sw_rate, plain_rate, "items/s", stream_min, who))
+    figures["1 stream"] = sw_rate
     n = sizes.concurrent_stream_items
     sw_rate, plain_rate = _best(sw, plain, sizes.rounds, "stream", streams=STREAM_CONCURRENCY, items=n)
-    say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", stream_min))
+    say(_rate_line(f"{STREAM_CONCURRENCY} streams x {n:,}", sw_rate, plain_rate, "items/s", stream_min, who))
+    figures[f"{STREAM_CONCURRENCY} streams"] = sw_rate
 
     sw_samples: list[float] = []
     plain_samples: list[float] = []
@@ -312,12 +384,14 @@ def _measure(sw: Child, plain: Child, sizes: Sizes, targets: Targets) -> None:
         kwargs = dict(calls=sizes.first_item_calls, items=sizes.first_item_stream)
         sw_samples += sw.ask("first_item", **kwargs)["samples"]
         plain_samples += plain.ask("first_item", **kwargs)["samples"]
-    for line in first_item_lines(sw_samples, plain_samples, targets.first_item_ratio_max, **_PLAIN):
+    for line in first_item_lines(sw_samples, plain_samples, targets.first_item_ratio_max, **_PLAIN, who=who):
         say(line)
     say(
         f"{'  for reference':<26}{len(sw_samples)} sequential calls per side, each taking the first "
         f"item of a {sizes.first_item_stream:,}-item stream, then cancelling"
     )
+    figures["first item p50 (1/s)"] = 1 / percentile(sw_samples, 50)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--path", choices=("both", "direct", "proxy"), default="both", help="ingress path(s) to measure (default: both)"
     )
+    parser.add_argument("--no-ray-serve", action="store_true", help="skip Ray Serve even when it is installed")
     parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -363,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             plain = Child(__file__, ["--client", plain_address], env)
             children.append(plain)
             plain.ask("connect")
+            measured: dict[str, dict[str, float]] = {}
             for path in paths:
                 streamwise.run(
                     BenchService.bind(),
@@ -376,10 +452,24 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     sw.ask("connect")
                     say(f"-- {path} path, load average {os.getloadavg()[0]:.2f}")
-                    _measure(sw, plain, sizes, TARGETS[path])
+                    measured[path] = _measure(sw, plain, sizes, TARGETS[path])
                 finally:
                     sw.stop()
                     streamwise.shutdown()
+            if "direct" in measured and not args.no_ray_serve:
+                ray_address = _start_ray_serve(generated)
+                if ray_address is None:
+                    say("-- Ray Serve: not installed (pip install 'ray[serve]' to compare with it in the same run)")
+                else:
+                    ray_client = Child(__file__, ["--client", ray_address], env)
+                    try:
+                        ray_client.ask("connect")
+                        say(f"-- Ray Serve gRPC proxy, load average {os.getloadavg()[0]:.2f}")
+                        ray_figures = _measure(ray_client, plain, sizes, TARGETS["ray"], who="Ray Serve ")
+                    finally:
+                        ray_client.stop()
+                        _stop_ray_serve()
+                    _ray_lines(measured["direct"], ray_figures)
         finally:
             # Clients first (they hold channels to both servers), then the servers.
             for child in reversed(children):

@@ -36,9 +36,9 @@ from streamwise._auth import Credentials
 from streamwise.actors import multiplex
 from streamwise.actors.spec import FrontSpec
 from streamwise.proto import front_pb2, front_pb2_grpc, replica_pb2
-from streamwise.routing.router import router_for
+from streamwise.routing.router import Router, router_for
 from streamwise.streaming import _wire
-from streamwise.streaming.front import Emit, Front, FrontApp, RouterDispatch, remote_abort
+from streamwise.streaming.front import Emit, Front, FrontApp, FrontCall, RouterDispatch, remote_abort
 from streamwise.streaming.schema import rpc_table
 from streamwise.streaming.servicer import ReplicaServicer
 from streamwise.tracing import spans
@@ -56,49 +56,53 @@ class InProcessDispatch:
         self._replica_id = replica_id
         self._router = RouterDispatch(wait_s, avoid=replica_id)
         self._model_router = RouterDispatch(wait_s)  # the router knows which replica holds a model
+        self._own: Router | None = None  # this process's router of its own deployment
 
-    def _takes(self, app: FrontApp, request: replica_pb2.CallRequest) -> bool:
+    def _takes(self, app: FrontApp, call: FrontCall) -> bool:
         """Whether to run the call here: this replica's deployment, room for it, and
         for a multiplexed model, the model already loaded here."""
         if not (app.name == self._app and app.deployment == self._deployment and self._servicer.has_room):
             return False
-        model_id = request.metadata.get(_wire.MODEL_ID)
+        model_id = call.metadata.get(_wire.MODEL_ID)
         return not model_id or model_id in multiplex.held()
 
-    def _counted(self, app: FrontApp) -> Any:
+    def _counted(self) -> Any:
         # Calls run here count in this process's router of the deployment too: calls it
         # routes then wait (and are shed past max_queued_requests) as they would for
         # any replica that is full.
-        return router_for((app.name, app.deployment)).running_here(self._replica_id)
+        router = self._own
+        if router is None or router.deleted:
+            router = self._own = router_for((self._app, self._deployment))
+        return router.running_here(self._replica_id)
 
-    def _elsewhere(self, request: replica_pb2.CallRequest) -> RouterDispatch:
-        return self._model_router if request.metadata.get(_wire.MODEL_ID) else self._router
+    def _elsewhere(self, call: FrontCall) -> RouterDispatch:
+        return self._model_router if call.metadata.get(_wire.MODEL_ID) else self._router
 
-    def _route_span(self, request: replica_pb2.CallRequest) -> Any:
-        # The same span a routed call gets; its trace context goes into the request.
-        return spans.route(self._deployment, _wire.method_label(request.method), request.metadata, None)
+    def _route_span(self, call: FrontCall) -> Any:
+        # The same span a routed call gets; its trace context goes into the call's metadata.
+        if not spans.enabled():
+            return spans.NO_ROUTE
+        return spans.route(self._deployment, _wire.method_label(call.method), call.metadata, None)
 
-    async def unary(self, app: FrontApp, request: replica_pb2.CallRequest) -> bytes:
-        if not self._takes(app, request):
-            return await self._elsewhere(request).unary(app, request)
-        with self._route_span(request) as route, self._counted(app):
+    async def unary(self, app: FrontApp, call: FrontCall) -> bytes:
+        if not self._takes(app, call):
+            return await self._elsewhere(call).unary(app, call)
+        with self._route_span(call) as route, self._counted():
             route.chose(self._replica_id)
-            result = await self._servicer.call_in_process(request)
+            result = await self._servicer.call_in_process(call)
         if isinstance(result, replica_pb2.RemoteError):
             raise remote_abort(result)
         return result
 
-    async def stream(
-        self, app: FrontApp, request: replica_pb2.CallRequest, inputs: AsyncIterator[bytes] | None, emit: Emit
-    ) -> None:
-        if self._takes(app, request):
-            with self._route_span(request) as route, self._counted(app):
+    async def stream(self, app: FrontApp, call: FrontCall, inputs: AsyncIterator[bytes] | None, emit: Emit) -> None:
+        if self._takes(app, call):
+            with self._route_span(call) as route, self._counted():
                 route.chose(self._replica_id)
-                error = await self._servicer.stream_in_process(request, emit, inputs)
+                error = await self._servicer.stream_in_process(call, emit, inputs)
             if error is not None:
                 raise remote_abort(error)
             return
-        await self._elsewhere(request).stream(app, request, inputs, emit)
+        await self._elsewhere(call).stream(app, call, inputs, emit)
 
 
 class DirectFront:

@@ -3,7 +3,7 @@
 A :class:`Front` is a grpc.aio server on the app's public address, serving the
 user's services (as raw bytes both ways), health, reflection and the ServeAPI. It
 looks the app up from the ``application`` metadata, builds the internal
-``CallRequest`` (request id, multiplexing ids, trace context, deadline), and hands it
+call (request id, multiplexing ids, trace context, deadline: a :class:`FrontCall`), and hands it
 to a :class:`Dispatch`, which decides where the call runs: through the router to a
 replica (the driver's proxy listener, :class:`RouterDispatch`), or in the replica
 that accepted the connection (``streaming.direct``). It is the one place where
@@ -58,6 +58,27 @@ class FrontApp:
     methods: frozenset[str]
 
 
+class FrontCall:
+    """An external call on its way to a replica: what a ``CallRequest`` carries, as
+    plain Python objects. A call run in the replica that accepted it never becomes a
+    message; one routed to another replica does (:meth:`request`)."""
+
+    __slots__ = ("method", "args", "metadata")
+    codec = _wire.RPC_CODEC
+    response_codec = _wire.RPC_CODEC
+
+    def __init__(self, method: str, metadata: dict[str, str], args: bytes = b"") -> None:
+        self.method = method
+        self.metadata = metadata
+        self.args = args
+
+    def request(self) -> replica_pb2.CallRequest:
+        return replica_pb2.CallRequest(
+            method=self.method, codec=self.codec, response_codec=self.response_codec, args=self.args,
+            metadata=self.metadata,
+        )
+
+
 class Abort(Exception):
     """End the RPC with this status (raised inside handlers, turned into context.abort)."""
 
@@ -91,11 +112,9 @@ def _abort_for(exc: BaseException) -> Abort:
 class Dispatch(Protocol):
     """Where a front's calls run. Cancelling the awaiting task cancels the call."""
 
-    async def unary(self, app: FrontApp, request: replica_pb2.CallRequest) -> bytes: ...
+    async def unary(self, app: FrontApp, call: FrontCall) -> bytes: ...
 
-    async def stream(
-        self, app: FrontApp, request: replica_pb2.CallRequest, inputs: AsyncIterator[bytes] | None, emit: Emit
-    ) -> None:
+    async def stream(self, app: FrontApp, call: FrontCall, inputs: AsyncIterator[bytes] | None, emit: Emit) -> None:
         """Run a streaming call, passing each response message to ``emit`` as it comes."""
         ...
 
@@ -107,19 +126,17 @@ class RouterDispatch:
         self._wait_s = wait_s
         self._avoid = avoid  # a replica to choose only when no other has room (the caller itself)
 
-    async def unary(self, app: FrontApp, request: replica_pb2.CallRequest) -> bytes:
+    async def unary(self, app: FrontApp, call: FrontCall) -> bytes:
         router = router_for((app.name, app.deployment))
-        reply = await router.unary(request, wait_s=self._wait_s, avoid=self._avoid)
+        reply = await router.unary(call.request(), wait_s=self._wait_s, avoid=self._avoid)
         if reply.HasField("error"):
             raise remote_abort(reply.error)
         return reply.value
 
-    async def stream(
-        self, app: FrontApp, request: replica_pb2.CallRequest, inputs: AsyncIterator[bytes] | None, emit: Emit
-    ) -> None:
+    async def stream(self, app: FrontApp, call: FrontCall, inputs: AsyncIterator[bytes] | None, emit: Emit) -> None:
         frames = open_frames(
             (app.name, app.deployment),
-            request,
+            call.request(),
             decode=unpack_messages,
             error=remote_abort,
             inputs=inputs,
@@ -263,7 +280,7 @@ class Front:
 
     def _lookup(
         self, rpc: RpcMethod, context: grpc.aio.ServicerContext, metadata: dict[str, str], span: Any
-    ) -> tuple[FrontApp, replica_pb2.CallRequest]:
+    ) -> tuple[FrontApp, FrontCall]:
         app_name = metadata.get("application")
         if app_name:
             app = self._apps.get(app_name)
@@ -288,20 +305,20 @@ class Front:
             )
         request_id = metadata.get("request_id") or os.urandom(8).hex()
         context.set_trailing_metadata((("request_id", request_id),))
-        request = replica_pb2.CallRequest(method=rpc.path, codec=_wire.RPC_CODEC, response_codec=_wire.RPC_CODEC)
-        for key in _PASSTHROUGH:
-            if key in metadata:
-                request.metadata[key] = metadata[key]
-        request.metadata["request_id"] = request_id
+        passed = {key: metadata[key] for key in _PASSTHROUGH if key in metadata}
+        passed["request_id"] = request_id
         # The client's deadline, or request_timeout_s: calls made while serving the
         # request inherit it, so none outlives it.
-        remaining = [t for t in (context.time_remaining(), self.options.request_timeout_s) if t is not None]
-        if remaining:
-            request.metadata[_wire.DEADLINE] = repr(time.time() + min(remaining))
+        remaining = context.time_remaining()
+        limit = self.options.request_timeout_s
+        if limit is not None:
+            remaining = limit if remaining is None else min(remaining, limit)
+        if remaining is not None:
+            passed[_wire.DEADLINE] = repr(time.time() + remaining)
         if span is not None:
             span.set_attribute("streamwise.request_id", request_id)
             span.set_attribute("streamwise.application", app.name)
-        return app, request
+        return app, FrontCall(rpc.path, passed)
 
     async def _serve(
         self, rpc: RpcMethod, context: grpc.aio.ServicerContext, run: Callable[[Any, dict[str, str]], Awaitable[T]]
@@ -353,29 +370,29 @@ class Front:
 
     async def unary_unary(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def run(span: Any, metadata: dict[str, str]) -> bytes:
-            app, request = self._lookup(rpc, context, metadata, span)
-            request.args = raw
-            return await self._dispatch.unary(app, request)
+            app, call = self._lookup(rpc, context, metadata, span)
+            call.args = raw
+            return await self._dispatch.unary(app, call)
 
         return await self._serve(rpc, context, run)
 
     async def unary_stream(self, rpc: RpcMethod, raw: bytes, context: grpc.aio.ServicerContext) -> None:
         async def run(span: Any, metadata: dict[str, str]) -> None:
-            app, request = self._lookup(rpc, context, metadata, span)
-            request.args = raw
-            await self._dispatch.stream(app, request, None, context.write)
+            app, call = self._lookup(rpc, context, metadata, span)
+            call.args = raw
+            await self._dispatch.stream(app, call, None, context.write)
 
         await self._serve(rpc, context, run)
 
     async def stream_unary(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         async def run(span: Any, metadata: dict[str, str]) -> bytes:
-            app, request = self._lookup(rpc, context, metadata, span)
+            app, call = self._lookup(rpc, context, metadata, span)
             replies: list[bytes] = []
 
             async def collect(message: bytes) -> None:
                 replies.append(message)
 
-            await self._dispatch.stream(app, request, requests, collect)
+            await self._dispatch.stream(app, call, requests, collect)
             if len(replies) != 1:
                 raise Abort(grpc.StatusCode.INTERNAL, f"{rpc.path} produced {len(replies)} responses, expected 1")
             return replies[0]
@@ -384,8 +401,8 @@ class Front:
 
     async def stream_stream(self, rpc: RpcMethod, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         async def run(span: Any, metadata: dict[str, str]) -> None:
-            app, request = self._lookup(rpc, context, metadata, span)
-            await self._dispatch.stream(app, request, requests, context.write)
+            app, call = self._lookup(rpc, context, metadata, span)
+            await self._dispatch.stream(app, call, requests, context.write)
 
         await self._serve(rpc, context, run)
 

@@ -17,7 +17,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import prometheus_client
@@ -34,6 +34,9 @@ from streamwise.streaming.frames import send_frames
 from streamwise.streaming.payload import Payload, RpcPayload
 from streamwise.streaming.schema import RpcMethod
 from streamwise.tracing import spans
+
+if TYPE_CHECKING:
+    from streamwise.streaming.front import FrontCall  # the front imports this module's neighbours
 
 
 class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
@@ -203,6 +206,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     def _span(self, request: replica_pb2.CallRequest, streaming: bool):
         """The replica's span of one request, parented by the caller's trace context."""
+        if not spans.enabled():
+            return spans.NO_SPAN
         return spans.serve(
             f"{self._deployment}.{_wire.method_label(request.method)}",
             request.metadata,
@@ -315,7 +320,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             write.finish()
         return error
 
-    async def call_in_process(self, request: replica_pb2.CallRequest) -> bytes | replica_pb2.RemoteError:
+    async def call_in_process(self, request: FrontCall) -> bytes | replica_pb2.RemoteError:
         """Run an external RPC's unary call here, for the replica's own listener.
 
         Like :meth:`Call`, without a reply message around the result: returns the
@@ -357,7 +362,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     async def stream_in_process(
         self,
-        request: replica_pb2.CallRequest,
+        request: FrontCall,
         emit: Callable[[bytes], Awaitable[None]],
         inputs: AsyncIterator[bytes] | None = None,
     ) -> replica_pb2.RemoteError | None:

@@ -156,6 +156,7 @@ class _NoRoute:
 
 
 _NO_ROUTE = _NoRoute()
+NO_ROUTE = _NO_ROUTE  # what route() returns while tracing is off
 
 
 class _NoSpan:
@@ -171,6 +172,7 @@ class _NoSpan:
 
 
 _NO_SPAN = _NoSpan()
+NO_SPAN = _NO_SPAN  # what serve() returns while tracing is off
 
 
 def route(

@@ -5,6 +5,10 @@ are pipes the driver reads. Each line is written to the driver's own stdout or
 stderr behind ``(Model#3 pid=1234)`` and appended to ``logs/<app>.<replica>.log``
 in the run directory (mode 0600), which ``streamwise logs`` reads.
 
+A replica on another machine (a Ray cluster) keeps its output in an
+:class:`OutputBuffer` of its host there, from which the driver takes it in batches
+(``forward_batches``): the same lines, prefixes and log files as a local replica's.
+
 Writing is done by a thread of its own, through a bounded queue: the driver's event
 loop never waits on a terminal or a pipe nobody reads. Lines that find the queue
 full are dropped, never held.
@@ -13,6 +17,7 @@ full are dropped, never held.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import queue
@@ -117,16 +122,88 @@ async def _forward(stream: asyncio.StreamReader, out: TextIO, prefix: str, log: 
         writer.put(log, out, line, prefix)
 
 
+def _open_log(path: str) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 async def forward(process: asyncio.subprocess.Process, replica_id: str, path: str) -> None:
     """Pass the process's stdout and stderr on until both close (it exited)."""
     prefix = f"({replica_id} pid={process.pid}) "
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    log = os.fdopen(fd, "ab")
+    log = _open_log(path)
     streams = [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]
     try:
         await asyncio.gather(*(_forward(s, out, prefix, log) for s, out in streams if s is not None))
     finally:
         _the_writer().close_later(log)  # after the lines queued for it
+
+
+STDOUT, STDERR = 1, 2
+
+
+async def forward_batches(batches: AsyncIterator[list[tuple[int, bytes]]], replica_id: str, pid: int, path: str) -> None:
+    """Pass on the output of a replica on another machine: batches of (STDOUT or
+    STDERR, line), until ``batches`` ends. Cancelling stops at once; what was
+    queued is still written."""
+    prefix = f"({replica_id} pid={pid}) "
+    log = _open_log(path)
+    writer = _the_writer()
+    try:
+        async for batch in batches:
+            for stream, line in batch:
+                writer.put(log, sys.stderr if stream == STDERR else sys.stdout, line, prefix)
+    finally:
+        writer.close_later(log)
+
+
+class OutputBuffer:
+    """The output of ``process`` kept where it runs, until the driver takes it (``take``).
+
+    Bounded: past ``limit`` bytes waiting, the oldest lines go, and a line saying how
+    many were lost takes their place, so a driver that stops reading never holds up
+    the replica nor grows this process without end.
+    """
+
+    def __init__(self, process: asyncio.subprocess.Process, limit: int = 8 << 20) -> None:
+        self._lines: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._size = 0
+        self._limit = limit
+        self._lost = 0
+        self._changed = asyncio.Event()
+        streams = [(s, which) for s, which in ((process.stdout, STDOUT), (process.stderr, STDERR)) if s is not None]
+        self._open = len(streams)
+        loop = asyncio.get_running_loop()
+        self._readers = [loop.create_task(self._read(s, which)) for s, which in streams]
+
+    async def _read(self, stream: asyncio.StreamReader, which: int) -> None:
+        try:
+            async for line in _lines(stream):
+                self._lines.append((which, line))
+                self._size += len(line)
+                while self._size > self._limit and len(self._lines) > 1:
+                    self._size -= len(self._lines.popleft()[1])
+                    self._lost += 1
+                self._changed.set()
+        finally:
+            self._open -= 1
+            self._changed.set()
+
+    async def take(self) -> list[tuple[int, bytes]] | None:
+        """The lines kept so far, waiting for one if there is none; None once the
+        process closed its output and all was taken. Cancelling leaves the lines kept."""
+        while not self._lines and self._open:
+            self._changed.clear()
+            await self._changed.wait()
+        if not self._lines:
+            return None
+        batch = list(self._lines)
+        if self._lost:
+            note = f"[streamwise: {self._lost} lines of output were dropped: nobody took them in time]\n"
+            batch.insert(0, (STDERR, note.encode()))
+            self._lost = 0
+        self._lines.clear()
+        self._size = 0
+        return batch
 
 
 def read(run_dir: str, app: str, deployment: str | None = None) -> Iterator[tuple[str, str]]:

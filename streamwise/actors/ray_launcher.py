@@ -7,7 +7,8 @@ through ``max_replicas_per_node``) and, once Ray has placed it, starts the usual
 replica runs exactly as on one machine (its own event loop, signals, its parent's
 death signal), with two differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
 and it also listens on the node's address, with the app's TLS, for callers on other
-nodes. Ray places, and tells when a host or its node dies; supervision, restarts
+nodes. Its output is kept by its host, from which the driver takes it: the operator
+sees it behind the replica's id, and ``streamwise logs`` reads it, as for a local one. Ray places, and tells when a host or its node dies; supervision, restarts
 and routing stay the controller's.
 
 The app's credentials reach a host as actor arguments, which anyone allowed to use
@@ -29,6 +30,7 @@ from typing import Any
 
 import streamwise
 from streamwise import _auth
+from streamwise.actors import _logs
 from streamwise.actors.launcher import Placement
 from streamwise.config import RayCluster
 from streamwise.exceptions import UsageError
@@ -59,6 +61,7 @@ class _ReplicaHost:
         self.node_ip = ray.util.get_node_ip_address()
         self._args = (replica_id, controller, handoff, package_root)
         self._process: asyncio.subprocess.Process | None = None
+        self._output: _logs.OutputBuffer | None = None
 
     def where(self) -> tuple[str, str]:
         """(Ray node id, node address): answered once Ray has placed this actor."""
@@ -86,8 +89,11 @@ class _ReplicaHost:
                 "--listen-host", self.node_ip,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
                 pass_fds=(theirs.fileno(),),
             )
+            self._output = _logs.OutputBuffer(self._process)
             theirs.close()
             with contextlib.suppress(OSError):
                 ours.sendall(handoff)
@@ -95,6 +101,12 @@ class _ReplicaHost:
             theirs.close()
             ours.close()
         return self._process.pid
+
+    async def output(self) -> list[tuple[int, bytes]] | None:
+        """The replica's output lines since the last call, once there are some (see
+        ``_logs.OutputBuffer.take``); None when it has closed its output."""
+        assert self._output is not None
+        return await self._output.take()
 
     async def run(self) -> int:
         """The replica's exit code, once it exited."""
@@ -130,21 +142,40 @@ class _NodeStore:
 class _RayProcess:
     """The controller's view of one replica on Ray (the ReplicaProcess protocol)."""
 
-    def __init__(self, ray: Any, host: Any, pid: int, node_id: str) -> None:
+    def __init__(self, ray: Any, host: Any, pid: int, node_id: str, replica_id: str, log_path: str) -> None:
         self._ray = ray
         self._host = host
         self.pid = pid
         self.node_id = node_id
         self._run = asyncio.wrap_future(host.run.remote().future())
         self._code: int | None = None
+        self._output = asyncio.get_running_loop().create_task(
+            _logs.forward_batches(self._batches(), replica_id, pid, log_path)
+        )
+
+    async def _batches(self) -> Any:
+        """The replica's output, taken from its host until it ends (or the host is gone)."""
+        while True:
+            try:
+                batch = await asyncio.wrap_future(self._host.output.remote().future())
+            except self._ray.exceptions.RayError:
+                return
+            if batch is None:
+                return
+            yield batch
 
     async def wait(self) -> int:
-        """The replica's exit code; if its host or node died, a SIGKILL's code."""
+        """The replica's exit code, once what it printed was passed on (for a moment at
+        most); if its host or node died, a SIGKILL's code."""
         if self._code is None:
             try:
                 self._code = await asyncio.shield(self._run)
             except self._ray.exceptions.RayError:
                 self._code = _STOPPED
+        if not self._output.done():
+            done, _ = await asyncio.wait({self._output}, timeout=_logs.DRAIN_S)
+            if not done:
+                self._output.cancel()
         return self._code
 
     def terminate(self) -> None:
@@ -225,7 +256,7 @@ class RayLauncher:
         except BaseException:
             self._ray.kill(host, no_restart=True)
             raise
-        return _RayProcess(self._ray, host, pid, node_id)
+        return _RayProcess(self._ray, host, pid, node_id, replica_id, log_path)
 
     async def _session_of(self, node_id: str) -> str:
         """The object store session replicas on ``node_id`` join (made on first use)."""

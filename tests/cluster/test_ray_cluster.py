@@ -8,7 +8,10 @@ killed node takes its replicas with it. Skipped when Ray is not installed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,6 +148,40 @@ def test_object_refs_cross_nodes_and_stay_zero_copy_on_each(on_ray):
     assert isinstance(kept, streamwise.ObjectRef) and int(streamwise.get(kept).sum()) == 7 * n
     items = [int(a[0]) for a in handle.chunks.remote(n // 4, 3)]
     assert items == [0, 1, 2]
+
+
+@streamwise.deployment(**_pinned("node_b"))
+class Talker:
+    def __init__(self) -> None:
+        print("talker ready on node_b", flush=True)
+
+    def say(self, words: str) -> int:
+        logging.getLogger("talker").warning("said %s", words)
+        return os.getpid()
+
+
+def _logs_of(app: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamwise.cli", "logs", app], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_output_of_a_replica_on_another_node_reaches_streamwise_logs(on_ray, capfd):
+    """What a replica on node_b prints (stdout) and logs (stderr) comes to the driver:
+    into the replica's log file, which `streamwise logs` reads, and to the driver's
+    own stdout and stderr behind the replica's id and pid."""
+    handle = streamwise.run(Talker.bind(), name="talk", cluster="ray")
+    pid = handle.say.remote("hello").result()
+    deadline = time.monotonic() + 30
+    while "said hello" not in (logs := _logs_of("talk")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "talker ready on node_b" in logs and "said hello" in logs
+    assert all(line.startswith("(Talker#") for line in logs.splitlines() if "talker ready" in line or "said" in line)
+    out, err = capfd.readouterr()
+    assert f"pid={pid}) talker ready on node_b" in out
+    assert f"pid={pid}) said hello" in err
 
 
 def test_callers_prefer_replicas_on_their_own_node(on_ray):

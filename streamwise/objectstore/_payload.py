@@ -340,24 +340,29 @@ def _pickler_class(base: type) -> type:
 _PICKLERS = {"cloudpickle": _pickler_class(codecs.CloudPickler), "pickle": _pickler_class(pickle.Pickler)}
 
 
+def serialize(value: Any, codec: str, threshold: int) -> tuple[list[Any], list[memoryview], list[Any]]:
+    """``value`` as (its stream in chunks, its out-of-band buffers of ``threshold``
+    bytes or more, the ObjectRefs inside it)."""
+    oob: list[memoryview] = []
+    refs: list[Any] = []
+    if codec not in PICKLE_CODECS:
+        return [codecs.get_codec(codec).dumps(value)], oob, refs
+    sink = _Sink(threshold, oob)
+    try:
+        _PICKLERS[codec](sink, threshold, oob, refs).dump(value)
+    except StreamwiseError:
+        raise
+    except Exception as exc:
+        raise SerializationError(codec, f"{type(exc).__name__}: {exc}") from exc
+    return sink.chunks, oob, refs
+
+
 def encode(store: Store, value: Any, codec: str, threshold: int, *, store_main: bool = False) -> Payload:
     """Encode ``value``; parts of ``threshold`` bytes or more go to segments.
 
     ``store_main`` puts the pickle stream in a segment even when it is small (put()).
     """
-    oob: list[memoryview] = []
-    refs: list[Any] = []
-    if codec in PICKLE_CODECS:
-        sink = _Sink(threshold, oob)
-        try:
-            _PICKLERS[codec](sink, threshold, oob, refs).dump(value)
-        except StreamwiseError:
-            raise
-        except Exception as exc:
-            raise SerializationError(codec, f"{type(exc).__name__}: {exc}") from exc
-        chunks = sink.chunks
-    else:
-        chunks = [codecs.get_codec(codec).dumps(value)]
+    chunks, oob, refs = serialize(value, codec, threshold)
     length = sum(map(len, chunks))  # bytes, or 1-D byte views of them
     if length < threshold and not (store_main or oob or refs):
         return Payload(store, codec, chunks[0] if len(chunks) == 1 else b"".join(chunks), None, (), (), [])

@@ -27,12 +27,14 @@ the pins it made; releasing an anchor sweeps pins any of its calls left behind.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
 from streamwise import codec as codecs
 from streamwise.config import HandleOptions, TransportConfig, env_transport_config
 from streamwise.exceptions import MessageTooLargeError, SerializationError
+from streamwise.objectstore._carry import Incoming, encode_for_node, is_chunked
 from streamwise.objectstore._payload import PICKLE_CODECS, Payload, carry, encode
 from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
@@ -44,6 +46,10 @@ from streamwise.objectstore.ref import ObjectRef, ref_of
 # CallerWire: a request carrying it is decoded as an envelope and then unpickled, so
 # nothing may copy external (client) metadata into a CallRequest under this key.
 REF_KEY = "sw-ref"
+# Request metadata of a by-reference call to another node's store session over a
+# path that reads chunks (CallCarried, Stream, Channel over gRPC): the callee may
+# answer with chunked envelopes (see ``_carry``). Set only by ``carried_request``.
+CHUNKS_KEY = "sw-chunks"
 
 
 def _check_size(data: bytes, what: str, limit: int) -> bytes:
@@ -164,7 +170,30 @@ def carried_request(request: Any) -> Any:
     carried = type(request)()
     carried.CopyFrom(request)
     carried.args = carry(current_store(), request.args)
+    carried.metadata[CHUNKS_KEY] = "1"
     return carried
+
+
+class ChunkReceiver:
+    """Where the chunked envelopes of one carried call's replies land: this process's
+    store, each part pinned under the call (so the caller's ``CallerWire`` decodes
+    them as usual, and a call that ends early clears them)."""
+
+    __slots__ = ("_call", "_seqs")
+
+    def __init__(self, request: Any) -> None:
+        _, anchor, call, _ = request.metadata[REF_KEY].split(":")
+        self._call = (int(anchor), int(call))
+        self._seqs = itertools.count(1)
+
+    @staticmethod
+    def begin(envelope: bytes) -> Incoming | None:
+        """An Incoming for ``envelope`` if its bytes follow in chunks, else None."""
+        return Incoming(current_store(), envelope) if is_chunked(envelope) else None
+
+    def finish(self, incoming: Incoming) -> bytes:
+        """The envelope to decode, once ``incoming`` has all its bytes."""
+        return incoming.finish(*self._call, self._seqs)
 
 
 def decode_result(raw: Any) -> Any:
@@ -204,6 +233,9 @@ class ServerWire:
         self._limit = env_transport_config().grpc_max_message_length
         self._pins = 0
         self._call = (0, 0)
+        # The caller reads chunks after each message (another node's session).
+        self.chunked = self._spec is not None and metadata.get(CHUNKS_KEY) == "1"
+        self._carried: list[memoryview] = []
 
     @property
     def _request(self) -> codecs.Codec:
@@ -250,6 +282,12 @@ class ServerWire:
             return _check_size(self._response.dumps(value), what, self._limit)
         store = current_store()
         threshold, self._call, caller_session = self._parse_spec()
+        if caller_session != store.session.name and self.chunked:
+            # Another node, reading chunks: the bytes follow the envelope (see take_carried),
+            # straight from the value's own buffers; nothing is stored or pinned here.
+            outgoing = encode_for_node(store, value, self._response.name, threshold)
+            self._carried += outgoing.chunks()
+            return outgoing.envelope
         payload = encode(store, value, self._response.name, threshold)
         if not payload.main and not payload.buffers and not payload.extra:
             return payload.to_wire()  # inline: nothing to pin
@@ -273,6 +311,12 @@ class ServerWire:
     args = loads_args
     value = dumps_result
     items = dumps_items
+
+    def take_carried(self) -> list[memoryview]:
+        """The chunks to send right after the message holding the last envelope made
+        (empty unless the caller is on another node); they stay valid on their own."""
+        carried, self._carried = self._carried, []
+        return carried
 
     def inputs(self, data: bytes) -> list[Any]:
         """Items of an input stream: they always travel by value."""

@@ -39,6 +39,11 @@ class ReplicaStub:
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
                 _registered_method=True)
+        self.CallCarried = channel.unary_stream(
+                '/streamwise.v1.Replica/CallCarried',
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+                _registered_method=True)
         self.Stream = channel.unary_stream(
                 '/streamwise.v1.Replica/Stream',
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
@@ -71,6 +76,14 @@ class ReplicaServicer:
 
     def Call(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallCarried(self, request, context):
+        """Call from another node's object store session: the reply, then (when its value
+        is a chunked envelope) the bytes of the segments it carries, in chunks.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -110,6 +123,11 @@ def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Call': grpc.unary_unary_rpc_method_handler(
                     servicer.Call,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.FromString,
+                    response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
+            ),
+            'CallCarried': grpc.unary_stream_rpc_method_handler(
+                    servicer.CallCarried,
                     request_deserializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
             ),
@@ -164,6 +182,33 @@ class Replica:
             request,
             target,
             '/streamwise.v1.Replica/Call',
+            streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallCarried(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streamwise.v1.Replica/CallCarried',
             streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
             streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
             options,

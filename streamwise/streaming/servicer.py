@@ -29,6 +29,7 @@ from streamwise.metrics.recorders import REGISTRY, ReplicaRecorder, ok_status
 from streamwise.objectstore.calls import ServerWire
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
+from streamwise.streaming._chunks import Chunk
 from streamwise.streaming.context import enter_request
 from streamwise.streaming.frames import send_frames
 from streamwise.streaming.payload import Payload, RpcPayload
@@ -166,6 +167,24 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     # -- RPCs ------------------------------------------------------------------------
 
     async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
+        reply = await self._call(request, context)
+        assert reply is not None
+        return reply
+
+    async def CallCarried(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> None:
+        """:meth:`Call` for a caller in another node's object store session: the reply,
+        then the chunks of the segments its value carries. A caller that goes away
+        mid-transfer cancels the rest (nothing of it is stored on this node)."""
+        await self._call(request, context, context.write)
+
+    async def _call(
+        self,
+        request: replica_pb2.CallRequest,
+        context: grpc.aio.ServicerContext,
+        write: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> replica_pb2.CallReply | None:
+        """Run a unary call; its reply is returned, or sent with ``write`` followed by
+        the chunks it carries."""
         await self._admit(context)
         payload: Payload | None = None
         started = time.perf_counter()
@@ -191,9 +210,19 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                         spans.mark_error(span, exc)
                     error = _wire.error_to_proto(exc)
                     status = ok_status(error)
-                    return replica_pb2.CallReply(error=error)
+                    reply = replica_pb2.CallReply(error=error)
+                    if write is None:
+                        return reply
+                    await write(reply)
+                    return None
                 status = "OK"
-                return replica_pb2.CallReply(value=value)
+                reply = replica_pb2.CallReply(value=value)
+                if write is None:
+                    return reply
+                await write(reply)
+                for chunk in payload.take_carried():
+                    await write(Chunk(chunk))
+                return None
         finally:
             if payload is not None:
                 payload.close()
@@ -307,6 +336,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         except Exception as exc:
             return exc
         write = context.write if span is None else spans.FrameCounter(context.write, span)
+        if payload.chunked:
+            write = _carrying(write, payload)
         try:
             error = await send_frames(items, write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
@@ -466,6 +497,17 @@ class _ItemCounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+def _carrying(write: Callable[[Any], Awaitable[None]], payload: Payload) -> Callable[[Any], Awaitable[None]]:
+    """``write``, sending after each frame the chunks its envelope carries."""
+
+    async def write_carrying(frame: replica_pb2.Frame) -> None:
+        await write(frame)
+        for chunk in payload.take_carried():
+            await write(Chunk(chunk))
+
+    return write_carrying
 
 
 def _close_when_idle(pending: concurrent.futures.Future[Any] | None, gen: Any) -> None:

@@ -48,7 +48,7 @@ CHUNKED = 3  # envelope version: the carried segments' bytes follow in chunks
 # Bytes per chunk message: large enough that per-message costs vanish, small enough
 # that the sender's and receiver's copies of one chunk stay in cache-friendly,
 # reused allocations (see benchmarks/carry_bench.py).
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 512 << 10
 
 
 def is_chunked(data: bytes | memoryview) -> bool:

@@ -151,6 +151,34 @@ def encode_for_node(store: Store, value: Any, codec: str, threshold: int) -> Out
     return Outgoing(b"".join([head, *parts, inline, _COUNT.pack(len(rows)), *rows]), pieces)
 
 
+def chunk_envelope(store: Store, data: bytes) -> Outgoing:
+    """The version-1 envelope ``data`` (whose parts this process holds until the
+    chunks are sent) as a chunked one, carrying the segments it names."""
+    view = memoryview(data)
+    version, codec_id, has_main, n_buffers, n_extra, inline_len = _HEAD.unpack_from(view, 0)
+    count = has_main + n_buffers + n_extra
+    if version != _VERSION or not count:
+        return Outgoing(data, [])
+    segments = _Segments(store)
+    parts = []
+    offset = _HEAD.size
+    holds = []
+    try:
+        for _ in range(count):
+            segid, size, start, length, _pin = _PART.unpack_from(view, offset)
+            offset += _PART.size
+            parts.append(_PART.pack(segid, size, start, length, 0))
+            holds.append(held := store.hold(segid.hex(), size))
+            segments.share(held, start, length)
+    finally:
+        for held in holds:  # the mappings share() took keep them while we send
+            store.release(held)
+    rows, pieces = segments.table()
+    head = _HEAD.pack(CHUNKED, codec_id, has_main, n_buffers, n_extra, inline_len)
+    inline = view[offset : offset + inline_len]
+    return Outgoing(b"".join([head, *parts, inline, _COUNT.pack(len(rows)), *rows]), pieces)
+
+
 class Incoming:
     """The segments a chunked envelope carries, written into this node's session as
     their chunks arrive. End with :meth:`finish` or :meth:`abort` (idempotent)."""
@@ -203,31 +231,18 @@ class Incoming:
     def finish(self, anchor: int, call: int, seqs: Iterator[int]) -> bytes:
         """Publish the segments and pin each part under call (``anchor``, ``call``)
         with pin numbers from ``seqs``: the version-1 envelope to decode."""
-        if self.needed:
-            raise SerializationError("streamwise", f"chunked envelope: {self.needed} bytes missing")
         store = self.store
-        held: dict[str, Held] = {}
+        held = self._publish()
         pinned: list[tuple[int, str, int]] = []
+
+        def pin(part_held: Held) -> int:
+            seq = next(seqs)
+            store.pin(part_held, anchor, call, seq)
+            pinned.append((seq, part_held.segid, part_held.size))
+            return seq
+
         try:
-            while self._adoptions:
-                adoption = self._adoptions.pop()
-                held[adoption.segid] = store.end_adopt(adoption)
-            has_main, n_buffers, n_extra, inline_len = self._counts
-            view = self._view
-            out = [_HEAD.pack(_VERSION, view[1], has_main, n_buffers, n_extra, inline_len)]
-            offset = _HEAD.size
-            for _ in range(has_main + n_buffers + n_extra):
-                segid, size, start, length, _pin = _PART.unpack_from(view, offset)
-                offset += _PART.size
-                part_held = held.get(segid.hex())
-                if part_held is None or part_held.size != size:
-                    raise SerializationError("streamwise", "chunked envelope: a part's segment is not carried")
-                seq = next(seqs)
-                store.pin(part_held, anchor, call, seq)
-                pinned.append((seq, part_held.segid, size))
-                out.append(_PART.pack(segid, size, start, length, seq))
-            out.append(view[offset : offset + inline_len])
-            return b"".join(out)
+            return self._envelope(held, pin)
         except BaseException:
             for seq, segid, size in pinned:
                 store.session.unpin(anchor, call, seq, segid, size)
@@ -235,6 +250,48 @@ class Incoming:
         finally:
             for h in held.values():  # the pins keep them now
                 store.release(h)
+
+    def finish_held(self) -> tuple[bytes, list[Held]]:
+        """Publish the segments: the version-1 envelope to decode, and this process's
+        holds on them, to release once it is decoded."""
+        held = self._publish()
+        try:
+            return self._envelope(held, lambda _: 0), list(held.values())
+        except BaseException:
+            for h in held.values():
+                self.store.release(h)
+            raise
+
+    def _publish(self) -> dict[str, Held]:
+        if self.needed:
+            raise SerializationError("streamwise", f"chunked envelope: {self.needed} bytes missing")
+        held: dict[str, Held] = {}
+        try:
+            while self._adoptions:
+                adoption = self._adoptions.pop()
+                held[adoption.segid] = self.store.end_adopt(adoption)
+        except BaseException:
+            for h in held.values():
+                self.store.release(h)
+            raise
+        return held
+
+    def _envelope(self, held: dict[str, Held], pin: Any) -> bytes:
+        """The version-1 envelope naming the published segments; ``pin(held)`` gives
+        each part's pin number."""
+        has_main, n_buffers, n_extra, inline_len = self._counts
+        view = self._view
+        out: list[bytes | memoryview] = [_HEAD.pack(_VERSION, view[1], has_main, n_buffers, n_extra, inline_len)]
+        offset = _HEAD.size
+        for _ in range(has_main + n_buffers + n_extra):
+            segid, size, start, length, _pin = _PART.unpack_from(view, offset)
+            offset += _PART.size
+            part_held = held.get(segid.hex())
+            if part_held is None or part_held.size != size:
+                raise SerializationError("streamwise", "chunked envelope: a part's segment is not carried")
+            out.append(_PART.pack(segid, size, start, length, pin(part_held)))
+        out.append(view[offset : offset + inline_len])
+        return b"".join(out)
 
     def abort(self) -> None:
         """Give up: partly written segments are removed."""

@@ -28,14 +28,14 @@ the pins it made; releasing an anchor sweeps pins any of its calls left behind.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from streamwise import codec as codecs
 from streamwise.config import HandleOptions, TransportConfig, env_transport_config
 from streamwise.exceptions import MessageTooLargeError, SerializationError
-from streamwise.objectstore._carry import Incoming, encode_for_node, is_chunked
-from streamwise.objectstore._payload import PICKLE_CODECS, Payload, carry, encode
+from streamwise.objectstore._carry import Incoming, chunk_envelope, encode_for_node, is_chunked
+from streamwise.objectstore._payload import CODEC_IDS, PICKLE_CODECS, Payload, carry, encode
 from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
 from streamwise.objectstore.ref import ObjectRef, ref_of
@@ -164,14 +164,46 @@ class CallerWire:
         return Payload.from_wire(current_store(), data, self._call).value()
 
 
-def carried_request(request: Any) -> Any:
-    """A copy of a by-reference ``request`` whose arguments carry their bytes, for a
-    replica of another node's session (the caller still holds them: see CallerWire)."""
+def carried_request(request: Any) -> tuple[Any, list[memoryview]]:
+    """A copy of a by-reference ``request`` for a replica of another node's session,
+    and the chunks to send right after it: its arguments become a chunked envelope
+    when they name segments (the caller still holds them: see CallerWire)."""
     carried = type(request)()
     carried.CopyFrom(request)
-    carried.args = carry(current_store(), request.args)
+    outgoing = chunk_envelope(current_store(), request.args)
+    carried.args = outgoing.envelope
     carried.metadata[CHUNKS_KEY] = "1"
-    return carried
+    return carried, list(outgoing.chunks())
+
+
+async def receive_args(request: Any, read: Callable[[], Awaitable[Any]]) -> Callable[[], None] | None:
+    """In a replica: when ``request`` (from another node) has a chunked envelope as
+    its arguments, read their chunks (``read()`` returns each chunk's bytes, or
+    something else if the caller stopped sending) into this node's store and make
+    ``request.args`` the envelope naming them; returns what releases them once the
+    arguments are decoded (None if there was nothing to read). Cancelling removes
+    what was partly written."""
+    if request.codec not in CODEC_IDS or REF_KEY not in request.metadata or CHUNKS_KEY not in request.metadata:
+        return None
+    if not is_chunked(request.args):
+        return None
+    store = current_store()
+    incoming = Incoming(store, request.args)
+    try:
+        while incoming.needed:
+            chunk = await read()
+            if not isinstance(chunk, memoryview):
+                raise SerializationError("streamwise", "the arguments' chunks are missing")
+            incoming.feed(chunk)
+        request.args, holds = incoming.finish_held()
+    finally:
+        incoming.abort()
+
+    def release() -> None:
+        for held in holds:
+            store.release(held)
+
+    return release
 
 
 class ChunkReceiver:

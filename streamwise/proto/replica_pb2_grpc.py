@@ -39,9 +39,9 @@ class ReplicaStub:
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
                 _registered_method=True)
-        self.CallCarried = channel.unary_stream(
+        self.CallCarried = channel.stream_stream(
                 '/streamwise.v1.Replica/CallCarried',
-                request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.StreamInput.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
                 _registered_method=True)
         self.Stream = channel.unary_stream(
@@ -80,9 +80,10 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CallCarried(self, request, context):
-        """Call from another node's object store session: the reply, then (when its value
-        is a chunked envelope) the bytes of the segments it carries, in chunks.
+    def CallCarried(self, request_iterator, context):
+        """Call from another node's object store session: the call (then, when its args are
+        a chunked envelope, the bytes of the segments they carry, in chunks); the reply
+        (then, when its value is a chunked envelope, the bytes it carries).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,9 +127,9 @@ def add_ReplicaServicer_to_server(servicer, server):
                     request_deserializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
             ),
-            'CallCarried': grpc.unary_stream_rpc_method_handler(
+            'CallCarried': grpc.stream_stream_rpc_method_handler(
                     servicer.CallCarried,
-                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.FromString,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.StreamInput.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
             ),
             'Stream': grpc.unary_stream_rpc_method_handler(
@@ -195,7 +196,7 @@ class Replica:
             _registered_method=True)
 
     @staticmethod
-    def CallCarried(request,
+    def CallCarried(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -205,11 +206,11 @@ class Replica:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/streamwise.v1.Replica/CallCarried',
-            streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.StreamInput.SerializeToString,
             streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
             options,
             channel_credentials,

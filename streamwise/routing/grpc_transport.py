@@ -159,6 +159,15 @@ class GrpcFrameStream:
         self._end()
 
 
+async def _send_chunks(call: Any, target: ReplicaTarget, chunks: list[memoryview]) -> None:
+    """Send a call's argument chunks, once the replica admitted the call (a rejected
+    call sends none of them)."""
+    if not _acked(await call.initial_metadata()):
+        raise map_error(await call.code(), await call.details(), False, target)
+    for chunk in chunks:
+        await call.write(_chunks.Chunk(chunk))
+
+
 class GrpcTransport:
     """Channels to replicas, shared by every router on one event loop."""
 
@@ -184,11 +193,14 @@ class GrpcTransport:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
-        """Run a unary call. Cancelling the awaiting task cancels the RPC."""
+    async def unary(
+        self, target: ReplicaTarget, request: replica_pb2.CallRequest, chunks: list[memoryview] | None = None
+    ) -> replica_pb2.CallReply:
+        """Run a unary call (``chunks``: its arguments' bytes, sent once the replica
+        admitted it). Cancelling the awaiting task cancels the RPC."""
         conn = self._acquire(target.address)
         if CHUNKS_KEY in request.metadata:
-            return await self._unary_carried(conn, target, request)
+            return await self._unary_carried(conn, target, request, chunks or [])
         call = conn.stub.Call(request, metadata=self._metadata)
         try:
             return await call
@@ -204,14 +216,19 @@ class GrpcTransport:
             self._release(target.address, conn)
 
     async def _unary_carried(
-        self, conn: _Connection, target: ReplicaTarget, request: replica_pb2.CallRequest
+        self, conn: _Connection, target: ReplicaTarget, request: replica_pb2.CallRequest, chunks: list[memoryview]
     ) -> replica_pb2.CallReply:
-        """A unary call over CallCarried: the reply, then the chunks its value carries."""
-        call = conn.carried[0](request, metadata=self._metadata)
+        """A unary call over CallCarried: the call and its arguments' chunks go out,
+        the reply and the chunks its value carries come back."""
+        call = conn.carried[0](metadata=self._metadata)
         receiver = ChunkReceiver(request)
         incoming = None
         done = False
         try:
+            await call.write(replica_pb2.StreamInput(call=request))
+            if chunks:
+                await _send_chunks(call, target, chunks)
+            await call.done_writing()
             reply = await call.read()
             if reply is grpc.aio.EOF or type(reply) is _chunks.Chunk:
                 raise map_error(await call.code(), await call.details(), _acked(await call.initial_metadata()), target)
@@ -247,25 +264,35 @@ class GrpcTransport:
         request: replica_pb2.CallRequest,
         inputs: AsyncIterator[Any] | None = None,
         encode: Callable[[list[Any]], bytes] | None = None,
+        chunks: list[memoryview] | None = None,
     ) -> GrpcFrameStream:
         """Start a stream and wait until the replica admitted it.
 
         With ``inputs`` the call is bidirectional: the caller's items are sent (after
         admission, so a rejected call consumed none of them) while frames come back.
-        Cancelling the awaiting task cancels the RPC.
+        ``chunks`` (its arguments' bytes, for another node's store session) are sent
+        once it is admitted, over a bidirectional call too. Cancelling the awaiting
+        task cancels the RPC.
         """
         conn = self._acquire(target.address)
         receiver = ChunkReceiver(request) if CHUNKS_KEY in request.metadata else None
-        if inputs is None:
+        bidi = inputs is not None or bool(chunks)
+        if not bidi:
             call = (conn.stub.Stream if receiver is None else conn.carried[1])(request, metadata=self._metadata)
         else:
+            if inputs is None:
+                request.metadata[_wire.NO_INPUTS] = "1"  # a copy made for this replica (carried_request)
             call = (conn.stub.Channel if receiver is None else conn.carried[2])(metadata=self._metadata)
         try:
-            if inputs is not None:
+            if bidi:
                 await call.write(replica_pb2.StreamInput(call=request))
             metadata = await call.initial_metadata()
             if not _acked(metadata):
                 raise map_error(await call.code(), await call.details(), False, target)
+            if chunks:
+                await _send_chunks(call, target, chunks)
+                if inputs is None:
+                    await call.done_writing()
         except BaseException as exc:
             call.cancel()
             self._release(target.address, conn)

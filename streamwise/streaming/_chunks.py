@@ -20,6 +20,7 @@ from streamwise.proto import replica_pb2, replica_pb2_grpc
 SERVICE = "streamwise.v1.Replica"
 _REPLY_TAG = 3 << 3 | 2  # CallReply.chunk: field 3, length-delimited
 _FRAME_TAG = 4 << 3 | 2  # Frame.chunk: field 4, length-delimited
+_INPUT_TAG = 3 << 3 | 2  # StreamInput.chunk: field 3, length-delimited
 
 
 class Chunk:
@@ -78,6 +79,8 @@ reply_bytes = _serializer(_REPLY_TAG, replica_pb2.CallReply.SerializeToString)
 reply_from = _parser(_REPLY_TAG, replica_pb2.CallReply.FromString)
 frame_bytes = _serializer(_FRAME_TAG, replica_pb2.Frame.SerializeToString)
 frame_from = _parser(_FRAME_TAG, replica_pb2.Frame.FromString)
+input_bytes = _serializer(_INPUT_TAG, replica_pb2.StreamInput.SerializeToString)
+input_from = _parser(_INPUT_TAG, replica_pb2.StreamInput.FromString)
 
 
 class _Handlers:
@@ -99,9 +102,11 @@ def add_replica_servicer(servicer: replica_pb2_grpc.ReplicaServicer, server: grp
     captured = _Handlers()
     replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, captured)
     handlers = captured.handlers
-    handlers["CallCarried"] = handlers["CallCarried"]._replace(response_serializer=reply_bytes)
-    for name in ("Stream", "Channel"):
-        handlers[name] = handlers[name]._replace(response_serializer=frame_bytes)
+    handlers["CallCarried"] = handlers["CallCarried"]._replace(
+        request_deserializer=input_from, response_serializer=reply_bytes
+    )
+    handlers["Stream"] = handlers["Stream"]._replace(response_serializer=frame_bytes)
+    handlers["Channel"] = handlers["Channel"]._replace(request_deserializer=input_from, response_serializer=frame_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
@@ -111,11 +116,7 @@ def carried_stubs(channel: grpc.aio.Channel) -> tuple[Any, Any, Any]:
     as :class:`Chunk` (and every other message as protobuf)."""
     request = replica_pb2.CallRequest.SerializeToString
     return (
-        channel.unary_stream(f"/{SERVICE}/CallCarried", request_serializer=request, response_deserializer=reply_from),
+        channel.stream_stream(f"/{SERVICE}/CallCarried", request_serializer=input_bytes, response_deserializer=reply_from),
         channel.unary_stream(f"/{SERVICE}/Stream", request_serializer=request, response_deserializer=frame_from),
-        channel.stream_stream(
-            f"/{SERVICE}/Channel",
-            request_serializer=replica_pb2.StreamInput.SerializeToString,
-            response_deserializer=frame_from,
-        ),
+        channel.stream_stream(f"/{SERVICE}/Channel", request_serializer=input_bytes, response_deserializer=frame_from),
     )

@@ -26,7 +26,7 @@ from streamwise.actors._methods import MethodKind, coalesce_of
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.metrics.recorders import REGISTRY, ReplicaRecorder, ok_status
-from streamwise.objectstore.calls import ServerWire
+from streamwise.objectstore.calls import ServerWire, receive_args
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming._chunks import Chunk
@@ -171,11 +171,16 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         assert reply is not None
         return reply
 
-    async def CallCarried(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> None:
-        """:meth:`Call` for a caller in another node's object store session: the reply,
-        then the chunks of the segments its value carries. A caller that goes away
-        mid-transfer cancels the rest (nothing of it is stored on this node)."""
-        await self._call(request, context, context.write)
+    async def CallCarried(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """:meth:`Call` for a caller in another node's object store session: the call
+        (and the chunks its arguments carry, read once it is admitted), then the
+        reply and the chunks its value carries. A caller that goes away mid-transfer
+        cancels the call; what it had sent of its arguments is removed, and nothing
+        of the reply is stored on this node."""
+        first = await context.read()
+        if first is grpc.aio.EOF or not first.HasField("call"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: a carried call must start with a call")
+        await self._call(first.call, context, context.write)
 
     async def _call(
         self,
@@ -189,8 +194,11 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         payload: Payload | None = None
         started = time.perf_counter()
         status = "CANCELLED"
+        release_args = None
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
+            if write is not None:
+                release_args = await receive_args(request, functools.partial(_read_chunk, context))
             self._enter_context(request)
             with self._span(request, streaming=False) as span:
                 try:
@@ -226,6 +234,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         finally:
             if payload is not None:
                 payload.close()
+            if release_args is not None:
+                release_args()
             self._done()
             if self._recorder is not None:
                 self._recorder.finished(request.method, status, time.perf_counter() - started)
@@ -260,7 +270,11 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             self._done()
 
     async def Channel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        """A call with an input stream: the user method gets an async iterator first."""
+        """A call with an input stream: the user method gets an async iterator first.
+
+        From another node's store session, the call may come here without one, only
+        so that the chunks its arguments carry can follow it (read once admitted;
+        cancelling the call removes what had arrived of them)."""
         await self._admit(context)
         try:
             first = await context.read()
@@ -268,7 +282,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: channel must start with a call")
             request = first.call
             await context.send_initial_metadata(_wire.ACK_METADATA)
-            await self._serve_frames(context, request, with_inputs=True)
+            release_args = await receive_args(request, functools.partial(_read_chunk, context))
+            try:
+                with_inputs = release_args is None or request.metadata.get(_wire.NO_INPUTS) != "1"
+                await self._serve_frames(context, request, with_inputs=with_inputs)
+            finally:
+                if release_args is not None:
+                    release_args()
         finally:
             self._done()
 
@@ -497,6 +517,12 @@ class _ItemCounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+async def _read_chunk(context: grpc.aio.ServicerContext) -> Any:
+    """The next message of a call's input: a chunk's bytes, or the message itself."""
+    message = await context.read()
+    return message.data if type(message) is Chunk else message
 
 
 def _carrying(write: Callable[[Any], Awaitable[None]], payload: Payload) -> Callable[[Any], Awaitable[None]]:

@@ -137,6 +137,10 @@ class Arrays:
             "small": b"s" * 100,
         }
 
+    async def sums(self, array: np.ndarray, count: int):
+        for _ in range(count):
+            yield int(array.sum())
+
     async def check(self, value: dict) -> bool:
         n = value["up"].size
         return (
@@ -171,13 +175,15 @@ def _files(session: str, kinds: str = "otn") -> list[str]:
 def test_values_of_many_chunks_and_segments_cross_nodes_whole(on_ray):
     """A result from node_b made of several segments, each many chunks long (two
     arrays, a ref stored there, small bytes inline) arrives intact, as a result and
-    as stream items; sent back as an argument, node_b reads it intact too."""
+    as stream items; sent back as the argument of a call or a stream, node_b reads
+    it intact too."""
     handle = streamwise.run(Arrays.bind(), cluster="ray")
     n = 3 * 2**20 // 8 + 5  # 3 MB and a bit: several chunks, the last one partial
     value = handle.several.remote(n).result()
     assert (value["up"] == np.arange(n)).all() and (value["down"] == np.arange(n)[::-1]).all()
     assert int(streamwise.get(value["kept"]).sum()) == 3 * n and value["small"] == b"s" * 100
     assert handle.check.remote(value).result()
+    assert list(handle.sums.remote(value["down"], 2)) == [n * (n - 1) // 2] * 2
     items = list(handle.chunks.remote(n, 4))
     assert [int(a[0]) for a in items] == [0, 1, 2, 3] and all(a.size == n for a in items)
 

@@ -137,6 +137,9 @@ class Arrays:
             "small": b"s" * 100,
         }
 
+    async def last(self, array: np.ndarray) -> int:
+        return int(array[-1])
+
     async def sums(self, array: np.ndarray, count: int):
         for _ in range(count):
             yield int(array.sum())
@@ -188,29 +191,42 @@ def test_values_of_many_chunks_and_segments_cross_nodes_whole(on_ray):
     assert [int(a[0]) for a in items] == [0, 1, 2, 3] and all(a.size == n for a in items)
 
 
-def test_a_result_cancelled_mid_transfer_leaves_no_segment(on_ray):
-    """A 64 MB result from node_b is cancelled while its chunks are being written into
-    this node's store: the partly written segment is removed, no segment or pin of it
-    stays, and node_b never stored it (its chunks came from the array itself)."""
-    handle = streamwise.run(Arrays.bind(), cluster="ray")
-    here, there = objectstore.session_name(), handle.session.remote().result()
-    n = 64 * 2**20 // 8
-    before = (_files(here), _files(there))
-    for _ in range(5):  # until the cancel lands while the chunks arrive
-        response = handle.make.remote(n)
-        while not response.done() and not _files(here, "t"):
+def _cancel_mid_transfer(call, receiving: str) -> None:
+    """Start ``call()`` until one is cancelled while ``receiving`` (a session) has a
+    segment being written; fail if none is ever seen in progress."""
+    for _ in range(5):
+        response = call()
+        while not response.done() and not _files(receiving, "t"):
             time.sleep(0.0005)
-        if response.done():
-            continue  # all arrived before we looked: try again
-        response.cancel()
-        deadline = time.monotonic() + 20
-        while (_files(here), _files(there)) != before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert (_files(here), _files(there)) == before
-        break
-    else:
-        pytest.fail("never saw the transfer in progress")
-    assert int(handle.make.remote(n).result()[-1]) == n - 1  # and the next one arrives whole
+        if not response.done():
+            response.cancel()
+            return
+    pytest.fail("never saw the transfer in progress")
+
+
+def _settles(sessions: list[str], want: list[list[str]]) -> bool:
+    deadline = time.monotonic() + 20
+    while [_files(s) for s in sessions] != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [_files(s) for s in sessions] == want
+
+
+def test_transfers_cancelled_midway_leave_no_segment(on_ray):
+    """A 64 MB result from node_b cancelled while its chunks are written here, and
+    a 64 MB argument cancelled while its chunks are written on node_b: the partly
+    written segment is removed, and no segment or pin of either stays on either
+    node (node_b never stored the result: its chunks came from the array itself)."""
+    handle = streamwise.run(Arrays.bind(), cluster="ray")
+    sessions = [objectstore.session_name(), handle.session.remote().result()]
+    n = 64 * 2**20 // 8
+    before = [_files(s) for s in sessions]
+    _cancel_mid_transfer(lambda: handle.make.remote(n), sessions[0])
+    assert _settles(sessions, before)
+    array = np.arange(n, dtype=np.int64)
+    _cancel_mid_transfer(lambda: handle.last.remote(array), sessions[1])
+    assert _settles(sessions, before)
+    assert int(handle.make.remote(n).result()[-1]) == n - 1  # and the next ones arrive whole
+    assert handle.last.remote(array).result() == n - 1
 
 
 def test_callers_prefer_replicas_on_their_own_node(on_ray):

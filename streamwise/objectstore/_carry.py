@@ -14,6 +14,15 @@ else (a result pickled for a caller on another node) never goes to shared memory
 this node at all: its chunks are cut from the pickler's buffers, e.g. a numpy
 array's own memory.
 
+A unary ``Call`` answers with one message, so a result it returns to another node
+is *fetched*: the reply holds a fetch envelope (the chunked one and a ticket), and
+the caller at once asks the callee for its bytes (``Fetch``, on the same
+authenticated channel), which stream back as chunks. Until then the callee keeps
+them in memory (:data:`EXPORTS`), at most EXPORT_TTL_S if the caller never asks.
+Small calls thus stay plain unary RPCs; only a large result costs a round trip
+more. Arguments travel the other way as chunks after the call (``CallCarried``,
+or ``Channel`` for streams), read by the replica once it admitted the call.
+
 Receiving (:class:`Incoming`): each chunk is written straight into the segment it
 belongs to, at its offset, in a file of this node's session under a temporary name
 (see ``Store.begin_adopt``), under the *same* segment id, so refs nested in the value
@@ -27,6 +36,7 @@ files: nothing is left in /dev/shm.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +55,11 @@ from streamwise.objectstore._session import PAGE
 from streamwise.objectstore._store import Adoption, Held, Store
 
 CHUNKED = 3  # envelope version: the carried segments' bytes follow in chunks
+FETCH = 4  # a chunked envelope and a ticket: its bytes are fetched (Fetch RPC)
+_TICKET = 16
+# How long a replica keeps a unary result's bytes for a caller on another node
+# that has not fetched them (it fetches at once unless it died or gave up).
+EXPORT_TTL_S = 60.0
 # Bytes per chunk message: large enough that per-message costs vanish, small enough
 # that the sender's and receiver's copies of one chunk stay in cache-friendly,
 # reused allocations (see benchmarks/carry_bench.py).
@@ -54,6 +69,35 @@ CHUNK_BYTES = 512 << 10
 def is_chunked(data: bytes | memoryview) -> bool:
     """Whether ``data`` is a chunked envelope (its segments' bytes follow it)."""
     return len(data) > 0 and data[0] == CHUNKED
+
+
+def ticket_of(data: bytes | memoryview) -> bytes | None:
+    """The ticket of a fetch envelope, None for any other."""
+    return bytes(data[-_TICKET:]) if len(data) > _HEAD.size + _TICKET and data[0] == FETCH else None
+
+
+class _Exports:
+    """This process's results waiting to be fetched by callers on other nodes, each
+    under an unguessable ticket: taken by the fetch, or dropped after EXPORT_TTL_S.
+    They live in this process's memory (or map segments it holds), never in new
+    files: a caller that never fetches leaves nothing in /dev/shm once they expire."""
+
+    def __init__(self) -> None:
+        self._pieces: dict[bytes, list[memoryview]] = {}
+
+    def add(self, outgoing: Outgoing) -> bytes:
+        """The fetch envelope of ``outgoing`` (call on an event loop)."""
+        ticket = secrets.token_bytes(_TICKET)
+        self._pieces[ticket] = outgoing.pieces
+        asyncio.get_running_loop().call_later(EXPORT_TTL_S, self._pieces.pop, ticket, None)
+        return bytes([FETCH]) + outgoing.envelope[1:] + ticket
+
+    def take(self, ticket: bytes) -> Outgoing | None:
+        pieces = self._pieces.pop(ticket, None)
+        return None if pieces is None else Outgoing(b"", pieces)
+
+
+EXPORTS = _Exports()
 
 
 class Outgoing:
@@ -192,7 +236,7 @@ class Incoming:
             rows = [_SEGMENT.unpack_from(view, body + _COUNT.size + i * _SEGMENT.size) for i in range(count)]
         except Exception:
             raise SerializationError("streamwise", "truncated chunked envelope") from None
-        if version != CHUNKED:
+        if version not in (CHUNKED, FETCH):
             raise SerializationError("streamwise", f"not a chunked envelope (version {version})")
         self.store = store
         self._view = view

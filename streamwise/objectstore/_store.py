@@ -275,25 +275,14 @@ class Store:
             self._held[segid] = held
         return held
 
-    def adopt(self, segid: str, size: int, pieces: Sequence[tuple[int, memoryview]]) -> Held:
-        """Hold segment ``segid`` (of ``size`` bytes) of another node's session in this
-        one, made here from ``pieces`` ((offset, bytes) in it) unless this session
-        already has it, held once by the caller. Segment ids are unique everywhere,
-        so refs inside the value name the adopted segment as they named the original."""
-        adoption = self.begin_adopt(segid, size)
-        try:
-            for offset, data in pieces:
-                adoption.write(offset, data)
-        except BaseException:
-            self.cancel_adopt(adoption)
-            raise
-        return self.end_adopt(adoption)
-
     def begin_adopt(self, segid: str, size: int) -> Adoption:
-        """Start adopting segment ``segid`` (see :meth:`adopt`): its bytes are written
-        into a file of this session under a temporary name, unless the session
-        already has it (``Adoption.needed`` is then False and writes are ignored).
-        End with :meth:`end_adopt`, or :meth:`cancel_adopt` (which removes the file)."""
+        """Start adopting segment ``segid`` (of ``size`` bytes) of another node's
+        session into this one: its bytes are written into a file of this session
+        under a temporary name, unless the session already has it (``Adoption.needed``
+        is then False and writes are ignored). Segment ids are unique everywhere, so
+        refs inside a value name the adopted segment as they named the original.
+        End with :meth:`end_adopt` (held once by the caller), or :meth:`cancel_adopt`
+        (which removes the file)."""
         with contextlib.suppress(ObjectLostError):
             return Adoption(segid, size, held=self.hold(segid, size))
         path, write_fd, _ = self._claim(size, exact=True)

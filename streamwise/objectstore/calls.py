@@ -34,8 +34,8 @@ from typing import Any
 from streamwise import codec as codecs
 from streamwise.config import HandleOptions, TransportConfig, env_transport_config
 from streamwise.exceptions import MessageTooLargeError, SerializationError
-from streamwise.objectstore._carry import Incoming, chunk_envelope, encode_for_node, is_chunked
-from streamwise.objectstore._payload import CODEC_IDS, PICKLE_CODECS, Payload, carry, encode
+from streamwise.objectstore._carry import EXPORTS, Incoming, chunk_envelope, encode_for_node, is_chunked, ticket_of
+from streamwise.objectstore._payload import CODEC_IDS, PICKLE_CODECS, Payload, encode
 from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
 from streamwise.objectstore.ref import ObjectRef, ref_of
@@ -223,9 +223,21 @@ class ChunkReceiver:
         """An Incoming for ``envelope`` if its bytes follow in chunks, else None."""
         return Incoming(current_store(), envelope) if is_chunked(envelope) else None
 
+    @staticmethod
+    def fetch(envelope: bytes) -> tuple[bytes, Incoming] | None:
+        """(ticket, Incoming) if ``envelope`` is a fetch envelope, else None."""
+        ticket = ticket_of(envelope)
+        return None if ticket is None else (ticket, Incoming(current_store(), envelope))
+
     def finish(self, incoming: Incoming) -> bytes:
         """The envelope to decode, once ``incoming`` has all its bytes."""
         return incoming.finish(*self._call, self._seqs)
+
+
+def take_export(ticket: bytes) -> list[memoryview] | None:
+    """The chunks of a result waiting for the Fetch naming ``ticket`` (once), or None."""
+    outgoing = EXPORTS.take(ticket)
+    return None if outgoing is None else list(outgoing.chunks())
 
 
 def decode_result(raw: Any) -> Any:
@@ -258,15 +270,18 @@ class ServerWire:
     first encode or decode, inside the servicer's error handling.
     """
 
-    def __init__(self, metadata: Mapping[str, str], request_codec: str, response_codec: str) -> None:
+    def __init__(
+        self, metadata: Mapping[str, str], request_codec: str, response_codec: str, *, push: bool = True
+    ) -> None:
         self._codec_names = (request_codec, response_codec)
         self._spec = metadata.get(REF_KEY)
         self.by_reference = self._spec is not None
         self._limit = env_transport_config().grpc_max_message_length
         self._pins = 0
         self._call = (0, 0)
-        # The caller reads chunks after each message (another node's session).
-        self.chunked = self._spec is not None and metadata.get(CHUNKS_KEY) == "1"
+        # The caller reads chunks after each message (another node's session), unless
+        # the RPC cannot send any (``push`` false: a unary Call, whose results are fetched).
+        self.chunked = push and self._spec is not None and metadata.get(CHUNKS_KEY) == "1"
         self._carried: list[memoryview] = []
 
     @property
@@ -314,17 +329,20 @@ class ServerWire:
             return _check_size(self._response.dumps(value), what, self._limit)
         store = current_store()
         threshold, self._call, caller_session = self._parse_spec()
-        if caller_session != store.session.name and self.chunked:
-            # Another node, reading chunks: the bytes follow the envelope (see take_carried),
-            # straight from the value's own buffers; nothing is stored or pinned here.
+        if caller_session != store.session.name:
+            # Another node: the bytes follow the envelope as chunks (see take_carried),
+            # or wait here to be fetched, straight from the value's own buffers; nothing
+            # is stored or pinned on this node.
             outgoing = encode_for_node(store, value, self._response.name, threshold)
-            self._carried += outgoing.chunks()
-            return outgoing.envelope
+            if not outgoing.pieces:
+                return outgoing.envelope
+            if self.chunked:
+                self._carried += outgoing.chunks()
+                return outgoing.envelope
+            return EXPORTS.add(outgoing)
         payload = encode(store, value, self._response.name, threshold)
         if not payload.main and not payload.buffers and not payload.extra:
             return payload.to_wire()  # inline: nothing to pin
-        if caller_session != store.session.name:  # another node: the bytes go along, nothing is pinned
-            return carry(store, payload.to_wire())
         # Our holds end with `payload` (when this returns); the pins keep each segment
         # alive until the caller holds it.
         pins: list[int] = []

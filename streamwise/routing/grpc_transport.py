@@ -20,10 +20,14 @@ import grpc
 
 from streamwise import exceptions
 from streamwise._auth import Credentials, channel as auth_channel
-from streamwise.objectstore.calls import CHUNKS_KEY, ChunkReceiver
+from streamwise.objectstore._carry import FETCH
+from streamwise.objectstore.calls import CHUNKS_KEY, REF_KEY, ChunkReceiver
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.routing.target import NotAccepted, ReplicaTarget, cancelled_by_caller, map_error
 from streamwise.streaming import _chunks, _wire
+
+
+_FETCH = bytes([FETCH])
 
 
 def _acked(metadata: grpc.aio.Metadata | None) -> bool:
@@ -199,11 +203,15 @@ class GrpcTransport:
         """Run a unary call (``chunks``: its arguments' bytes, sent once the replica
         admitted it). Cancelling the awaiting task cancels the RPC."""
         conn = self._acquire(target.address)
-        if CHUNKS_KEY in request.metadata:
-            return await self._unary_carried(conn, target, request, chunks or [])
+        if chunks:
+            return await self._unary_carried(conn, target, request, chunks)
         call = conn.stub.Call(request, metadata=self._metadata)
         try:
-            return await call
+            reply = await call
+            value = reply.value
+            if value[:1] == _FETCH and REF_KEY in request.metadata and not reply.HasField("error"):
+                return await self._fetch(conn, target, request, value)
+            return reply
         except grpc.aio.AioRpcError as exc:
             acked = _acked(await call.initial_metadata())
             raise map_error(exc.code(), exc.details(), acked, target) from exc
@@ -214,6 +222,32 @@ class GrpcTransport:
             raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
         finally:
             self._release(target.address, conn)
+
+    async def _fetch(
+        self, conn: _Connection, target: ReplicaTarget, request: replica_pb2.CallRequest, envelope: bytes
+    ) -> replica_pb2.CallReply:
+        """Fetch the bytes a Call's reply carries (see ``objectstore._carry``); the
+        reply with the envelope naming them, in this node's store. Cancelling ends
+        the fetch and removes what had arrived."""
+        found = ChunkReceiver.fetch(envelope)
+        if found is None:
+            raise exceptions.SerializationError("streamwise", "a bad fetch envelope")
+        ticket, incoming = found
+        call = conn.carried[3](replica_pb2.FetchRequest(ticket=ticket), metadata=self._metadata)
+        try:
+            while incoming.needed:
+                chunk = await call.read()
+                if type(chunk) is not _chunks.Chunk:
+                    if chunk is grpc.aio.EOF:
+                        raise exceptions.SerializationError("streamwise", "a fetched result's chunks are missing")
+                    raise exceptions.SerializationError("streamwise", "not a chunk")
+                incoming.feed(chunk.data)
+            return replica_pb2.CallReply(value=ChunkReceiver(request).finish(incoming))
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            incoming.abort()  # no-op once finished: then the call's pins hold the segments
 
     async def _unary_carried(
         self, conn: _Connection, target: ReplicaTarget, request: replica_pb2.CallRequest, chunks: list[memoryview]

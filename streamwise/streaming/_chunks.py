@@ -105,18 +105,24 @@ def add_replica_servicer(servicer: replica_pb2_grpc.ReplicaServicer, server: grp
     handlers["CallCarried"] = handlers["CallCarried"]._replace(
         request_deserializer=input_from, response_serializer=reply_bytes
     )
+    handlers["Fetch"] = handlers["Fetch"]._replace(response_serializer=reply_bytes)
     handlers["Stream"] = handlers["Stream"]._replace(response_serializer=frame_bytes)
     handlers["Channel"] = handlers["Channel"]._replace(request_deserializer=input_from, response_serializer=frame_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def carried_stubs(channel: grpc.aio.Channel) -> tuple[Any, Any, Any]:
-    """(CallCarried, Stream, Channel) multicallables on ``channel`` that read chunks
-    as :class:`Chunk` (and every other message as protobuf)."""
+def carried_stubs(channel: grpc.aio.Channel) -> tuple[Any, Any, Any, Any]:
+    """(CallCarried, Stream, Channel, Fetch) multicallables on ``channel`` that read
+    chunks as :class:`Chunk` (and every other message as protobuf)."""
     request = replica_pb2.CallRequest.SerializeToString
     return (
         channel.stream_stream(f"/{SERVICE}/CallCarried", request_serializer=input_bytes, response_deserializer=reply_from),
         channel.unary_stream(f"/{SERVICE}/Stream", request_serializer=request, response_deserializer=frame_from),
         channel.stream_stream(f"/{SERVICE}/Channel", request_serializer=input_bytes, response_deserializer=frame_from),
+        channel.unary_stream(
+            f"/{SERVICE}/Fetch",
+            request_serializer=replica_pb2.FetchRequest.SerializeToString,
+            response_deserializer=reply_from,
+        ),
     )

@@ -26,7 +26,7 @@ from streamwise.actors._methods import MethodKind, coalesce_of
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.metrics.recorders import REGISTRY, ReplicaRecorder, ok_status
-from streamwise.objectstore.calls import ServerWire, receive_args
+from streamwise.objectstore.calls import ServerWire, receive_args, take_export
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 from streamwise.streaming._chunks import Chunk
@@ -110,7 +110,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _payload(self, request: replica_pb2.CallRequest) -> Payload:
+    def _payload(self, request: replica_pb2.CallRequest, push: bool = True) -> Payload:
         """How this call's bytes become values and back; closed when the call ends.
 
         Calls from the ingress carry protobuf bytes, decoded with the RPC's message
@@ -122,7 +122,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             if rpc is None:
                 raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
             return RpcPayload(rpc)
-        return ServerWire(request.metadata, request.codec, request.response_codec)
+        return ServerWire(request.metadata, request.codec, request.response_codec, push=push)
 
     def _bind(
         self, request: replica_pb2.CallRequest, payload: Payload, *leading: Any
@@ -202,7 +202,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             self._enter_context(request)
             with self._span(request, streaming=False) as span:
                 try:
-                    payload = self._payload(request)
+                    payload = self._payload(request, push=write is not None)
                     kind, call = self._bind(request, payload)
                     if kind is MethodKind.ASYNC:
                         result = await call()
@@ -239,6 +239,15 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             self._done()
             if self._recorder is not None:
                 self._recorder.finished(request.method, status, time.perf_counter() - started)
+
+    async def Fetch(self, request: replica_pb2.FetchRequest, context: grpc.aio.ServicerContext) -> None:
+        """The chunks of a result a Call returned to another node's session (once).
+        A caller that goes away mid-transfer ends it; the result is dropped either way."""
+        chunks = take_export(request.ticket)
+        if chunks is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "streamwise: no such result to fetch (expired or fetched)")
+        for chunk in chunks:
+            await context.write(Chunk(chunk))
 
     def _span(self, request: replica_pb2.CallRequest, streaming: bool):
         """The replica's span of one request, parented by the caller's trace context."""

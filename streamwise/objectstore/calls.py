@@ -23,6 +23,12 @@ named after the call) before sending it, and the caller drops each pin once it h
 the segment. A call that ends early (cancelled, failed, replica died) removes its
 remaining pins; a callee that finishes after its caller's anchor was released removes
 the pins it made; releasing an anchor sweeps pins any of its calls left behind.
+
+Between nodes (caller and callee in different store sessions) segments cannot be
+named: their bytes travel as chunks on the call's own RPCs (see ``_carry``). The
+receiving side writes them into its session; results are then pinned under the
+caller's call exactly as above (``ChunkReceiver``), and arguments are held by the
+callee until its call ends (``receive_args``).
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ _OPTIONS = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_len
 
 
 def _serve(tls_dir: str) -> None:
+    with open(os.path.join(tls_dir, "key"), "rb") as f:
+        key = f.read()
+    with open(os.path.join(tls_dir, "cert"), "rb") as f:
+        cert = f.read()
     array = np.ones(BIG, dtype=np.uint8)
     view = memoryview(array).cast("B")
 
@@ -57,10 +61,6 @@ def _serve(tls_dir: str) -> None:
             yield Chunk(view[start : start + size])
 
     async def main() -> None:
-        with open(os.path.join(tls_dir, "key"), "rb") as f:
-            key = f.read()
-        with open(os.path.join(tls_dir, "cert"), "rb") as f:
-            cert = f.read()
         server = grpc.aio.server(options=_OPTIONS)
         handlers = {
             "Whole": grpc.unary_unary_rpc_method_handler(whole),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -230,11 +231,11 @@ class Incoming:
     def __init__(self, store: Store, envelope: bytes | memoryview) -> None:
         view = memoryview(envelope)
         try:
-            version, codec_id, has_main, n_buffers, n_extra, inline_len = _HEAD.unpack_from(view, 0)
+            version, _, has_main, n_buffers, n_extra, inline_len = _HEAD.unpack_from(view, 0)
             body = _HEAD.size + (has_main + n_buffers + n_extra) * _PART.size + inline_len
             (count,) = _COUNT.unpack_from(view, body)
             rows = [_SEGMENT.unpack_from(view, body + _COUNT.size + i * _SEGMENT.size) for i in range(count)]
-        except Exception:
+        except struct.error:
             raise SerializationError("streamwise", "truncated chunked envelope") from None
         if version not in (CHUNKED, FETCH):
             raise SerializationError("streamwise", f"not a chunked envelope (version {version})")

@@ -6,8 +6,8 @@ envelope* (version 3): the usual parts and inline stream, then a table of the
 segments it carries (id, size, and the range of bytes used in each). The bytes of
 those ranges follow on the same RPC, in table order, as raw messages of at most
 ``CHUNK_BYTES`` each (``CallReply.chunk``, ``Frame.chunk``, ``StreamInput.chunk``),
-so no message ever holds
-a large value whole, and neither side joins or re-serializes it.
+so no message ever holds a large value whole, and neither side joins or
+re-serializes it.
 
 Sending (:func:`encode_for_node`): parts that already live in a segment (refs inside
 the value, views received earlier) are read from their shared mapping; everything

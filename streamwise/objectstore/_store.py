@@ -346,18 +346,32 @@ class Store:
     def _claim(self, length: int, *, exact: bool = False) -> tuple[str, int, int]:
         """A file of at least ``length`` bytes (``exact``: of exactly that many, a
         multiple of the page size) under a temporary name: pooled if one fits, else
-        new. Raises ObjectStoreFullError past the session's capacity."""
+        new. Raises ObjectStoreFullError past the session's capacity.
+
+        An exact claim takes a pooled file of up to twice the length too, and cuts
+        it to size: its pages stay allocated (segments adopted from another node
+        come in the sizes that node's pool happened to give, rarely one pooled here).
+        """
         session = self.session
         used, pool = session.usage()
-        most = length if exact else max(2 * length, length + (1 << 20))
+        most = max(2 * length, length + (1 << 20))
         fits = sorted(p for p in pool if length <= p[0] <= most)
         for size, pooled in fits:
-            tmp = session.tmp(size)
+            tmp = session.tmp(length if exact else size)
             try:
                 os.rename(pooled, tmp)  # atomic: one claimer wins
             except FileNotFoundError:
                 continue
-            return tmp, os.open(tmp, os.O_RDWR | os.O_CLOEXEC), size
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            if exact and size != length:
+                try:
+                    os.ftruncate(fd, length)
+                except BaseException:
+                    os.close(fd)
+                    os.unlink(tmp)
+                    raise
+                size = length
+            return tmp, fd, size
         size = max(PAGE, -(-length // PAGE) * PAGE)
         if used + size > session.capacity:
             for pooled_size, pooled in sorted(pool, reverse=True):

@@ -6,8 +6,8 @@ the TCP + TLS path a call between machines takes, minus the network). The driver
 on node A; one replica runs on each node. Printed for each: unary calls/s (sequential
 and 32 concurrent), items/s of a stream of small items, and a 100 MB numpy array
 returned by reference (on the same node through shared memory; across nodes its
-bytes travel with the reply, over the TLS connection, into the caller's node store)
-and by value. With ``ray[serve]`` installed, the same
+bytes follow the reply in chunks, over the TLS connection, into the caller's node
+store) and by value, and passed as an argument (by reference). With ``ray[serve]`` installed, the same
 figures for Ray Serve follow, measured on the same cluster in the same run.
 
     python benchmarks/cluster_bench.py [--calls 2000] [--items 200000]
@@ -49,6 +49,9 @@ class Echo:
     async def big(self) -> np.ndarray:
         return self.array
 
+    async def size(self, array: np.ndarray) -> int:
+        return array.nbytes
+
     def __init__(self) -> None:
         self.array = np.ones(BIG, dtype=np.uint8)
 
@@ -81,7 +84,20 @@ async def _figures(handle, calls: int, items: int) -> dict[str, float]:
             assert array.nbytes == BIG
             del array
         out[key] = min(runs) * 1e3
+    out["arg_ms"] = await _argument(handle.size)
     return out
+
+
+async def _argument(method) -> float:
+    """Best of 3: a call whose argument is a 100 MB array (each call a new array)."""
+    await method.remote(np.ones(1, dtype=np.uint8))
+    runs = []
+    for _ in range(3):
+        array = np.ones(BIG, dtype=np.uint8)
+        start = time.perf_counter()
+        assert await method.remote(array) == BIG
+        runs.append(time.perf_counter() - start)
+    return min(runs) * 1e3
 
 
 async def _streamwise(calls: int, items: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -114,6 +130,9 @@ def _serve(calls: int, items: int) -> tuple[dict[str, float], dict[str, float]] 
         async def big(self) -> np.ndarray:
             return self.array
 
+        async def size(self, array: np.ndarray) -> int:
+            return array.nbytes
+
     async def measure(handle) -> dict[str, float]:
         await handle.echo.remote(0)
         out = {
@@ -132,6 +151,7 @@ def _serve(calls: int, items: int) -> tuple[dict[str, float], dict[str, float]] 
             runs.append(time.perf_counter() - start)
             assert array.nbytes == BIG
         out["big_ms"] = min(runs) * 1e3
+        out["arg_ms"] = await _argument(handle.size)
         return out
 
     results = []
@@ -153,6 +173,7 @@ def _report(who: str, near: dict[str, float], far: dict[str, float]) -> None:
     say(_line(f"{who} unary {CONCURRENCY}", near["conc"], far["conc"], "calls/s"))
     say(_line(f"{who} stream items", near["items"], far["items"], "items/s"))
     say(_line(f"{who} 100 MB result", near["big_ms"], far["big_ms"], "ms", ",.1f"))
+    say(_line(f"{who} 100 MB argument", near["arg_ms"], far["arg_ms"], "ms", ",.1f"))
     if "big_value_ms" in near:
         say(_line(f"{who} 100 MB, by value", near["big_value_ms"], far["big_value_ms"], "ms", ",.1f"))
 

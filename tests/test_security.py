@@ -198,6 +198,28 @@ def test_a_call_without_the_secret_is_refused_undecoded(serve, tmp_path, secret)
     assert os.path.exists(marker)
 
 
+def test_the_rpcs_that_carry_chunks_refuse_callers_without_the_secret(serve, tmp_path):
+    """CallCarried and Fetch (values crossing nodes) refuse a call without the app
+    secret with UNAUTHENTICATED, before decoding it; with the secret, a ticket that
+    names no waiting result fetches nothing (NOT_FOUND)."""
+    handle = serve(Vault.bind("hunter2"))
+    marker = str(tmp_path / "ran")
+    carried = replica_pb2.StreamInput(call=_evil_call(marker))
+    fetch = replica_pb2.FetchRequest(ticket=os.urandom(16))
+    with grpc.insecure_channel(f"unix:{_replica_socket()}") as channel:
+        stub = replica_pb2_grpc.ReplicaStub(channel)
+        for start in (lambda: stub.CallCarried(iter([carried]), timeout=10), lambda: stub.Fetch(fetch, timeout=10)):
+            with pytest.raises(grpc.RpcError) as info:
+                list(start())
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert RUNTIME.credentials is not None
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Fetch(fetch, metadata=RUNTIME.credentials.metadata, timeout=10))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not os.path.exists(marker)
+    assert handle.remote(3).result() == 3
+
+
 def test_the_controller_refuses_callers_without_the_secret(serve):
     """Every controller RPC needs the app secret: no spec, no attach, no replica set."""
     serve(Vault.bind("hunter2"))

@@ -35,8 +35,9 @@ from streamwise.config import env_local_transport
 from streamwise.exceptions import ObjectLostError
 from streamwise.metrics import recorders
 from streamwise.metrics.recorders import ReplicaRecorder
-from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2_grpc
+from streamwise.proto import controller_pb2, controller_pb2_grpc
 from streamwise.streaming import _local_wire, _wire
+from streamwise.streaming._chunks import add_replica_servicer
 from streamwise.streaming.direct import DirectFront
 from streamwise.streaming.local_server import LocalServer
 from streamwise.streaming.schema import rpc_table
@@ -196,7 +197,7 @@ async def serve(
         reporter = LoadReporter(
             (spec.app, config.name), controller_address, credentials, lambda: servicer.ongoing, lambda: 0
         )
-        replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, server)
+        add_replica_servicer(servicer, server)  # chunk messages serialized by hand
         grpc_path, local_path = auth.replica_sockets(credentials, os.getpid())
         local = LocalServer(servicer, credentials) if env_local_transport() else None
         attach: grpc.aio.UnaryStreamCall | None = None

@@ -35,8 +35,7 @@ CODEC_IDS = {"cloudpickle": 1, "pickle": 2, "msgpack": 3, "orjson": 4}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 PICKLE_CODECS = frozenset({"cloudpickle", "pickle"})
 
-_VERSION = 1
-_CARRIED = 2  # an envelope carrying its segments' bytes: sent to another node's session
+_VERSION = 1  # (2 was an envelope with its segments' bytes inside; see _carry for 3 and 4)
 _HEAD = struct.Struct("<BBBxIIQ")  # version, codec, main is a part, n buffers, n extra, inline length
 _PART = struct.Struct("<16sQQQI")  # segment id, segment size, offset, length, pin (0: none)
 _COUNT = struct.Struct("<I")
@@ -127,7 +126,7 @@ class Payload:
             version, codec_id, has_main, n_buffers, n_extra, inline_len = _HEAD.unpack_from(view, 0)
         except struct.error:
             raise SerializationError("streamwise", "truncated object store envelope") from None
-        if version not in (_VERSION, _CARRIED) or codec_id not in CODEC_NAMES:
+        if version != _VERSION or codec_id not in CODEC_NAMES:
             raise SerializationError("streamwise", f"unknown object store envelope (version {version})")
         offset = _HEAD.size
         if not (has_main or n_buffers or n_extra):
@@ -138,7 +137,6 @@ class Payload:
             offset += _PART.size
             parts.append((Part(segid.hex(), size, start, length), pin))
         inline = view[offset : offset + inline_len]
-        adopted = _adopt(store, view, offset + inline_len) if version == _CARRIED else []
         holds: list[Held] = []
         try:
             for part, pin in parts:
@@ -149,9 +147,6 @@ class Payload:
             for held in holds:
                 store.release(held)
             raise
-        finally:
-            for held in adopted:  # the parts' holds keep them now
-                store.release(held)
         own = [p for p, _ in parts]
         main = own[0] if has_main else None
         return cls(
@@ -186,66 +181,6 @@ class Payload:
             raise
         except Exception as exc:
             raise SerializationError(self.codec, f"{type(exc).__name__}: {exc}") from exc
-
-
-# -- between nodes ---------------------------------------------------------------------
-
-
-def carry(store: Store, data: bytes) -> bytes:
-    """The envelope ``data`` with the bytes of every segment it names inside, for a
-    process of another node's session (``Payload.from_wire`` there adopts them).
-
-    Its parts must be held in this process until this returns (the payload that
-    made the envelope, or a held call argument or result). Pins are left out: the
-    receiver holds what it adopts from the moment it decodes the envelope.
-    """
-    view = memoryview(data)
-    version, codec_id, has_main, n_buffers, n_extra, inline_len = _HEAD.unpack_from(view, 0)
-    count = has_main + n_buffers + n_extra
-    if version != _VERSION or not count:
-        return data
-    offset = _HEAD.size
-    spans: dict[tuple[str, int], tuple[int, int]] = {}  # (segment, size) -> bytes used in it
-    body = []
-    for _ in range(count):
-        segid, size, start, length, _pin = _PART.unpack_from(view, offset)
-        offset += _PART.size
-        body.append(_PART.pack(segid, size, start, length, 0))
-        key = (segid.hex(), size)
-        low, high = spans.get(key, (start, start + length))
-        spans[key] = (min(low, start), max(high, start + length))
-    inline = view[offset : offset + inline_len]
-    chunks: list[bytes | memoryview] = [_HEAD.pack(_CARRIED, codec_id, has_main, n_buffers, n_extra, inline_len)]
-    chunks += body
-    chunks += [inline, _COUNT.pack(len(spans))]
-    holds: list[Held] = []
-    try:
-        for (segid, size), (low, high) in spans.items():
-            holds.append(held := store.hold(segid, size))
-            chunks += [_SEGMENT.pack(bytes.fromhex(segid), size, low, high - low), store.view(held)[low:high]]
-        return b"".join(chunks)
-    finally:
-        del chunks  # the views, before the holds go
-        for held in holds:
-            store.release(held)
-
-
-def _adopt(store: Store, view: memoryview, offset: int) -> list[Held]:
-    """Adopt the segments a carried envelope brings (each held once)."""
-    (count,) = _COUNT.unpack_from(view, offset)
-    offset += _COUNT.size
-    adopted: list[Held] = []
-    try:
-        for _ in range(count):
-            segid, size, start, length = _SEGMENT.unpack_from(view, offset)
-            offset += _SEGMENT.size
-            adopted.append(store.adopt(segid.hex(), size, [(start, view[offset : offset + length])]))
-            offset += length
-    except BaseException:
-        for held in adopted:
-            store.release(held)
-        raise
-    return adopted
 
 
 # -- encoding ------------------------------------------------------------------------
@@ -340,24 +275,29 @@ def _pickler_class(base: type) -> type:
 _PICKLERS = {"cloudpickle": _pickler_class(codecs.CloudPickler), "pickle": _pickler_class(pickle.Pickler)}
 
 
+def serialize(value: Any, codec: str, threshold: int) -> tuple[list[Any], list[memoryview], list[Any]]:
+    """``value`` as (its stream in chunks, its out-of-band buffers of ``threshold``
+    bytes or more, the ObjectRefs inside it)."""
+    oob: list[memoryview] = []
+    refs: list[Any] = []
+    if codec not in PICKLE_CODECS:
+        return [codecs.get_codec(codec).dumps(value)], oob, refs
+    sink = _Sink(threshold, oob)
+    try:
+        _PICKLERS[codec](sink, threshold, oob, refs).dump(value)
+    except StreamwiseError:
+        raise
+    except Exception as exc:
+        raise SerializationError(codec, f"{type(exc).__name__}: {exc}") from exc
+    return sink.chunks, oob, refs
+
+
 def encode(store: Store, value: Any, codec: str, threshold: int, *, store_main: bool = False) -> Payload:
     """Encode ``value``; parts of ``threshold`` bytes or more go to segments.
 
     ``store_main`` puts the pickle stream in a segment even when it is small (put()).
     """
-    oob: list[memoryview] = []
-    refs: list[Any] = []
-    if codec in PICKLE_CODECS:
-        sink = _Sink(threshold, oob)
-        try:
-            _PICKLERS[codec](sink, threshold, oob, refs).dump(value)
-        except StreamwiseError:
-            raise
-        except Exception as exc:
-            raise SerializationError(codec, f"{type(exc).__name__}: {exc}") from exc
-        chunks = sink.chunks
-    else:
-        chunks = [codecs.get_codec(codec).dumps(value)]
+    chunks, oob, refs = serialize(value, codec, threshold)
     length = sum(map(len, chunks))  # bytes, or 1-D byte views of them
     if length < threshold and not (store_main or oob or refs):
         return Payload(store, codec, chunks[0] if len(chunks) == 1 else b"".join(chunks), None, (), (), [])

@@ -107,6 +107,37 @@ class _WriterMap:
         self.fd = fd  # our own descriptor, to see whether the file still has a name
 
 
+class Adoption:
+    """A segment of another node's session being written into this one."""
+
+    __slots__ = ("segid", "size", "held", "path", "fd", "write_fd", "target")
+
+    def __init__(self, segid: str, size: int, *, held: Held | None = None, path: str = "", fd: int = -1) -> None:
+        self.segid = segid
+        self.size = size
+        self.held = held  # the session had it already: nothing to write
+        self.path = path
+        self.fd = fd  # read-only, share-locked: becomes the hold once published
+        self.write_fd = -1
+        self.target: memoryview | None = None
+
+    @property
+    def needed(self) -> bool:
+        return self.held is None
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        if self.target is not None:
+            self.target[offset : offset + len(data)] = data
+
+    def close_writer(self) -> None:
+        if self.target is not None:
+            self.target.release()
+            self.target = None
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+
 class Store:
     """The store session as seen from this process (thread-safe)."""
 
@@ -244,57 +275,103 @@ class Store:
             self._held[segid] = held
         return held
 
-    def adopt(self, segid: str, size: int, pieces: Sequence[tuple[int, memoryview]]) -> Held:
-        """Hold segment ``segid`` (of ``size`` bytes) of another node's session in this
-        one, made here from ``pieces`` ((offset, bytes) in it) unless this session
-        already has it, held once by the caller. Segment ids are unique everywhere,
-        so refs inside the value name the adopted segment as they named the original."""
+    def begin_adopt(self, segid: str, size: int) -> Adoption:
+        """Start adopting segment ``segid`` (of ``size`` bytes) of another node's
+        session into this one: its bytes are written into a file of this session
+        under a temporary name, unless the session already has it (``Adoption.needed``
+        is then False and writes are ignored). Segment ids are unique everywhere, so
+        refs inside a value name the adopted segment as they named the original.
+        End with :meth:`end_adopt` (held once by the caller), or :meth:`cancel_adopt`
+        (which removes the file)."""
         with contextlib.suppress(ObjectLostError):
-            return self.hold(segid, size)
+            return Adoption(segid, size, held=self.hold(segid, size))
         path, write_fd, _ = self._claim(size, exact=True)
         fd = -1
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_SH)
             mm = self._writer_map(write_fd, size)
-            with memoryview(mm) as target:
-                for offset, data in pieces:
-                    target[offset : offset + data.nbytes] = data
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.close(write_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        adoption = Adoption(segid, size, path=path, fd=fd)
+        adoption.target = memoryview(mm)
+        adoption.write_fd = write_fd
+        return adoption
+
+    def end_adopt(self, adoption: Adoption) -> Held:
+        """Publish an adopted segment whole; it is held once by the caller."""
+        if adoption.held is not None:
+            held, adoption.held = adoption.held, None
+            return held
+        fd, adoption.fd = adoption.fd, -1
+        try:
+            adoption.close_writer()
             try:
-                os.link(path, self.session.segment(segid, size))  # published complete, never over another
+                os.link(adoption.path, self.session.segment(adoption.segid, adoption.size))  # never over another
             except FileExistsError:  # adopted by another process meanwhile: use theirs
                 os.close(fd)
                 fd = -1
-                return self.hold(segid, size)
+                return self.hold(adoption.segid, adoption.size)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             raise
         finally:
-            os.close(write_fd)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        held = Held(segid, size, fd)
+                os.unlink(adoption.path)
+        held = Held(adoption.segid, adoption.size, fd)
         held.refs = 1
         with self._mutex:
-            self._held[segid] = held
+            self._held[adoption.segid] = held
         return held
+
+    def cancel_adopt(self, adoption: Adoption) -> None:
+        """Give up an adoption: its partly written file is removed (or its hold dropped)."""
+        if adoption.held is not None:
+            held, adoption.held = adoption.held, None
+            self.release(held)
+            return
+        adoption.close_writer()
+        if adoption.fd >= 0:
+            os.close(adoption.fd)
+            adoption.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(adoption.path)
 
     def _claim(self, length: int, *, exact: bool = False) -> tuple[str, int, int]:
         """A file of at least ``length`` bytes (``exact``: of exactly that many, a
         multiple of the page size) under a temporary name: pooled if one fits, else
-        new. Raises ObjectStoreFullError past the session's capacity."""
+        new. Raises ObjectStoreFullError past the session's capacity.
+
+        An exact claim takes a pooled file of up to twice the length too, and cuts
+        it to size: its pages stay allocated (segments adopted from another node
+        come in the sizes that node's pool happened to give, rarely one pooled here).
+        """
         session = self.session
         used, pool = session.usage()
-        most = length if exact else max(2 * length, length + (1 << 20))
+        most = max(2 * length, length + (1 << 20))
         fits = sorted(p for p in pool if length <= p[0] <= most)
         for size, pooled in fits:
-            tmp = session.tmp(size)
+            tmp = session.tmp(length if exact else size)
             try:
                 os.rename(pooled, tmp)  # atomic: one claimer wins
             except FileNotFoundError:
                 continue
-            return tmp, os.open(tmp, os.O_RDWR | os.O_CLOEXEC), size
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            if exact and size != length:
+                try:
+                    os.ftruncate(fd, length)
+                except BaseException:
+                    os.close(fd)
+                    os.unlink(tmp)
+                    raise
+                size = length
+            return tmp, fd, size
         size = max(PAGE, -(-length // PAGE) * PAGE)
         if used + size > session.capacity:
             for pooled_size, pooled in sorted(pool, reverse=True):

@@ -23,17 +23,25 @@ named after the call) before sending it, and the caller drops each pin once it h
 the segment. A call that ends early (cancelled, failed, replica died) removes its
 remaining pins; a callee that finishes after its caller's anchor was released removes
 the pins it made; releasing an anchor sweeps pins any of its calls left behind.
+
+Between nodes (caller and callee in different store sessions) segments cannot be
+named: their bytes travel as chunks on the call's own RPCs (see ``_carry``). The
+receiving side writes them into its session; results are then pinned under the
+caller's call exactly as above (``ChunkReceiver``), and arguments are held by the
+callee until its call ends (``receive_args``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from streamwise import codec as codecs
 from streamwise.config import HandleOptions, TransportConfig, env_transport_config
 from streamwise.exceptions import MessageTooLargeError, SerializationError
-from streamwise.objectstore._payload import PICKLE_CODECS, Payload, carry, encode
+from streamwise.objectstore._carry import EXPORTS, Incoming, chunk_envelope, encode_for_node, is_chunked, ticket_of
+from streamwise.objectstore._payload import CODEC_IDS, PICKLE_CODECS, Payload, encode
 from streamwise.objectstore._process import current_store
 from streamwise.objectstore._store import Store
 from streamwise.objectstore.ref import ObjectRef, ref_of
@@ -44,6 +52,10 @@ from streamwise.objectstore.ref import ObjectRef, ref_of
 # CallerWire: a request carrying it is decoded as an envelope and then unpickled, so
 # nothing may copy external (client) metadata into a CallRequest under this key.
 REF_KEY = "sw-ref"
+# Request metadata of a by-reference call to another node's store session over a
+# path that reads chunks (CallCarried, Stream, Channel over gRPC): the callee may
+# answer with chunked envelopes (see ``_carry``). Set only by ``carried_request``.
+CHUNKS_KEY = "sw-chunks"
 
 
 def _check_size(data: bytes, what: str, limit: int) -> bytes:
@@ -158,13 +170,80 @@ class CallerWire:
         return Payload.from_wire(current_store(), data, self._call).value()
 
 
-def carried_request(request: Any) -> Any:
-    """A copy of a by-reference ``request`` whose arguments carry their bytes, for a
-    replica of another node's session (the caller still holds them: see CallerWire)."""
+def carried_request(request: Any) -> tuple[Any, list[memoryview]]:
+    """A copy of a by-reference ``request`` for a replica of another node's session,
+    and the chunks to send right after it: its arguments become a chunked envelope
+    when they name segments (the caller still holds them: see CallerWire)."""
     carried = type(request)()
     carried.CopyFrom(request)
-    carried.args = carry(current_store(), request.args)
-    return carried
+    outgoing = chunk_envelope(current_store(), request.args)
+    carried.args = outgoing.envelope
+    carried.metadata[CHUNKS_KEY] = "1"
+    return carried, list(outgoing.chunks())
+
+
+async def receive_args(request: Any, read: Callable[[], Awaitable[Any]]) -> Callable[[], None] | None:
+    """In a replica: when ``request`` (from another node) has a chunked envelope as
+    its arguments, read their chunks (``read()`` returns each chunk's bytes, or
+    something else if the caller stopped sending) into this node's store and make
+    ``request.args`` the envelope naming them; returns what releases them once the
+    arguments are decoded (None if there was nothing to read). Cancelling removes
+    what was partly written."""
+    if request.codec not in CODEC_IDS or REF_KEY not in request.metadata or CHUNKS_KEY not in request.metadata:
+        return None
+    if not is_chunked(request.args):
+        return None
+    store = current_store()
+    incoming = Incoming(store, request.args)
+    try:
+        while incoming.needed:
+            chunk = await read()
+            if not isinstance(chunk, memoryview):
+                raise SerializationError("streamwise", "the arguments' chunks are missing")
+            incoming.feed(chunk)
+        request.args, holds = incoming.finish_held()
+    finally:
+        incoming.abort()
+
+    def release() -> None:
+        for held in holds:
+            store.release(held)
+
+    return release
+
+
+class ChunkReceiver:
+    """Where the chunked envelopes of one carried call's replies land: this process's
+    store, each part pinned under the call (so the caller's ``CallerWire`` decodes
+    them as usual, and a call that ends early clears them)."""
+
+    __slots__ = ("_call", "_seqs")
+
+    def __init__(self, request: Any) -> None:
+        _, anchor, call, _ = request.metadata[REF_KEY].split(":")
+        self._call = (int(anchor), int(call))
+        self._seqs = itertools.count(1)
+
+    @staticmethod
+    def begin(envelope: bytes) -> Incoming | None:
+        """An Incoming for ``envelope`` if its bytes follow in chunks, else None."""
+        return Incoming(current_store(), envelope) if is_chunked(envelope) else None
+
+    @staticmethod
+    def fetch(envelope: bytes) -> tuple[bytes, Incoming] | None:
+        """(ticket, Incoming) if ``envelope`` is a fetch envelope, else None."""
+        ticket = ticket_of(envelope)
+        return None if ticket is None else (ticket, Incoming(current_store(), envelope))
+
+    def finish(self, incoming: Incoming) -> bytes:
+        """The envelope to decode, once ``incoming`` has all its bytes."""
+        return incoming.finish(*self._call, self._seqs)
+
+
+def take_export(ticket: bytes) -> list[memoryview] | None:
+    """The chunks of a result waiting for the Fetch naming ``ticket`` (once), or None."""
+    outgoing = EXPORTS.take(ticket)
+    return None if outgoing is None else list(outgoing.chunks())
 
 
 def decode_result(raw: Any) -> Any:
@@ -197,13 +276,19 @@ class ServerWire:
     first encode or decode, inside the servicer's error handling.
     """
 
-    def __init__(self, metadata: Mapping[str, str], request_codec: str, response_codec: str) -> None:
+    def __init__(
+        self, metadata: Mapping[str, str], request_codec: str, response_codec: str, *, push: bool = True
+    ) -> None:
         self._codec_names = (request_codec, response_codec)
         self._spec = metadata.get(REF_KEY)
         self.by_reference = self._spec is not None
         self._limit = env_transport_config().grpc_max_message_length
         self._pins = 0
         self._call = (0, 0)
+        # The caller reads chunks after each message (another node's session), unless
+        # the RPC cannot send any (``push`` false: a unary Call, whose results are fetched).
+        self.chunked = push and self._spec is not None and metadata.get(CHUNKS_KEY) == "1"
+        self._carried: list[memoryview] = []
 
     @property
     def _request(self) -> codecs.Codec:
@@ -250,11 +335,20 @@ class ServerWire:
             return _check_size(self._response.dumps(value), what, self._limit)
         store = current_store()
         threshold, self._call, caller_session = self._parse_spec()
+        if caller_session != store.session.name:
+            # Another node: the bytes follow the envelope as chunks (see take_carried),
+            # or wait here to be fetched, straight from the value's own buffers; nothing
+            # is stored or pinned on this node.
+            outgoing = encode_for_node(store, value, self._response.name, threshold)
+            if not outgoing.pieces:
+                return outgoing.envelope
+            if self.chunked:
+                self._carried += outgoing.chunks()
+                return outgoing.envelope
+            return EXPORTS.add(outgoing)
         payload = encode(store, value, self._response.name, threshold)
         if not payload.main and not payload.buffers and not payload.extra:
             return payload.to_wire()  # inline: nothing to pin
-        if caller_session != store.session.name:  # another node: the bytes go along, nothing is pinned
-            return carry(store, payload.to_wire())
         # Our holds end with `payload` (when this returns); the pins keep each segment
         # alive until the caller holds it.
         pins: list[int] = []
@@ -273,6 +367,12 @@ class ServerWire:
     args = loads_args
     value = dumps_result
     items = dumps_items
+
+    def take_carried(self) -> list[memoryview]:
+        """The chunks to send right after the message holding the last envelope made
+        (empty unless the caller is on another node); they stay valid on their own."""
+        carried, self._carried = self._carried, []
+        return carried
 
     def inputs(self, data: bytes) -> list[Any]:
         """Items of an input stream: they always travel by value."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamwise/proto/replica.proto\x12\rstreamwise.v1\"\xbf\x01\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.streamwise.v1.CallRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRemoteError\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"E\n\tCallReply\x12\r\n\x05value\x18\x01 \x01(\x0c\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"P\n\x05\x46rame\x12\r\n\x05items\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"R\n\x0bStreamInput\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.CallRequestH\x00\x12\x0f\n\x05items\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x0f\n\rHealthRequest\"8\n\x0bHealthReply\x12)\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"\x0e\n\x0cStatsRequest\"&\n\nStatsReply\x12\x18\n\x10ongoing_requests\x18\x01 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x32\x97\x03\n\x07Replica\x12<\n\x04\x43\x61ll\x12\x1a.streamwise.v1.CallRequest\x1a\x18.streamwise.v1.CallReply\x12<\n\x06Stream\x12\x1a.streamwise.v1.CallRequest\x1a\x14.streamwise.v1.Frame0\x01\x12?\n\x07\x43hannel\x12\x1a.streamwise.v1.StreamInput\x1a\x14.streamwise.v1.Frame(\x01\x30\x01\x12G\n\x0b\x43heckHealth\x12\x1c.streamwise.v1.HealthRequest\x1a\x1a.streamwise.v1.HealthReply\x12?\n\x05Stats\x12\x1b.streamwise.v1.StatsRequest\x1a\x19.streamwise.v1.StatsReply\x12\x45\n\x07Metrics\x12\x1d.streamwise.v1.MetricsRequest\x1a\x1b.streamwise.v1.MetricsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estreamwise/proto/replica.proto\x12\rstreamwise.v1\"\xbf\x01\n\x0b\x43\x61llRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x16\n\x0eresponse_codec\x18\x04 \x01(\t\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.streamwise.v1.CallRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bRemoteError\x12\x11\n\ttype_name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\"T\n\tCallReply\x12\r\n\x05value\x18\x01 \x01(\x0c\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\"_\n\x05\x46rame\x12\r\n\x05items\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\"c\n\x0bStreamInput\x12*\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.CallRequestH\x00\x12\x0f\n\x05items\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1e\n\x0c\x46\x65tchRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\"\x0f\n\rHealthRequest\"8\n\x0bHealthReply\x12)\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1a.streamwise.v1.RemoteError\"\x0e\n\x0cStatsRequest\"&\n\nStatsReply\x12\x18\n\x10ongoing_requests\x18\x01 \x01(\r\"\x10\n\x0eMetricsRequest\"\x1c\n\x0cMetricsReply\x12\x0c\n\x04text\x18\x01 \x01(\x0c\x32\xa2\x04\n\x07Replica\x12<\n\x04\x43\x61ll\x12\x1a.streamwise.v1.CallRequest\x1a\x18.streamwise.v1.CallReply\x12G\n\x0b\x43\x61llCarried\x12\x1a.streamwise.v1.StreamInput\x1a\x18.streamwise.v1.CallReply(\x01\x30\x01\x12@\n\x05\x46\x65tch\x12\x1b.streamwise.v1.FetchRequest\x1a\x18.streamwise.v1.CallReply0\x01\x12<\n\x06Stream\x12\x1a.streamwise.v1.CallRequest\x1a\x14.streamwise.v1.Frame0\x01\x12?\n\x07\x43hannel\x12\x1a.streamwise.v1.StreamInput\x1a\x14.streamwise.v1.Frame(\x01\x30\x01\x12G\n\x0b\x43heckHealth\x12\x1c.streamwise.v1.HealthRequest\x1a\x1a.streamwise.v1.HealthReply\x12?\n\x05Stats\x12\x1b.streamwise.v1.StatsRequest\x1a\x19.streamwise.v1.StatsReply\x12\x45\n\x07Metrics\x12\x1d.streamwise.v1.MetricsRequest\x1a\x1b.streamwise.v1.MetricsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOTEERROR']._serialized_start=243
   _globals['_REMOTEERROR']._serialized_end=327
   _globals['_CALLREPLY']._serialized_start=329
-  _globals['_CALLREPLY']._serialized_end=398
-  _globals['_FRAME']._serialized_start=400
-  _globals['_FRAME']._serialized_end=480
-  _globals['_STREAMINPUT']._serialized_start=482
-  _globals['_STREAMINPUT']._serialized_end=564
-  _globals['_HEALTHREQUEST']._serialized_start=566
-  _globals['_HEALTHREQUEST']._serialized_end=581
-  _globals['_HEALTHREPLY']._serialized_start=583
-  _globals['_HEALTHREPLY']._serialized_end=639
-  _globals['_STATSREQUEST']._serialized_start=641
-  _globals['_STATSREQUEST']._serialized_end=655
-  _globals['_STATSREPLY']._serialized_start=657
-  _globals['_STATSREPLY']._serialized_end=695
-  _globals['_METRICSREQUEST']._serialized_start=697
-  _globals['_METRICSREQUEST']._serialized_end=713
-  _globals['_METRICSREPLY']._serialized_start=715
-  _globals['_METRICSREPLY']._serialized_end=743
-  _globals['_REPLICA']._serialized_start=746
-  _globals['_REPLICA']._serialized_end=1153
+  _globals['_CALLREPLY']._serialized_end=413
+  _globals['_FRAME']._serialized_start=415
+  _globals['_FRAME']._serialized_end=510
+  _globals['_STREAMINPUT']._serialized_start=512
+  _globals['_STREAMINPUT']._serialized_end=611
+  _globals['_FETCHREQUEST']._serialized_start=613
+  _globals['_FETCHREQUEST']._serialized_end=643
+  _globals['_HEALTHREQUEST']._serialized_start=645
+  _globals['_HEALTHREQUEST']._serialized_end=660
+  _globals['_HEALTHREPLY']._serialized_start=662
+  _globals['_HEALTHREPLY']._serialized_end=718
+  _globals['_STATSREQUEST']._serialized_start=720
+  _globals['_STATSREQUEST']._serialized_end=734
+  _globals['_STATSREPLY']._serialized_start=736
+  _globals['_STATSREPLY']._serialized_end=774
+  _globals['_METRICSREQUEST']._serialized_start=776
+  _globals['_METRICSREQUEST']._serialized_end=792
+  _globals['_METRICSREPLY']._serialized_start=794
+  _globals['_METRICSREPLY']._serialized_end=822
+  _globals['_REPLICA']._serialized_start=825
+  _globals['_REPLICA']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,16 @@ class ReplicaStub:
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
                 response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
                 _registered_method=True)
+        self.CallCarried = channel.stream_stream(
+                '/streamwise.v1.Replica/CallCarried',
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.StreamInput.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/streamwise.v1.Replica/Fetch',
+                request_serializer=streamwise_dot_proto_dot_replica__pb2.FetchRequest.SerializeToString,
+                response_deserializer=streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+                _registered_method=True)
         self.Stream = channel.unary_stream(
                 '/streamwise.v1.Replica/Stream',
                 request_serializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
@@ -71,6 +81,23 @@ class ReplicaServicer:
 
     def Call(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallCarried(self, request_iterator, context):
+        """Call from another node's object store session whose args are a chunked envelope:
+        the call, then the bytes of the segments its args carry, in chunks; the reply,
+        then (when its value is a chunked envelope) the bytes it carries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """The bytes of the segments a Call's reply to another node's session carries
+        (its value a fetch envelope naming `ticket`), in chunks; once only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -111,6 +138,16 @@ def add_ReplicaServicer_to_server(servicer, server):
             'Call': grpc.unary_unary_rpc_method_handler(
                     servicer.Call,
                     request_deserializer=streamwise_dot_proto_dot_replica__pb2.CallRequest.FromString,
+                    response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
+            ),
+            'CallCarried': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallCarried,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.StreamInput.FromString,
+                    response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=streamwise_dot_proto_dot_replica__pb2.FetchRequest.FromString,
                     response_serializer=streamwise_dot_proto_dot_replica__pb2.CallReply.SerializeToString,
             ),
             'Stream': grpc.unary_stream_rpc_method_handler(
@@ -165,6 +202,60 @@ class Replica:
             target,
             '/streamwise.v1.Replica/Call',
             streamwise_dot_proto_dot_replica__pb2.CallRequest.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallCarried(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/streamwise.v1.Replica/CallCarried',
+            streamwise_dot_proto_dot_replica__pb2.StreamInput.SerializeToString,
+            streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/streamwise.v1.Replica/Fetch',
+            streamwise_dot_proto_dot_replica__pb2.FetchRequest.SerializeToString,
             streamwise_dot_proto_dot_replica__pb2.CallReply.FromString,
             options,
             channel_credentials,

@@ -267,15 +267,18 @@ class Router:
 
     # -- calls -----------------------------------------------------------------------
 
-    def _for_target(self, request: replica_pb2.CallRequest, target: ReplicaTarget) -> replica_pb2.CallRequest:
-        """``request`` as ``target`` can read it: by-reference arguments carry their
-        bytes to a replica of another node's object store session."""
+    def _for_target(
+        self, request: replica_pb2.CallRequest, target: ReplicaTarget
+    ) -> tuple[replica_pb2.CallRequest, list[memoryview]]:
+        """``request`` as ``target`` can read it, and the chunks to send after it:
+        by-reference arguments carry their bytes to a replica of another node's
+        object store session."""
         session = target.store_session
         if not session or REF_KEY not in request.metadata:
-            return request
+            return request, []
         if self._session is None:
             self._session = objectstore.session_name()
-        return request if session == self._session else carried_request(request)
+        return (request, []) if session == self._session else carried_request(request)
 
     def _acquire(self, target: ReplicaTarget) -> None:
         self._inflight[target.replica_id] = self._inflight.get(target.replica_id, 0) + 1
@@ -337,7 +340,7 @@ class Router:
                     self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
-                    return await self._transport.unary(target, self._for_target(request, target))
+                    return await self._transport.unary(target, *self._for_target(request, target))
                 except NotAccepted as exc:
                     await self._retry_wait(exc, backoffs, route)
                 except ReplicaDiedError:
@@ -374,7 +377,8 @@ class Router:
                     self._sent_model(model_id, target)
                 self._acquire(target)
                 try:
-                    return await self._transport.open_stream(target, self._for_target(request, target), inputs, encode)
+                    sent, chunks = self._for_target(request, target)
+                    return await self._transport.open_stream(target, sent, inputs, encode, chunks)
                 except NotAccepted as exc:
                     self.release(target)
                     await self._retry_wait(exc, backoffs, route)

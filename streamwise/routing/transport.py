@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from streamwise._auth import Credentials
+from streamwise.objectstore.calls import CHUNKS_KEY
 from streamwise.proto import replica_pb2
 from streamwise.routing.grpc_transport import GrpcTransport
 from streamwise.routing.local_transport import LocalTransport, Unreachable
@@ -28,18 +29,26 @@ class Transport:
         self._grpc = GrpcTransport(credentials)
         self._local = LocalTransport(credentials) if local else None
 
-    def _same_node(self, target: ReplicaTarget) -> bool:
+    def _same_node(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> bool:
         local = self._local
-        return local is not None and target.local_address != "" and target.local_address not in local.unreachable
+        return (
+            local is not None
+            and target.local_address != ""
+            and target.local_address not in local.unreachable
+            and CHUNKS_KEY not in request.metadata  # chunked results are read over gRPC only
+        )
 
-    async def unary(self, target: ReplicaTarget, request: replica_pb2.CallRequest) -> replica_pb2.CallReply:
-        """Run a unary call. Cancelling the awaiting task cancels it in the replica."""
-        if self._same_node(target):
+    async def unary(
+        self, target: ReplicaTarget, request: replica_pb2.CallRequest, chunks: list[memoryview] | None = None
+    ) -> replica_pb2.CallReply:
+        """Run a unary call (``chunks``: its arguments' bytes, for another node's store
+        session). Cancelling the awaiting task cancels it in the replica."""
+        if self._same_node(target, request):
             try:
                 return await self._local.unary(target, request)  # type: ignore[union-attr]
             except Unreachable:
                 pass  # not reachable from here after all: over gRPC from now on
-        return await self._grpc.unary(target, request)
+        return await self._grpc.unary(target, request, chunks)
 
     async def open_stream(
         self,
@@ -47,19 +56,20 @@ class Transport:
         request: replica_pb2.CallRequest,
         inputs: AsyncIterator[Any] | None = None,
         encode: Callable[[list[Any]], bytes] | None = None,
+        chunks: list[memoryview] | None = None,
     ) -> FrameStream:
         """Start a stream and wait until the replica admitted it.
 
         With ``inputs`` the call is bidirectional: the caller's items are sent (after
         admission, so a rejected call consumed none of them) while frames come back.
-        Cancelling the awaiting task cancels the call.
+        ``chunks``: as for :meth:`unary`. Cancelling the awaiting task cancels the call.
         """
-        if inputs is None and self._same_node(target):
+        if inputs is None and self._same_node(target, request):
             try:
                 return await self._local.open_stream(target, request)  # type: ignore[union-attr]
             except Unreachable:
                 pass  # not reachable from here after all: over gRPC from now on
-        return await self._grpc.open_stream(target, request, inputs, encode)
+        return await self._grpc.open_stream(target, request, inputs, encode, chunks)
 
     def forget(self, address: str) -> None:
         """The replica at ``address`` is gone: close its connections once unused."""

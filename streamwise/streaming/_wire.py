@@ -31,6 +31,8 @@ REQUEST_ID = "request_id"
 # The call's deadline, as seconds since the epoch: calls made while serving it inherit it.
 DEADLINE = "sw-deadline"
 MODEL_ID = "multiplexed_model_id"
+# A call over Channel only so that its arguments' chunks can follow it: no input stream.
+NO_INPUTS = "sw-no-inputs"
 SESSION_ID = "session_id"
 
 GRPC_OPTIONS = (

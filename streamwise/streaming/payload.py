@@ -24,6 +24,8 @@ class InvalidRequestError(UsageError):
 
 
 class Payload(Protocol):
+    chunked: bool  # results may carry chunks (see take_carried)
+
     def args(self, raw: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]: ...
 
     def inputs(self, raw: bytes) -> list[Any]: ...
@@ -32,11 +34,14 @@ class Payload(Protocol):
 
     def items(self, batch: list[Any]) -> bytes: ...
 
+    def take_carried(self) -> list[memoryview]: ...
+
     def close(self) -> None: ...
 
 
 class RpcPayload:
     __slots__ = ("_rpc",)
+    chunked = False
 
     def __init__(self, rpc: RpcMethod) -> None:
         self._rpc = rpc
@@ -73,6 +78,9 @@ class RpcPayload:
 
     def items(self, batch: list[Any]) -> bytes:
         return pack_messages([self._rpc.encode(item) for item in batch])
+
+    def take_carried(self) -> list[memoryview]:
+        return []
 
     def close(self) -> None:
         pass

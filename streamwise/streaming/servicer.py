@@ -26,9 +26,10 @@ from streamwise.actors._methods import MethodKind, coalesce_of
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.exceptions import StreamwiseError, UnknownMethodError, UsageError
 from streamwise.metrics.recorders import REGISTRY, ReplicaRecorder, ok_status
-from streamwise.objectstore.calls import ServerWire
+from streamwise.objectstore.calls import ServerWire, receive_args, take_export
 from streamwise.proto import replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
+from streamwise.streaming._chunks import Chunk
 from streamwise.streaming.context import enter_request
 from streamwise.streaming.frames import send_frames
 from streamwise.streaming.payload import Payload, RpcPayload
@@ -112,7 +113,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
     # -- invoking user code ----------------------------------------------------------
 
-    def _payload(self, request: replica_pb2.CallRequest) -> Payload:
+    def _payload(self, request: replica_pb2.CallRequest, push: bool = True) -> Payload:
         """How this call's bytes become values and back; closed when the call ends.
 
         Calls from the ingress carry protobuf bytes, decoded with the RPC's message
@@ -124,7 +125,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             if rpc is None:
                 raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
             return RpcPayload(rpc)
-        return ServerWire(request.metadata, request.codec, request.response_codec)
+        return ServerWire(request.metadata, request.codec, request.response_codec, push=push)
 
     def _bind(
         self, request: replica_pb2.CallRequest, payload: Payload, *leading: Any
@@ -169,16 +170,42 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
     # -- RPCs ------------------------------------------------------------------------
 
     async def Call(self, request: replica_pb2.CallRequest, context: grpc.aio.ServicerContext) -> replica_pb2.CallReply:
+        reply = await self._call(request, context)
+        assert reply is not None
+        return reply
+
+    async def CallCarried(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """:meth:`Call` for a caller in another node's object store session: the call
+        (and the chunks its arguments carry, read once it is admitted), then the
+        reply and the chunks its value carries. A caller that goes away mid-transfer
+        cancels the call; what it had sent of its arguments is removed, and nothing
+        of the reply is stored on this node."""
+        first = await context.read()
+        if first is grpc.aio.EOF or not first.HasField("call"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: a carried call must start with a call")
+        await self._call(first.call, context, context.write)
+
+    async def _call(
+        self,
+        request: replica_pb2.CallRequest,
+        context: grpc.aio.ServicerContext,
+        write: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> replica_pb2.CallReply | None:
+        """Run a unary call; its reply is returned, or sent with ``write`` followed by
+        the chunks it carries."""
         await self._admit(context)
         payload: Payload | None = None
         started = time.perf_counter()
         status = "CANCELLED"
+        release_args = None
         try:
             await context.send_initial_metadata(_wire.ACK_METADATA)
+            if write is not None:
+                release_args = await receive_args(request, functools.partial(_read_chunk, context))
             self._enter_context(request)
             with self._span(request, streaming=False) as span:
                 try:
-                    payload = self._payload(request)
+                    payload = self._payload(request, push=write is not None)
                     kind, call = self._bind(request, payload)
                     if kind is MethodKind.ASYNC:
                         result = await call()
@@ -194,15 +221,36 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                         spans.mark_error(span, exc)
                     error = _wire.error_to_proto(exc)
                     status = ok_status(error)
-                    return replica_pb2.CallReply(error=error)
+                    reply = replica_pb2.CallReply(error=error)
+                    if write is None:
+                        return reply
+                    await write(reply)
+                    return None
                 status = "OK"
-                return replica_pb2.CallReply(value=value)
+                reply = replica_pb2.CallReply(value=value)
+                if write is None:
+                    return reply
+                await write(reply)
+                for chunk in payload.take_carried():
+                    await write(Chunk(chunk))
+                return None
         finally:
             if payload is not None:
                 payload.close()
+            if release_args is not None:
+                release_args()
             self._done()
             if self._recorder is not None:
                 self._recorder.finished(request.method, status, time.perf_counter() - started)
+
+    async def Fetch(self, request: replica_pb2.FetchRequest, context: grpc.aio.ServicerContext) -> None:
+        """The chunks of a result a Call returned to another node's session (once).
+        A caller that goes away mid-transfer ends it; the result is dropped either way."""
+        chunks = take_export(request.ticket)
+        if chunks is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "streamwise: no such result to fetch (expired or fetched)")
+        for chunk in chunks:
+            await context.write(Chunk(chunk))
 
     def _span(self, request: replica_pb2.CallRequest, streaming: bool):
         """The replica's span of one request, parented by the caller's trace context."""
@@ -236,7 +284,11 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             self._done()
 
     async def Channel(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        """A call with an input stream: the user method gets an async iterator first."""
+        """A call with an input stream: the user method gets an async iterator first.
+
+        From another node's store session, the call may come here without one, only
+        so that the chunks its arguments carry can follow it (read once admitted;
+        cancelling the call removes what had arrived of them)."""
         await self._admit(context)
         try:
             first = await context.read()
@@ -244,7 +296,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "streamwise: channel must start with a call")
             request = first.call
             await context.send_initial_metadata(_wire.ACK_METADATA)
-            await self._serve_frames(context, request, with_inputs=True)
+            release_args = await receive_args(request, functools.partial(_read_chunk, context))
+            try:
+                with_inputs = release_args is None or request.metadata.get(_wire.NO_INPUTS) != "1"
+                await self._serve_frames(context, request, with_inputs=with_inputs)
+            finally:
+                if release_args is not None:
+                    release_args()
         finally:
             self._done()
 
@@ -312,6 +370,8 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         except Exception as exc:
             return exc
         write = context.write if span is None else spans.FrameCounter(context.write, span)
+        if payload.chunked:
+            write = _carrying(write, payload)
         try:
             error = await send_frames(items, write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
@@ -471,6 +531,23 @@ class _ItemCounter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+
+async def _read_chunk(context: grpc.aio.ServicerContext) -> Any:
+    """The next message of a call's input: a chunk's bytes, or the message itself."""
+    message = await context.read()
+    return message.data if type(message) is Chunk else message
+
+
+def _carrying(write: Callable[[Any], Awaitable[None]], payload: Payload) -> Callable[[Any], Awaitable[None]]:
+    """``write``, sending after each frame the chunks its envelope carries."""
+
+    async def write_carrying(frame: replica_pb2.Frame) -> None:
+        await write(frame)
+        for chunk in payload.take_carried():
+            await write(Chunk(chunk))
+
+    return write_carrying
 
 
 def _close_when_idle(pending: concurrent.futures.Future[Any] | None, gen: Any) -> None:

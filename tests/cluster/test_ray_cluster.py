@@ -132,6 +132,29 @@ class Arrays:
         for i in range(count):
             yield np.full(n, i, dtype=np.int64)
 
+    async def several(self, n: int) -> dict:
+        return {
+            "up": np.arange(n, dtype=np.int64),
+            "down": np.arange(n, dtype=np.int64)[::-1].copy(),
+            "kept": streamwise.put(np.full(n, 3, dtype=np.int64)),
+            "small": b"s" * 100,
+        }
+
+    async def last(self, array: np.ndarray) -> int:
+        return int(array[-1])
+
+    async def sums(self, array: np.ndarray, count: int):
+        for _ in range(count):
+            yield int(array.sum())
+
+    async def check(self, value: dict) -> bool:
+        n = value["up"].size
+        return (
+            bool((value["up"] == np.arange(n)).all() and (value["down"] == np.arange(n)[::-1]).all())
+            and int(streamwise.get(value["kept"]).sum()) == 3 * n
+            and value["small"] == b"s" * 100
+        )
+
 
 def test_object_refs_cross_nodes_and_stay_zero_copy_on_each(on_ray):
     """A 10 MB array put on node_a is read on node_b (another object store session),
@@ -182,6 +205,65 @@ def test_output_of_a_replica_on_another_node_reaches_streamwise_logs(on_ray, cap
     out, err = capfd.readouterr()
     assert f"pid={pid}) talker ready on node_b" in out
     assert f"pid={pid}) said hello" in err
+
+
+def _files(session: str, kinds: str = "otn") -> list[str]:
+    """The store files of ``session`` of the given kinds (o: segment, t: being written, n: pin)."""
+    return sorted(name for name in os.listdir(f"/dev/shm/{session}") if name[0] in kinds and name[1] == "-")
+
+
+def test_values_of_many_chunks_and_segments_cross_nodes_whole(on_ray):
+    """A result from node_b made of several segments, each many chunks long (two
+    arrays, a ref stored there, small bytes inline) arrives intact, as a result and
+    as stream items; sent back as the argument of a call or a stream, node_b reads
+    it intact too."""
+    handle = streamwise.run(Arrays.bind(), cluster="ray")
+    n = 3 * 2**20 // 8 + 5  # 3 MB and a bit: several chunks, the last one partial
+    value = handle.several.remote(n).result()
+    assert (value["up"] == np.arange(n)).all() and (value["down"] == np.arange(n)[::-1]).all()
+    assert int(streamwise.get(value["kept"]).sum()) == 3 * n and value["small"] == b"s" * 100
+    assert handle.check.remote(value).result()
+    assert list(handle.sums.remote(value["down"], 2)) == [n * (n - 1) // 2] * 2
+    items = list(handle.chunks.remote(n, 4))
+    assert [int(a[0]) for a in items] == [0, 1, 2, 3] and all(a.size == n for a in items)
+
+
+def _cancel_mid_transfer(call, receiving: str) -> None:
+    """Start ``call()`` until one is cancelled while ``receiving`` (a session) has a
+    segment being written; fail if none is ever seen in progress."""
+    for _ in range(5):
+        response = call()
+        while not response.done() and not _files(receiving, "t"):
+            time.sleep(0.0005)
+        if not response.done():
+            response.cancel()
+            return
+    pytest.fail("never saw the transfer in progress")
+
+
+def _settles(sessions: list[str], want: list[list[str]]) -> bool:
+    deadline = time.monotonic() + 20
+    while [_files(s) for s in sessions] != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [_files(s) for s in sessions] == want
+
+
+def test_transfers_cancelled_midway_leave_no_segment(on_ray):
+    """A 64 MB result from node_b cancelled while its chunks are written here, and
+    a 64 MB argument cancelled while its chunks are written on node_b: the partly
+    written segment is removed, and no segment or pin of either stays on either
+    node (node_b never stored the result: its chunks came from the array itself)."""
+    handle = streamwise.run(Arrays.bind(), cluster="ray")
+    sessions = [objectstore.session_name(), handle.session.remote().result()]
+    n = 64 * 2**20 // 8
+    before = [_files(s) for s in sessions]
+    _cancel_mid_transfer(lambda: handle.make.remote(n), sessions[0])
+    assert _settles(sessions, before)
+    array = np.arange(n, dtype=np.int64)
+    _cancel_mid_transfer(lambda: handle.last.remote(array), sessions[1])
+    assert _settles(sessions, before)
+    assert int(handle.make.remote(n).result()[-1]) == n - 1  # and the next ones arrive whole
+    assert handle.last.remote(array).result() == n - 1
 
 
 def test_callers_prefer_replicas_on_their_own_node(on_ray):

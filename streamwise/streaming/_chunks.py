@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from streamwise.proto import replica_pb2, replica_pb2_grpc
+from streamwise.streaming._services import Recorder
 
 SERVICE = "streamwise.v1.Replica"
 _REPLY_TAG = 3 << 3 | 2  # CallReply.chunk: field 3, length-delimited
@@ -83,33 +84,20 @@ input_bytes = _serializer(_INPUT_TAG, replica_pb2.StreamInput.SerializeToString)
 input_from = _parser(_INPUT_TAG, replica_pb2.StreamInput.FromString)
 
 
-class _Handlers:
-    """Stands in for a server to capture the generated handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers = dict(handlers)
-
-
 def add_replica_servicer(servicer: replica_pb2_grpc.ReplicaServicer, server: grpc.aio.Server) -> None:
     """``replica_pb2_grpc.add_ReplicaServicer_to_server``, with the RPCs that may send
     chunks serializing them by hand."""
-    captured = _Handlers()
-    replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, captured)
-    handlers = captured.handlers
+    recorder = Recorder()
+    replica_pb2_grpc.add_ReplicaServicer_to_server(servicer, recorder)
+    handlers = recorder.services[SERVICE]
     handlers["CallCarried"] = handlers["CallCarried"]._replace(
         request_deserializer=input_from, response_serializer=reply_bytes
     )
     handlers["Fetch"] = handlers["Fetch"]._replace(response_serializer=reply_bytes)
     handlers["Stream"] = handlers["Stream"]._replace(response_serializer=frame_bytes)
     handlers["Channel"] = handlers["Channel"]._replace(request_deserializer=input_from, response_serializer=frame_bytes)
+    # One generic handler, no registered method: see ``_services``.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def carried_stubs(channel: grpc.aio.Channel) -> tuple[Any, Any, Any, Any]:

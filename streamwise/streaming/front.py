@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry.trace import Status, StatusCode
 
 from streamwise import exceptions
@@ -37,12 +37,12 @@ from streamwise.metrics.recorders import IngressRecorder
 from streamwise.proto import replica_pb2
 from streamwise.routing.handle import open_frames
 from streamwise.routing.router import router_for
-from streamwise.streaming import _connections, _limits, _wire, serve_api
+from streamwise.streaming import _connections, _limits, _services, _wire, serve_api
 from streamwise.streaming.payload import pack_messages, unpack_messages
 from streamwise.streaming.schema import RpcMethod, service_names
 from streamwise.tracing import spans
 
-_REGISTERED = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")
+_OWN_SERVICES = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")  # health, reflection, ServeAPI
 _PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
 
 Emit = Callable[[bytes], Awaitable[None]]
@@ -169,6 +169,7 @@ class Front:
         self._server: grpc.aio.Server | None = None
         self._closing: asyncio.Task[None] | None = None
         self._health = _Health()
+        self._not_found = grpc.stream_stream_rpc_method_handler(self.not_found)
         self._inflight = 0  # calls of the user's services running
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,27 +194,28 @@ class Front:
             server_id = _connections.created_since(before)
             if server_id is not None:
                 self._recorder.watch_connections(lambda: _connections.open_connections(server_id))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        serve_api.add_to_server(serve_api.ServeAPI(self.app_names, lambda: self._draining), server)
+        # One generic handler for every service (see ``_services``): the user's RPCs,
+        # health, the ServeAPI, reflection; any other path gets NOT_FOUND.
+        methods = _services.Methods(self._unknown)
+        methods.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self._health)
+        serve_api.add_to_server(serve_api.ServeAPI(self.app_names, lambda: self._draining), methods)
         names = service_names(self._rpcs)
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                serve_api.SERVICE,
-                serve_api.RAY_SERVICE,
-                reflection.SERVICE_NAME,
-            ],
-            server,
+        served = [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            serve_api.SERVICE,
+            serve_api.RAY_SERVICE,
+            reflection.SERVICE_NAME,
+        ]
+        methods.add_servicer(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.aio.ReflectionServicer(served)
         )
-        # The user's RPCs as registered methods (gRPC core matches them itself, as for
-        # a generated servicer); anything else reaches the generic handler: NOT_FOUND.
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
         for path, rpc in self._rpcs.items():
             by_service.setdefault(rpc.service, {})[path.rsplit("/", 1)[1]] = _method_handler(self, rpc)
         for service, handlers in by_service.items():
-            server.add_registered_method_handlers(service, handlers)
-        server.add_generic_rpc_handlers([_Handler(self)])
+            methods.add(service, handlers)
+        server.add_generic_rpc_handlers([methods])
         target = f"{self.options.host}:{self.options.port}"
         try:
             port = server.add_secure_port(target, self._credentials()) if self.options.ssl_certificate else (
@@ -406,6 +408,14 @@ class Front:
 
         await self._serve(rpc, context, run)
 
+    def _unknown(self, path: str) -> grpc.RpcMethodHandler | None:
+        """The handler of a path no service here has: NOT_FOUND naming those served
+        (gRPC's own UNIMPLEMENTED for unknown methods of the health, reflection and
+        ServeAPI services)."""
+        if path.startswith(_OWN_SERVICES):
+            return None
+        return self._not_found
+
     async def not_found(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         served = ", ".join(sorted(self._rpcs))
         await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown method; this server serves: {served}")
@@ -434,18 +444,6 @@ class _Health(health.aio.HealthServicer):
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-
-
-class _Handler(grpc.GenericRpcHandler):
-    """Answers RPCs of no served service: NOT_FOUND, naming those served."""
-
-    def __init__(self, front: Front) -> None:
-        self._not_found = grpc.stream_stream_rpc_method_handler(front.not_found)
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if details.method.startswith(_REGISTERED):
-            return None  # health, reflection and the ServeAPI are registered services
-        return self._not_found
 
 
 def _method_handler(front: Front, rpc: RpcMethod) -> grpc.RpcMethodHandler:

@@ -18,6 +18,7 @@ import grpc
 
 from streamwise.exceptions import UsageError
 from streamwise.proto import predict_pb2, predict_pb2_grpc
+from streamwise.streaming._services import Recorder
 
 BUILTIN_SERVICE = "streamwise.PredictAPIsService"
 
@@ -40,23 +41,6 @@ class _AnyServicer:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
-
-
-class _RecordingServer:
-    """Stands in for a grpc server to record what an add_XServicer_to_server registers."""
-
-    def __init__(self) -> None:
-        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.services[service] = dict(handlers)
-
-    def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
-        # Older generated code registers only a generic handler keyed by full path.
-        for handler in handlers:
-            for path, method in getattr(handler, "_method_handlers", {}).items():
-                service, _, name = path.lstrip("/").rpartition("/")
-                self.services.setdefault(service, {}).setdefault(name, method)
 
 
 def resolve_servicer_function(fn: Any) -> Callable[..., Any]:
@@ -95,7 +79,7 @@ def rpc_table(servicer_functions: Iterable[Any], methods: Mapping[str, Any] = {}
     PredictStream); pass none where only the RPCs' shapes matter.
     """
     table = _builtin(methods)
-    recorder = _RecordingServer()
+    recorder = Recorder()
     for fn in servicer_functions:
         resolve_servicer_function(fn)(_AnyServicer(), recorder)
     for service, handlers in recorder.services.items():

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from streamwise.proto import serve_api_pb2, serve_api_pb2_grpc
+from streamwise.streaming._services import Methods
 
 RAY_SERVICE = "ray.serve.RayServeAPIService"
 SERVICE = "streamwise.ServeAPIService"
@@ -34,9 +35,9 @@ class ServeAPI(serve_api_pb2_grpc.ServeAPIServiceServicer):
         return serve_api_pb2.HealthzResponse(message="success")
 
 
-def add_to_server(servicer: ServeAPI, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: ServeAPI, methods: Methods) -> None:
     """Serve ``servicer`` under streamwise's service name and Ray Serve's."""
-    serve_api_pb2_grpc.add_ServeAPIServiceServicer_to_server(servicer, server)
+    methods.add_servicer(serve_api_pb2_grpc.add_ServeAPIServiceServicer_to_server, servicer)
     messages = {
         "ListApplications": (serve_api_pb2.ListApplicationsRequest, serve_api_pb2.ListApplicationsResponse),
         "Healthz": (serve_api_pb2.HealthzRequest, serve_api_pb2.HealthzResponse),
@@ -49,4 +50,4 @@ def add_to_server(servicer: ServeAPI, server: grpc.aio.Server) -> None:
         )
         for name, (request, response) in messages.items()
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAY_SERVICE, handlers),))
+    methods.add(RAY_SERVICE, handlers)

@@ -34,6 +34,23 @@ def _acked(metadata: grpc.aio.Metadata | None) -> bool:
     return metadata is not None and _wire.ACK_KEY in metadata
 
 
+async def _call_error(exc: BaseException, call: Any, target: ReplicaTarget) -> BaseException:
+    """What a unary call's failure is to its caller: the streamwise error of the RPC's
+    status, or, when the awaiting task was cancelled, that cancellation (the caller's
+    own) or ReplicaDiedError (anyone else's: the call was cut off). The RPC is
+    cancelled either way."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        error = map_error(exc.code(), exc.details(), _acked(await call.initial_metadata()), target)
+        error.__cause__ = exc
+        return error
+    call.cancel()
+    if cancelled_by_caller():
+        return exc
+    died = exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled")
+    died.__suppress_context__ = True
+    return died
+
+
 class _Connection:
     """One channel to one replica address, closed once retired and idle."""
 
@@ -212,14 +229,8 @@ class GrpcTransport:
             if value[:1] == _FETCH and REF_KEY in request.metadata and not reply.HasField("error"):
                 return await self._fetch(conn, target, request, value)
             return reply
-        except grpc.aio.AioRpcError as exc:
-            acked = _acked(await call.initial_metadata())
-            raise map_error(exc.code(), exc.details(), acked, target) from exc
-        except asyncio.CancelledError:
-            call.cancel()
-            if cancelled_by_caller():
-                raise
-            raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            raise await _call_error(exc, call, target)  # noqa: B904 (the cause is set there)
         finally:
             self._release(target.address, conn)
 
@@ -277,14 +288,8 @@ class GrpcTransport:
                 reply = replica_pb2.CallReply(value=receiver.finish(incoming))
             done = True
             return reply
-        except grpc.aio.AioRpcError as exc:
-            acked = _acked(await call.initial_metadata())
-            raise map_error(exc.code(), exc.details(), acked, target) from exc
-        except asyncio.CancelledError:
-            call.cancel()
-            if cancelled_by_caller():
-                raise
-            raise exceptions.ReplicaDiedError(target.deployment, target.replica_id, "call cancelled") from None
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            raise await _call_error(exc, call, target)  # noqa: B904 (the cause is set there)
         finally:
             if incoming is not None:
                 incoming.abort()  # no-op once finished: then the call's pins hold the segments

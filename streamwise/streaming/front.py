@@ -343,7 +343,7 @@ class Front:
                 metadata,
                 lambda: {"rpc.system": "grpc", "rpc.service": rpc.service, "rpc.method": rpc.path.rsplit("/", 1)[1]},
                 external=True,
-            ) as span:
+            ) if spans.enabled() else spans.NO_SPAN as span:
                 try:
                     if self.options.request_timeout_s is None:
                         result = await run(span, metadata)

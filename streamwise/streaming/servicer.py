@@ -59,6 +59,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         self._obj = user_object
         self._recorder = recorder
         self._rpcs = dict(rpcs or {})
+        self._rpc_payloads: dict[str, RpcPayload] = {}
         self._methods = dict(methods)
         self._deployment = deployment
         self._replica_id = replica_id
@@ -121,10 +122,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         values, by reference or by value (the object store's ServerWire).
         """
         if request.codec == _wire.RPC_CODEC:
-            rpc = self._rpcs.get(request.method)
-            if rpc is None:
-                raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
-            return RpcPayload(rpc)
+            payload = self._rpc_payloads.get(request.method)  # they hold no state of a call
+            if payload is None:
+                rpc = self._rpcs.get(request.method)
+                if rpc is None:
+                    raise UnknownMethodError(self._deployment, request.method, tuple(sorted(self._rpcs)))
+                payload = self._rpc_payloads[request.method] = RpcPayload(rpc)
+            return payload
         return ServerWire(request.metadata, request.codec, request.response_codec, push=push)
 
     def _bind(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import gc
 import inspect
 import logging
 import os
@@ -218,10 +217,6 @@ async def serve(
                     replica_id=replica_id, credentials=credentials,
                 )
                 await front.start()
-            # What startup made (modules, the user's object and its model, the servers)
-            # lives as long as the process: out of the collector's way, so that its
-            # collections, run by the allocations of every call, need not walk it.
-            gc.freeze()
             attach = stub.Attach(
                 controller_pb2.AttachRequest(
                     replica_id=replica_id,

@@ -373,15 +373,16 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
             policy = coalesce_of(call.func, self._coalesce)
         except Exception as exc:
             return exc
-        write = context.write if span is None else spans.FrameCounter(context.write, span)
+        counter = None if span is None else spans.FrameCounter(context.write, span)
+        write = context.write if counter is None else counter
         if payload.chunked:
-            write = _carrying(write, payload)
+            write = _carrying(write, context.write, payload)
         try:
             error = await send_frames(items, write, payload.items, policy)
         except StreamwiseError as exc:  # e.g. an item the codec cannot encode
             error = exc
-        if span is not None:
-            write.finish()
+        if counter is not None:
+            counter.finish()
         return error
 
     async def call_in_process(self, request: FrontCall) -> bytes | replica_pb2.RemoteError:
@@ -543,13 +544,16 @@ async def _read_chunk(context: grpc.aio.ServicerContext) -> Any:
     return message.data if type(message) is Chunk else message
 
 
-def _carrying(write: Callable[[Any], Awaitable[None]], payload: Payload) -> Callable[[Any], Awaitable[None]]:
-    """``write``, sending after each frame the chunks its envelope carries."""
+def _carrying(
+    write: Callable[[Any], Awaitable[None]], send: Callable[[Any], Awaitable[None]], payload: Payload
+) -> Callable[[Any], Awaitable[None]]:
+    """``write`` for frames, sending (with ``send``) after each one the chunks its
+    envelope carries: chunks are not frames, and spans do not count them."""
 
     async def write_carrying(frame: replica_pb2.Frame) -> None:
         await write(frame)
         for chunk in payload.take_carried():
-            await write(Chunk(chunk))
+            await send(Chunk(chunk))
 
     return write_carrying
 

@@ -24,6 +24,7 @@ from streamwise import objectstore
 from streamwise.actors.management import running_drivers
 from streamwise.exceptions import ReplicaDiedError, StreamwiseError
 from streamwise.proto import management_pb2, management_pb2_grpc
+from streamwise.tracing import viewer
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -226,6 +227,20 @@ def test_values_of_many_chunks_and_segments_cross_nodes_whole(on_ray):
     assert list(handle.sums.remote(value["down"], 2)) == [n * (n - 1) // 2] * 2
     items = list(handle.chunks.remote(n, 4))
     assert [int(a[0]) for a in items] == [0, 1, 2, 3] and all(a.size == n for a in items)
+
+
+def test_traced_streams_of_chunked_items_cross_nodes(on_ray, tmp_path):
+    """With tracing on, a stream from node_b whose items each carry chunks arrives
+    whole, and the replica's span counts its items, not the chunk messages."""
+    handle = streamwise.run(
+        Arrays.bind(), cluster="ray", tracing=streamwise.TracingConfig(exporter="jsonl", jsonl_dir=str(tmp_path))
+    )
+    n = 3 * 2**20 // 8 + 5
+    items = list(handle.chunks.remote(n, 3))
+    assert [int(a[0]) for a in items] == [0, 1, 2] and all(a.size == n for a in items)
+    streamwise.shutdown()  # flushes every process's spans
+    (span,) = [s for s in viewer.load(tmp_path) if s.name == "Arrays.chunks"]
+    assert span.record["attributes"]["streamwise.items"] == 3
 
 
 def _cancel_mid_transfer(call, receiving: str) -> None:

@@ -187,10 +187,16 @@ class IngressRecorder(Recorder):
             "histogram", ("application", "method"), LATENCY_BUCKETS,
         )
         self.families = (self.requests, self.latency)
+        self._hot: dict[tuple[str, str, str], Histogram] = {}  # (app, method, status) -> its latency
 
     def finished(self, application: str, method: str, status: str, seconds: float) -> None:
-        self.requests.inc((application, method, status))
-        self.latency.histogram((application, method)).observe(seconds)
+        key = (application, method, status)
+        hot = self._hot.get(key)
+        if hot is None:  # the label sets are few: the apps served, their methods, statuses
+            hot = self._hot[key] = self.latency.histogram((application, method))
+        counts = self.requests.values
+        counts[key] = counts.get(key, 0) + 1
+        hot.observe(seconds)
 
     def watch_connections(self, read: Callable[[], int | None]) -> None:
         """Report ``read()`` (called at each scrape; None: unknown, left out) as the

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -96,7 +95,7 @@ class DeploymentHandle:
             codec=request_codec.name,
             response_codec=response_codec.name,
         )
-        request.metadata[_wire.REQUEST_ID] = os.urandom(8).hex()
+        request.metadata[_wire.REQUEST_ID] = _wire.new_request_id()
         deadline = _deadline(options.request_timeout_s)
         if deadline is not None:
             request.metadata[_wire.DEADLINE] = repr(deadline)

@@ -6,6 +6,8 @@ come back as :class:`streamwise.exceptions.RemoteError` (caller side).
 
 from __future__ import annotations
 
+import itertools
+import os
 import traceback
 from typing import Any
 
@@ -28,6 +30,26 @@ REJECT_DRAINING = "streamwise: replica draining"
 RPC_CODEC = "grpc"
 
 REQUEST_ID = "request_id"
+
+
+class _RequestIds:
+    """Request ids: a random prefix per process, then a count (16 hex digits, more
+    past 2**32 requests; no system call per request, as ``os.urandom`` would be).
+    Ids name requests in logs and traces; nothing relies on them being unguessable."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(4).hex()
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):08x}"
+
+
+new_request_id = _RequestIds()
 # The call's deadline, as seconds since the epoch: calls made while serving it inherit it.
 DEADLINE = "sw-deadline"
 MODEL_ID = "multiplexed_model_id"

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -43,7 +42,7 @@ from streamwise.streaming.schema import RpcMethod, service_names
 from streamwise.tracing import spans
 
 _OWN_SERVICES = ("/grpc.", f"/{serve_api.SERVICE}/", f"/{serve_api.RAY_SERVICE}/")  # health, reflection, ServeAPI
-_PASSTHROUGH = ("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate")
+_PASSTHROUGH = frozenset(("request_id", _wire.MODEL_ID, _wire.SESSION_ID, "traceparent", "tracestate"))
 
 Emit = Callable[[bytes], Awaitable[None]]
 T = TypeVar("T")
@@ -305,9 +304,9 @@ class Front:
                 f"application {app.name!r} (deployment {app.deployment!r}) has no method "
                 f"{rpc.target!r} for {rpc.path}; its methods: {', '.join(sorted(app.methods))}",
             )
-        request_id = metadata.get("request_id") or os.urandom(8).hex()
+        request_id = metadata.get("request_id") or _wire.new_request_id()
         context.set_trailing_metadata((("request_id", request_id),))
-        passed = {key: metadata[key] for key in _PASSTHROUGH if key in metadata}
+        passed = {key: value for key, value in metadata.items() if key in _PASSTHROUGH}
         passed["request_id"] = request_id
         # The client's deadline, or request_timeout_s: calls made while serving the
         # request inherit it, so none outlives it.
@@ -332,8 +331,9 @@ class Front:
         is the span's parent. An error aborts the RPC with its status; cancellation
         (the client went away) cancels ``run``.
         """
+        if not self._inflight:
+            self._idle.clear()
         self._inflight += 1
-        self._idle.clear()
         metadata = _metadata(context)
         started = time.perf_counter()
         status = "CANCELLED"

@@ -393,12 +393,13 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         :attr:`has_room`; the call is admitted without waiting. Cancellation cancels
         the method (and propagates).
         """
+        if not self._ongoing:
+            self._idle.clear()
         self._ongoing += 1
-        self._idle.clear()
         started = time.perf_counter()
         status = "CANCELLED"
         try:
-            self._enter_context(request)
+            enter_request(request.metadata, self._deployment, self._replica_id)
             with self._span(request, streaming=False) as span:
                 try:
                     payload = self._payload(request)

@@ -191,18 +191,25 @@ class RayCluster:
 
     ``address``: the cluster to join (``ray.init(address=...)``; None: the one this
     process already joined, else ``RAY_ADDRESS``, else a local one Ray starts).
-    ``namespace``: the Ray namespace of the replicas' actors. Needs
-    ``pip install 'streamwise[ray]'``.
+    ``namespace``: the Ray namespace of the replicas' actors.
+    ``controller_grace_s``: how long a replica goes on serving while it cannot reach
+    the driver (its controller), reconnecting meanwhile; past that it drains and
+    exits. A network outage between nodes shorter than that costs no replica. (The
+    driver's own death still ends its replicas at once: Ray ends the actors of a
+    job with it.) Needs ``pip install 'streamwise[ray]'``.
     """
 
     address: str | None = None
     namespace: str = "streamwise"
+    controller_grace_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check(self.address is None or (isinstance(self.address, str) and self.address != ""),
                f"address must be None or a Ray address, got {self.address!r}")
         _check(isinstance(self.namespace, str) and self.namespace != "",
                f"namespace must be a non-empty str, got {self.namespace!r}")
+        _check(_is_number(self.controller_grace_s) and self.controller_grace_s >= 0,
+               f"controller_grace_s must be a number >= 0, got {self.controller_grace_s!r}")
 
 
 def cluster_config(cluster: Any) -> RayCluster | None:

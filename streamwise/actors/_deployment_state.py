@@ -14,6 +14,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from streamwise import codec
 from streamwise.actors.launcher import ReplicaProcess
@@ -52,6 +53,7 @@ class _Replica:
     model_ids: tuple[str, ...] = ()  # multiplexed models it holds
     model_capacity: int = 0
     store_session: str = ""
+    stream: asyncio.Task[Any] | None = dataclasses.field(default=None, repr=False)  # the Attach handler's
 
     def release(self) -> None:
         if not self.released.is_set():

@@ -69,6 +69,9 @@ class ProcessRuntime:
         self.core: CoreLoop | None = None  # driver only
         self.core_loop: asyncio.AbstractEventLoop | None = None
         self.replica_id: str | None = None  # set in replica processes
+        # How long this process goes on without its controller, reconnecting (``_outage``):
+        # 0 but in replicas on other nodes of a cluster.
+        self.controller_grace_s = 0.0
         # Live only on the core loop:
         self.routers: dict[RouterKey, Router] = {}
         self.transport: Transport | None = None

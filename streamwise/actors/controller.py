@@ -479,6 +479,13 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replica.node = request.node
         replica.model_capacity = request.model_capacity
         replica.store_session = request.store_session
+        # A replica on another node attaches again after losing its stream (``_outage``):
+        # the new stream takes over, and the old one, if not yet noticed dead, takes
+        # no command away from it.
+        previous, replica.stream = replica.stream, asyncio.current_task()
+        if previous is not None and previous is not replica.stream:
+            previous.cancel()
+        await context.send_initial_metadata(())  # tells the replica it is attached
         if not replica.attached.done():
             replica.attached.set_result(None)
         # The open stream tells the replica we are alive, and carries its commands.

@@ -5,9 +5,10 @@ which reserves what the deployment asks for (``ray_actor_options``; per-node lim
 through ``max_replicas_per_node``) and, once Ray has placed it, starts the usual
 ``python -m streamwise.actors.replica`` as its child, on its node. From there the
 replica runs exactly as on one machine (its own event loop, signals, its parent's
-death signal), with two differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
-and it also listens on the node's address, with the app's TLS, for callers on other
-nodes. Its output is kept by its host, from which the driver takes it: the operator
+death signal), with three differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
+it also listens on the node's address, with the app's TLS, for callers on other
+nodes, and it rides out losing the driver for ``RayCluster.controller_grace_s``
+(``_outage``). Its output is kept by its host, from which the driver takes it: the operator
 sees it behind the replica's id, and ``streamwise logs`` reads it, as for a local one. Ray places, and tells when a host or its node dies; supervision, restarts
 and routing stay the controller's.
 
@@ -54,12 +55,14 @@ def _import_ray() -> Any:
 class _ReplicaHost:
     """The Ray actor holding one replica's resources; its child process is the replica."""
 
-    def __init__(self, replica_id: str, controller: str, handoff: bytes, package_root: str) -> None:
+    def __init__(
+        self, replica_id: str, controller: str, handoff: bytes, package_root: str, controller_grace_s: float
+    ) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self._args = (replica_id, controller, handoff, package_root)
+        self._args = (replica_id, controller, handoff, package_root, controller_grace_s)
         self._process: asyncio.subprocess.Process | None = None
         self._output: _logs.OutputBuffer | None = None
 
@@ -69,7 +72,7 @@ class _ReplicaHost:
 
     async def start(self, store_session: str) -> int:
         """Start the replica, joining this node's object store session; its pid."""
-        replica_id, controller, handoff, package_root = self._args
+        replica_id, controller, handoff, package_root, controller_grace_s = self._args
         env = dict(os.environ)
         env[_local_wire.NODE_ID_ENV] = self.node_id
         path = env.get("PYTHONPATH", "")
@@ -87,6 +90,7 @@ class _ReplicaHost:
                 "--store-session", store_session,
                 "--handoff-fd", str(theirs.fileno()),
                 "--listen-host", self.node_ip,
+                "--controller-grace-s", repr(controller_grace_s),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -201,6 +205,7 @@ class RayLauncher:
         if self._owns_ray:
             ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
         self._namespace = cluster.namespace
+        self._controller_grace_s = cluster.controller_grace_s
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = ray.util.get_node_ip_address()
         # The driver's routers tell same-node replicas by the Ray node id too.
@@ -237,7 +242,7 @@ class RayLauncher:
         """Ask Ray to place the replica's host and start it there; returns once it runs
         (UsageError if Ray could not place it within a minute)."""
         host = self._host_class.options(**self._options(placement)).remote(
-            replica_id, controller_address, handoff, self._package_root
+            replica_id, controller_address, handoff, self._package_root, self._controller_grace_s
         )
         try:
             where = asyncio.wrap_future(host.where.remote().future())

@@ -4,8 +4,10 @@ Started by a launcher as ``python -m streamwise.actors.replica``, with its app's
 credentials and its own token on a socket only it holds (``streamwise._auth``). It fetches its
 spec from the controller, builds the user object, serves it on Unix sockets in the
 app's run directory (gRPC, and the same-node socket; the addresses are reported back
-through ``Attach``), and keeps the ``Attach`` stream open for its whole life: when that stream breaks the controller is gone and the replica
-drains and exits. SIGTERM also drains: new calls are refused, running ones get
+through ``Attach``), and keeps the ``Attach`` stream open for its whole life: when the
+controller ends that stream the replica drains and exits, and so it does when the
+stream breaks, at once on the driver's machine, or on another node of a cluster
+once the controller stayed out of reach past its grace (``_outage``). SIGTERM also drains: new calls are refused, running ones get
 ``graceful_shutdown_timeout_s`` to finish, then the server stops.
 """
 
@@ -14,18 +16,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import inspect
 import logging
 import os
 import signal
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import grpc
 
 from streamwise import _auth as auth, objectstore
-from streamwise.actors import multiplex
+from streamwise.actors import _outage, multiplex
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
 from streamwise.autoscaling.load import LoadReporter
@@ -72,25 +77,56 @@ async def _maybe_await(value: object) -> None:
 
 
 async def _follow_controller(
-    attach: grpc.aio.UnaryStreamCall, user_object: object, reporter: LoadReporter, stop: asyncio.Event
+    open_attach: Callable[[], grpc.aio.UnaryStreamCall], user_object: object, reporter: LoadReporter,
+    stop: asyncio.Event,
 ) -> None:
-    """Apply controller messages until the Attach stream ends, then ask to stop."""
+    """Apply controller messages while attached; then ask to stop.
+
+    The replica stops once the controller ends the stream, refuses it, or (on
+    another node of a cluster) stays out of reach past ``RUNTIME.controller_grace_s``:
+    until then the stream is reopened with a backoff (``_outage``) while the replica
+    serves on. Cancelling cancels the stream.
+    """
+    reconnect = _outage.Reconnect("the controller")
+    lost_since: float | None = None
     try:
-        async for message in attach:
-            if message.HasField("load_reporting"):
-                reporter.start(message.load_reporting.interval_s)
-            if message.user_config:
-                reconfigure = getattr(user_object, "reconfigure", None)
-                if reconfigure is None:
-                    continue
-                try:
-                    await _maybe_await(reconfigure(cloudpickle.loads(message.user_config)))
-                except Exception:  # the replica keeps serving with what it had
-                    logging.getLogger("streamwise.replica").exception("reconfigure() failed; keeping the old config")
-    except grpc.aio.AioRpcError:
-        pass
+        while True:
+            attach = open_attach()
+            try:
+                await attach.initial_metadata()  # the controller has taken this replica (again)
+                reconnect.connected()
+                lost_since = None
+                async for message in attach:
+                    await _apply_control(message, user_object, reporter)
+                return  # the controller ended the stream: stop
+            except grpc.aio.AioRpcError as exc:
+                if not _outage.rides_out(exc):
+                    return
+                now = time.monotonic()
+                lost_since = now if lost_since is None else lost_since
+                if now - lost_since >= RUNTIME.controller_grace_s:
+                    logging.getLogger("streamwise.replica").error(
+                        "the controller stayed out of reach for %.0fs: stopping", RUNTIME.controller_grace_s
+                    )
+                    return
+                await reconnect.wait(exc)
+            finally:
+                attach.cancel()
     finally:
         stop.set()
+
+
+async def _apply_control(message: controller_pb2.ControlMessage, user_object: object, reporter: LoadReporter) -> None:
+    if message.HasField("load_reporting"):
+        reporter.start(message.load_reporting.interval_s)
+    if message.user_config:
+        reconfigure = getattr(user_object, "reconfigure", None)
+        if reconfigure is None:
+            return
+        try:
+            await _maybe_await(reconfigure(cloudpickle.loads(message.user_config)))
+        except Exception:  # the replica keeps serving with what it had
+            logging.getLogger("streamwise.replica").exception("reconfigure() failed; keeping the old config")
 
 
 async def _report_models(
@@ -98,15 +134,21 @@ async def _report_models(
     capacity: int, changed: asyncio.Event,
 ) -> None:
     """Tell the controller the multiplexed models held, each time they change (only
-    the latest, should they change faster than it is told); ends with the controller."""
+    the latest, should they change faster than it is told); ends with the controller
+    (or, while the replica rides out losing it, tries again)."""
+    reconnect = _outage.Reconnect("the controller's model reports")
     while True:
         await changed.wait()
         changed.clear()
         report = controller_pb2.ModelsReport(replica_id=replica_id, model_ids=multiplex.held(), model_capacity=capacity)
         try:
             await stub.ReportModels(report, metadata=metadata, timeout=10)
-        except grpc.aio.AioRpcError:
-            return
+            reconnect.connected()
+        except grpc.aio.AioRpcError as exc:
+            if not _outage.rides_out(exc):
+                return
+            changed.set()  # the report is still to be made
+            await reconnect.wait(exc)
 
 
 def _recorder(spec: ReplicaSpec, replica_id: str, user_object: object) -> ReplicaRecorder | None:
@@ -123,11 +165,13 @@ def _recorder(spec: ReplicaSpec, replica_id: str, user_object: object) -> Replic
 
 
 async def serve(
-    controller_address: str, replica_id: str, credentials: auth.Credentials, token: str, listen_host: str = ""
+    controller_address: str, replica_id: str, credentials: auth.Credentials, token: str, listen_host: str = "",
+    controller_grace_s: float = 0.0,
 ) -> int:
     """Run the replica until told to stop; the exit code says whether it started."""
     loop = asyncio.get_running_loop()
     RUNTIME.set_controller(controller_address, credentials)
+    RUNTIME.controller_grace_s = controller_grace_s
     RUNTIME.core_loop = loop
     RUNTIME.replica_id = replica_id
     stop = asyncio.Event()
@@ -199,7 +243,6 @@ async def serve(
         add_replica_servicer(servicer, server)  # chunk messages serialized by hand
         grpc_path, local_path = auth.replica_sockets(credentials, os.getpid())
         local = LocalServer(servicer, credentials) if env_local_transport() else None
-        attach: grpc.aio.UnaryStreamCall | None = None
         follower: asyncio.Task[None] | None = None
         front: DirectFront | None = None  # this replica's listener on the app's public port
         models_changed = asyncio.Event()
@@ -217,18 +260,19 @@ async def serve(
                     replica_id=replica_id, credentials=credentials,
                 )
                 await front.start()
-            attach = stub.Attach(
-                controller_pb2.AttachRequest(
-                    replica_id=replica_id,
-                    address=address,
-                    local_address=await local.start(local_path) if local is not None else "",
-                    node=_local_wire.node_id(),
-                    model_capacity=model_capacity,
-                    store_session=objectstore.session_name(),
-                ),
-                metadata=as_launched,
+            attached = controller_pb2.AttachRequest(
+                replica_id=replica_id,
+                address=address,
+                local_address=await local.start(local_path) if local is not None else "",
+                node=_local_wire.node_id(),
+                model_capacity=model_capacity,
+                store_session=objectstore.session_name(),
             )
-            follower = loop.create_task(_follow_controller(attach, user_object, reporter, stop))
+            follower = loop.create_task(
+                _follow_controller(
+                    functools.partial(stub.Attach, attached, metadata=as_launched), user_object, reporter, stop
+                )
+            )
             await stop.wait()
             grace = config.graceful_shutdown_timeout_s
             # The public listener first: new clients go to the port's other listeners.
@@ -239,8 +283,8 @@ async def serve(
             multiplex.set_listener(None)
             models.cancel()
             await reporter.aclose()
-            if attach is not None:
-                attach.cancel()
+            if follower is not None:
+                follower.cancel()
             if local is not None:
                 await local.aclose()
             await server.stop(0)
@@ -262,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-session", required=True)
     parser.add_argument("--handoff-fd", type=int, required=True)
     parser.add_argument("--listen-host", default="", help="also serve callers on other nodes, on this address")
+    parser.add_argument(
+        "--controller-grace-s", type=float, default=0.0, help="serve on this long while the controller is out of reach"
+    )
     args = parser.parse_args(argv)
     credentials, token = auth.read_handoff(args.handoff_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
@@ -273,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Not the driver's machine: this process keeps a store session of its own.
     try:
-        return asyncio.run(serve(args.controller, args.replica_id, credentials, token, args.listen_host))
+        return asyncio.run(serve(
+            args.controller, args.replica_id, credentials, token, args.listen_host, args.controller_grace_s
+        ))
     finally:
         if credentials.node_dir:
             auth.remove_run_dir(credentials)

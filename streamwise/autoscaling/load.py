@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from streamwise._auth import Credentials, channel as auth_channel
+from streamwise.actors import _outage
 from streamwise.proto import controller_pb2, controller_pb2_grpc
 from streamwise.streaming import _wire
 
@@ -34,8 +35,9 @@ class LoadReporter:
 
     ``start`` begins (or, with a new interval, re-times) the reports; ``urgent``
     sends one now; ``aclose`` ends the stream, so the controller forgets this
-    source. Losing the controller stops the reports quietly: the process is going
-    away then.
+    source. Losing the controller stops the reports quietly (the process is going
+    away then), unless the process rides it out (``_outage``): then they resume once
+    the controller is back.
     """
 
     def __init__(
@@ -111,11 +113,18 @@ class LoadReporter:
 
     async def _run(self) -> None:
         channel = auth_channel(self._address, _wire.GRPC_OPTIONS)
+        reconnect = _outage.Reconnect(f"the load reports of {self._key[0]}/{self._key[1]}")
         try:
             stub = controller_pb2_grpc.ControllerStub(channel)
-            await stub.ReportLoad(self._reports(), metadata=self._credentials.metadata)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("load reports of %s/%s stopped: %s", *self._key, exc.code().name)
+            while True:
+                try:
+                    await stub.ReportLoad(self._reports(), metadata=self._credentials.metadata)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if not _outage.rides_out(exc):
+                        log.debug("load reports of %s/%s stopped: %s", *self._key, exc.code().name)
+                        return
+                    await reconnect.wait(exc)  # a replica riding out a lost controller
         finally:
             await channel.close()
 

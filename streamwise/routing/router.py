@@ -22,6 +22,7 @@ from opentelemetry import context as otel_context
 
 from streamwise import objectstore
 from streamwise._auth import Credentials, channel as auth_channel
+from streamwise.actors import _outage
 from streamwise.objectstore.calls import REF_KEY, carried_request
 from streamwise.autoscaling.load import LoadReporter
 from streamwise.config import RouterConfig
@@ -82,18 +83,29 @@ class Router:
     # -- replica set ---------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Follow the deployment's replica set until the controller ends it. In a
+        replica riding out a lost controller (``_outage``), the last set stays in
+        use while the stream is reopened."""
         channel = auth_channel(self._controller_address, _wire.GRPC_OPTIONS)
+        reconnect = _outage.Reconnect(f"the replica set of {self.key[0]}/{self.key[1]}")
         try:
             stub = controller_pb2_grpc.ControllerStub(channel)
             request = controller_pb2.WatchRequest(app=self.key[0], deployment=self.key[1])
-            async for snapshot in stub.WatchReplicas(request, metadata=self._credentials.metadata):
-                self._apply(snapshot)
-            self._set_deleted("the controller closed its replica-set stream")
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                self._set_deleted(exc.details() or "unknown deployment")
-            else:
-                self._set_deleted(f"lost the controller ({exc.code().name})")
+            while True:
+                try:
+                    async for snapshot in stub.WatchReplicas(request, metadata=self._credentials.metadata):
+                        reconnect.connected()
+                        self._apply(snapshot)
+                    self._set_deleted("the controller closed its replica-set stream")
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:
+                        self._set_deleted(exc.details() or "unknown deployment")
+                        return
+                    if not _outage.rides_out(exc):
+                        self._set_deleted(f"lost the controller ({exc.code().name})")
+                        return
+                    await reconnect.wait(exc)
         finally:
             await channel.close()
 

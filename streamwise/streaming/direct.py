@@ -33,7 +33,7 @@ import grpc
 
 from streamwise import _auth as auth
 from streamwise._auth import Credentials
-from streamwise.actors import multiplex
+from streamwise.actors import _outage, multiplex
 from streamwise.actors.spec import FrontSpec
 from streamwise.proto import front_pb2, front_pb2_grpc, replica_pb2
 from streamwise.routing.router import Router, router_for
@@ -138,7 +138,7 @@ class DirectFront:
     async def start(self) -> None:
         """Learn the apps served on the port, then listen on it."""
         self._channel = auth.channel(self._spec.table_address, _wire.GRPC_OPTIONS)
-        watch = front_pb2_grpc.FrontTableStub(self._channel).WatchApps(metadata=self._credentials.metadata)
+        watch = self._open_table()
         first = await watch.read()
         if first is grpc.aio.EOF:
             raise RuntimeError("the driver ended the app table before sending it")
@@ -158,14 +158,30 @@ class DirectFront:
     async def _follow(self, watch: Any) -> None:
         """Apply the driver's tables; once it drains (or is gone) stop taking clients.
 
-        The replica goes on serving internal calls until it is stopped itself.
+        The replica goes on serving internal calls until it is stopped itself. One
+        riding out a lost controller (``_outage``) goes on listening with the apps
+        it knows, and reopens the table stream meanwhile.
         """
-        try:
-            while (table := await watch.read()) is not grpc.aio.EOF:
-                await self._apply(table, watch)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            log.debug("the app table stream ended: %r", exc)
+        reconnect = _outage.Reconnect("the app table of the public port")
+        while True:
+            try:
+                while (table := await watch.read()) is not grpc.aio.EOF:
+                    reconnect.connected()
+                    await self._apply(table, watch)
+            except grpc.aio.AioRpcError as exc:
+                if _outage.rides_out(exc):
+                    await reconnect.wait(exc)
+                    watch = self._open_table()
+                    continue
+                log.debug("the app table stream ended: %r", exc)
+            except asyncio.InvalidStateError as exc:
+                log.debug("the app table stream ended: %r", exc)
+            break
         await self._front.aclose(self._spec.options.drain_timeout_s)
+
+    def _open_table(self) -> Any:
+        assert self._channel is not None
+        return front_pb2_grpc.FrontTableStub(self._channel).WatchApps(metadata=self._credentials.metadata)
 
     async def aclose(self, drain_s: float | None = None) -> None:
         """Stop listening (GOAWAY), let external calls finish for up to ``drain_s``

@@ -302,14 +302,18 @@ def test_a_replica_asking_for_what_no_node_has_fails_the_start(on_ray, monkeypat
         streamwise.run(nowhere.bind(), cluster="ray")
 
 
-def _status(deployment: str) -> management_pb2.DeploymentStatus:
+def _manage(call: str, request: object) -> object:
+    """One call of this driver's management API (a streamed answer's last message)."""
     import grpc
 
     (driver,) = [d for d in running_drivers() if d.pid == os.getpid()]
     with grpc.insecure_channel(driver.target) as channel:
-        stub = management_pb2_grpc.ManagementStub(channel)
-        app = stub.DescribeApplication(management_pb2.DescribeApplicationRequest(application="default"),
-                                       metadata=driver.metadata())
+        answer = getattr(management_pb2_grpc.ManagementStub(channel), call)(request, metadata=driver.metadata())
+        return answer if not hasattr(answer, "__iter__") else list(answer)[-1]
+
+
+def _status(deployment: str) -> management_pb2.DeploymentStatus:
+    app = _manage("DescribeApplication", management_pb2.DescribeApplicationRequest(application="default"))
     (found,) = [d for d in app.deployments if d.name == deployment]
     return found
 
@@ -348,3 +352,116 @@ def test_a_killed_node_fails_its_calls_and_its_replica_is_replaced(on_ray):
         time.sleep(0.1)
     assert handle.node.remote().result() == node_d.node_id
     cluster.remove_node(node_d)
+
+
+@streamwise.deployment(**_pinned("node_b"))
+class Leaf:
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+@streamwise.deployment(**_pinned("node_b"), user_config={"tag": "first"})
+class Relay:
+    def __init__(self, leaf):
+        self.leaf = leaf
+        self.tag = None
+
+    def reconfigure(self, config: dict) -> None:
+        self.tag = config["tag"]
+
+    async def __call__(self, inputs: dict[str, bytes] | None = None) -> tuple[int, str, int] | bytes:
+        if inputs is not None:  # an external client's Predict
+            return f"{os.getpid()} {self.tag}".encode()
+        return os.getpid(), self.tag, await self.leaf.pid.remote()
+
+
+def _sever_links_to_driver(pid: int) -> int:
+    """Abort every TCP connection the process ``pid`` opened to this driver (the
+    controller, and whatever else the driver listens on), as a network outage between
+    its node and the driver's would; how many there were."""
+    listening = {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    cut = 0
+    for c in psutil.Process(pid).net_connections("tcp"):
+        if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in listening:
+            subprocess.run(
+                ["ss", "-K", "sport", "=", f":{c.laddr.port}", "dport", "=", f":{c.raddr.port}"],
+                check=True, capture_output=True,
+            )
+            cut += 1
+    return cut
+
+
+def _can_sever() -> bool:
+    """Whether this machine lets ``ss -K`` abort a TCP connection (root, a kernel with
+    socket destruction)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                try:
+                    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"], check=True,
+                                   capture_output=True, timeout=10)
+                except (OSError, subprocess.SubprocessError):
+                    return False
+                client.settimeout(5)
+                try:
+                    client.send(b"x")
+                    return client.recv(1) == b""
+                except OSError:
+                    return True
+
+
+def _until(check, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+def test_a_replica_rides_out_losing_its_controller(on_ray):
+    """Relay (node_b, serving the public gRPC port itself) calls Leaf (node_b) when
+    every connection it has to the driver is aborted. It goes on serving, handle calls
+    and external clients, with the replica set it knew, reconnects, and then gets
+    what the driver changed meanwhile: a new user_config, a second Leaf."""
+    import grpc
+
+    from streamwise.proto import predict_pb2, predict_pb2_grpc
+
+    if not _can_sever():
+        pytest.skip("ss -K cannot abort TCP connections here (needs root and socket destruction)")
+    handle = streamwise.run(
+        Relay.bind(Leaf.bind()), cluster="ray", grpc_options=streamwise.GrpcOptions(port=0, host="127.0.0.1")
+    )
+
+    def predict() -> str:
+        with grpc.insecure_channel(streamwise.ingress_address()) as channel:
+            reply = predict_pb2_grpc.PredictAPIsServiceStub(channel).Predict(predict_pb2.PredictRequest(), timeout=10)
+        return reply.prediction.decode()
+
+    relay_pid, tag, leaf_pid = handle.remote().result()
+    assert tag == "first"
+    assert predict() == f"{relay_pid} first"
+    assert _sever_links_to_driver(relay_pid) >= 1
+    assert handle.remote().result() == (relay_pid, "first", leaf_pid)  # served on, routed as before
+    assert predict() == f"{relay_pid} first"
+
+    _manage("UpdateUserConfig", management_pb2.UpdateUserConfigRequest(
+        application="default", deployment="Relay", user_config_json='{"tag": "second"}'))
+    assert _until(lambda: handle.remote().result()[1] == "second"), "the new user_config never arrived"
+    _manage("ScaleDeployment", management_pb2.ScaleDeploymentRequest(
+        application="default", deployment="Leaf", num_replicas=2))
+    leaves: set[int] = set()
+
+    def both_leaves_called() -> bool:
+        leaves.add(handle.remote().result()[2])
+        return len(leaves) == 2
+
+    assert _until(both_leaves_called), f"Relay never routed to the second Leaf: {leaves}"
+    assert handle.remote().result()[0] == relay_pid
+    assert predict() == f"{relay_pid} second"  # its listener on the public port stayed open
+    assert _status("Relay").running_replicas == 1

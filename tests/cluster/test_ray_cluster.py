@@ -8,6 +8,7 @@ killed node takes its replicas with it. Skipped when Ray is not installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -465,3 +466,87 @@ def test_a_replica_rides_out_losing_its_controller(on_ray):
     assert handle.remote().result()[0] == relay_pid
     assert predict() == f"{relay_pid} second"  # its listener on the public port stayed open
     assert _status("Relay").running_replicas == 1
+
+
+_KILLED_DRIVER = """
+import json, os, sys
+import streamwise
+from streamwise import objectstore
+
+
+def pinned(node):
+    return {"ray_actor_options": {"num_cpus": 0, "resources": {node: 1}}}
+
+
+@streamwise.deployment(**pinned("node_b"))
+class Far:
+    def __init__(self):
+        self.kept = streamwise.put(b"f" * 1_000_000)  # a segment in node_b's store
+
+    async def where(self):
+        return os.getpid(), objectstore.session_name()
+
+
+@streamwise.deployment(**pinned("node_a"))
+class Near:
+    def __init__(self, far):
+        self.far = far
+        self.kept = streamwise.put(b"n" * 1_000_000)  # a segment in the driver's store
+
+    async def where(self):
+        return [(os.getpid(), objectstore.session_name()), await self.far.where.remote()]
+
+
+handle = streamwise.run(
+    Near.bind(Far.bind()), cluster=streamwise.RayCluster(address=os.environ["RAY_ADDRESS"], namespace="killed")
+)
+print(json.dumps(handle.where.remote().result()), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_the_drivers_death_ends_its_replicas_on_every_node(on_ray, tmp_path):
+    """The controller lives in the driver. When a driver is SIGKILLed, Ray ends its
+    replicas' actors and their processes, on both nodes, at once: nothing of the app
+    keeps running. What their stores held is freed by the next start on each node."""
+    import json
+
+    cluster, _, _ = on_ray
+    script = tmp_path / "driver.py"
+    script.write_text(_KILLED_DRIVER)
+    driver = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, RAY_ADDRESS=cluster.address),
+    )
+    try:
+        (near, near_session), (far, far_session) = json.loads(driver.stdout.readline())
+        assert near_session != far_session and _files(near_session, "o") and _files(far_session, "o")
+    finally:
+        driver.kill()
+        driver.wait()
+        driver.stdin.close()
+        driver.stdout.close()
+    for pid in (near, far):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+    # The next app to start a store session on each node sweeps the dead one's.
+    handle = streamwise.run(Front.bind(Counter.bind()), cluster="ray")
+    assert handle.remote(3).result()[2] == [0, 1, 2]
+    assert not os.path.exists(f"/dev/shm/{near_session}") and not os.path.exists(f"/dev/shm/{far_session}")
+
+
+def test_stopped_replicas_give_their_resources_back_to_ray(on_ray):
+    """A replica's actor holds what it asked Ray for until the replica has stopped,
+    not longer: scaled down or shut down, its CPU is Ray's to place again."""
+    before = ray.available_resources().get("CPU", 0)
+    busy = streamwise.deployment(
+        Where, name="Busy", num_replicas=2, ray_actor_options={"num_cpus": 1, "resources": {"node_b": 1}}
+    )
+    handle = streamwise.run(busy.bind(), cluster="ray")
+    handle.node.remote().result()
+    assert _until(lambda: ray.available_resources().get("CPU", 0) == before - 2, 10)
+    _manage("ScaleDeployment", management_pb2.ScaleDeploymentRequest(
+        application="default", deployment="Busy", num_replicas=1))
+    assert _until(lambda: ray.available_resources().get("CPU", 0) == before - 1), ray.available_resources()
+    streamwise.shutdown()
+    assert _until(lambda: ray.available_resources().get("CPU", 0) == before), ray.available_resources()

@@ -194,9 +194,9 @@ class RayCluster:
     ``namespace``: the Ray namespace of the replicas' actors.
     ``controller_grace_s``: how long a replica goes on serving while it cannot reach
     the driver (its controller), reconnecting meanwhile; past that it drains and
-    exits. A network outage between nodes shorter than that costs no replica. (The
-    driver's own death still ends its replicas at once: Ray ends the actors of a
-    job with it.) Needs ``pip install 'streamwise[ray]'``.
+    exits. A network outage between nodes shorter than that costs no replica, and a
+    dead driver's replicas serve on that long (or until the app's next driver has
+    them drain). Needs ``pip install 'streamwise[ray]'``.
     """
 
     address: str | None = None

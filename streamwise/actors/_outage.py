@@ -1,15 +1,17 @@
 """Riding out a lost controller: a replica on another node goes on while its driver is out of reach.
 
 On a cluster a replica reaches its driver (the controller, the app table of the
-public port) over the network, which can fail for a while with both ends alive.
-Such a replica keeps serving meanwhile, with what it last knew (its routers keep
+public port) over the network, which can fail for a while with both ends alive;
+or the driver dies, and the replica's Ray actor, detached, lives on
+(``ray_launcher``). Such a replica keeps serving meanwhile, with what it last knew (its routers keep
 their replica sets, its listener its apps), and reopens each stream from the
 driver with a backoff: the control stream (``Attach``), every router's
 ``WatchReplicas``, the app table and the load reports. The control stream alone
 decides the replica's life: once the controller ends it, refuses the replica (it
 was replaced meanwhile), or stays out of reach for ``RayCluster.controller_grace_s``,
-the replica drains and exits, as it does at once on one machine, where the
-controller is gone only when the driver is.
+the replica drains and exits (the last of a dead driver's store session frees it),
+as it does at once on one machine, where the controller is gone only when the
+driver is (the replica's parent-death signal).
 
 While the driver is out of reach nothing is supervised: a replica that dies is not
 replaced, and scaling waits. What the driver changed meanwhile (replica sets, a

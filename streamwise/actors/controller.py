@@ -120,6 +120,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         """
         if plan.name in self._apps:
             await self.delete_app(plan.name)
+        await self._launcher.retire_orphans(plan.name)  # a dead driver's, still serving
         deployments = {spec.config.name: _Deployment(spec, self.observers) for spec in plan.specs}
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name

@@ -56,6 +56,11 @@ class Launcher(Protocol):
         operator, prefixed with its id, and to ``log_path``."""
         ...
 
+    async def retire_orphans(self, app: str) -> int:
+        """Stop the replicas of ``app`` a dead driver left serving (on a cluster,
+        ``_outage``), before this driver starts its own; how many."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -107,6 +112,9 @@ class LocalProcessLauncher:
         # INFO; replicas keep to errors unless the user asked for more.
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
+
+    async def retire_orphans(self, app: str) -> int:
+        return 0  # a replica here dies with its driver (its parent-death signal)
 
     async def start(
         self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement

@@ -8,9 +8,18 @@ replica runs exactly as on one machine (its own event loop, signals, its parent'
 death signal), with three differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
 it also listens on the node's address, with the app's TLS, for callers on other
 nodes, and it rides out losing the driver for ``RayCluster.controller_grace_s``
-(``_outage``). Its output is kept by its host, from which the driver takes it: the operator
-sees it behind the replica's id, and ``streamwise logs`` reads it, as for a local one. Ray places, and tells when a host or its node dies; supervision, restarts
+(``_outage``). Its output is kept by its host, from which the driver takes it: the
+operator sees it behind the replica's id, and ``streamwise logs`` reads it, as for a
+local one. Ray places, and tells when a host or its node dies; supervision, restarts
 and routing stay the controller's.
+
+Hosts are *detached* actors, so that Ray does not end them (and their replicas) with
+a driver that dies: the replicas serve on for their grace. A host ends itself once
+its replica has exited (the driver, while it lives, ends it sooner), or when no
+replica was started in it. Each is named ``<app>/<replica id>/<driver token>`` in
+the cluster's namespace: the app's next driver finds those of a dead driver (its
+controller no longer answers) and has them drain before it starts its own
+(:meth:`RayLauncher.retire_orphans`).
 
 The app's credentials reach a host as actor arguments, which anyone allowed to use
 the Ray cluster can read (they can run code on its nodes anyway): the Ray cluster is
@@ -25,6 +34,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import secrets
 import signal
 import sys
 from typing import Any
@@ -42,6 +52,11 @@ log = logging.getLogger("streamwise.ray")
 # A host that Ray cannot place (no node has what it asks for) fails its start after this.
 _PLACEMENT_TIMEOUT_S = 60.0
 _STOPPED = -int(signal.SIGKILL)  # what wait() returns when Ray reports the host dead
+# A host outlives its replica this long, for its driver to take the last output and the
+# exit code (and then end it); with no driver left, it ends itself then.
+_LINGER_S = 5.0
+# How long a new driver waits for a dead driver's replicas to drain before killing them.
+_ORPHAN_DRAIN_S = 30.0
 
 
 def _import_ray() -> Any:
@@ -56,19 +71,32 @@ class _ReplicaHost:
     """The Ray actor holding one replica's resources; its child process is the replica."""
 
     def __init__(
-        self, replica_id: str, controller: str, handoff: bytes, package_root: str, controller_grace_s: float
+        self, app: str, replica_id: str, controller: str, handoff: bytes, package_root: str,
+        controller_grace_s: float,
     ) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self._args = (replica_id, controller, handoff, package_root, controller_grace_s)
+        self.app = app
+        self.controller = controller
         self._process: asyncio.subprocess.Process | None = None
         self._output: _logs.OutputBuffer | None = None
+        self._ending: asyncio.Task[None] | None = None
 
-    def where(self) -> tuple[str, str]:
+    async def where(self) -> tuple[str, str]:
         """(Ray node id, node address): answered once Ray has placed this actor."""
+        if self._ending is None:
+            self._ending = asyncio.get_running_loop().create_task(self._end_unless_started())
         return self.node_id, self.node_ip
+
+    async def _end_unless_started(self) -> None:
+        """A driver that dies while it places this actor never starts its replica:
+        the actor then ends itself (it is detached, so Ray would not)."""
+        await asyncio.sleep(_PLACEMENT_TIMEOUT_S)
+        if self._process is None:
+            self._end()
 
     async def start(self, store_session: str) -> int:
         """Start the replica, joining this node's object store session; its pid."""
@@ -98,6 +126,9 @@ class _ReplicaHost:
                 pass_fds=(theirs.fileno(),),
             )
             self._output = _logs.OutputBuffer(self._process)
+            if self._ending is not None:
+                self._ending.cancel()
+            self._ending = asyncio.get_running_loop().create_task(self._end_after_replica())
             theirs.close()
             with contextlib.suppress(OSError):
                 ours.sendall(handoff)
@@ -105,6 +136,24 @@ class _ReplicaHost:
             theirs.close()
             ours.close()
         return self._process.pid
+
+    def driver(self) -> tuple[str, str]:
+        """(app, address of the controller that started this replica)."""
+        return self.app, self.controller
+
+    async def _end_after_replica(self) -> None:
+        """The actor is detached, so that its replica outlives a dead driver for its
+        grace (``_outage``); it ends itself once that replica has exited."""
+        assert self._process is not None
+        await self._process.wait()
+        await asyncio.sleep(_LINGER_S)
+        self._end()
+
+    @staticmethod
+    def _end() -> None:
+        import ray
+
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def output(self) -> list[tuple[int, bytes]] | None:
         """The replica's output lines since the last call, once there are some (see
@@ -180,6 +229,8 @@ class _RayProcess:
             done, _ = await asyncio.wait({self._output}, timeout=_logs.DRAIN_S)
             if not done:
                 self._output.cancel()
+        with contextlib.suppress(Exception):
+            self._ray.kill(self._host, no_restart=True)  # a detached actor: it holds resources until then
         return self._code
 
     def terminate(self) -> None:
@@ -191,6 +242,22 @@ class _RayProcess:
         """Stop it now: its host actor goes, and the replica with it."""
         with contextlib.suppress(Exception):
             self._ray.kill(self._host, no_restart=True)
+
+
+async def _answers(address: str) -> bool:
+    """Whether something accepts connections at ``address`` ("host:port"); a driver
+    that cannot be told dead for sure counts as alive."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), 5)
+    except (ConnectionRefusedError, ValueError):
+        return False
+    except (OSError, TimeoutError):
+        return True
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 class RayLauncher:
@@ -206,6 +273,7 @@ class RayLauncher:
             ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
         self._namespace = cluster.namespace
         self._controller_grace_s = cluster.controller_grace_s
+        self._driver_token = secrets.token_hex(4)  # in its hosts' names: which are this driver's
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = ray.util.get_node_ip_address()
         # The driver's routers tell same-node replicas by the Ray node id too.
@@ -231,6 +299,8 @@ class RayLauncher:
             "namespace": self._namespace,
             "scheduling_strategy": "SPREAD",
             **wanted,
+            # Outlives the driver's job, for the replica's grace (it ends itself after).
+            "lifetime": "detached",
         }
         if resources:
             options["resources"] = resources
@@ -241,8 +311,10 @@ class RayLauncher:
     ) -> _RayProcess:
         """Ask Ray to place the replica's host and start it there; returns once it runs
         (UsageError if Ray could not place it within a minute)."""
-        host = self._host_class.options(**self._options(placement)).remote(
-            replica_id, controller_address, handoff, self._package_root, self._controller_grace_s
+        # Named, so that the app's next driver finds it should this one die.
+        name = f"{placement.app}/{replica_id}/{self._driver_token}"
+        host = self._host_class.options(name=name, **self._options(placement)).remote(
+            placement.app, replica_id, controller_address, handoff, self._package_root, self._controller_grace_s
         )
         try:
             where = asyncio.wrap_future(host.where.remote().future())
@@ -262,6 +334,38 @@ class RayLauncher:
             self._ray.kill(host, no_restart=True)
             raise
         return _RayProcess(self._ray, host, pid, node_id, replica_id, log_path)
+
+    async def retire_orphans(self, app: str) -> int:
+        """Stop the replicas of ``app`` that a dead driver left serving in this
+        namespace (riding out its loss, ``_outage``): SIGTERM, so they drain, then
+        their actors go; whatever still runs after ``_ORPHAN_DRAIN_S`` is killed.
+        Replicas of a driver still alive (its controller answers) are left alone."""
+        ray = self._ray
+        orphans = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != self._namespace or not name.startswith(f"{app}/"):
+                continue
+            if name.endswith(f"/{self._driver_token}"):
+                continue
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                host = ray.get_actor(name, namespace=self._namespace)
+                of_app, controller = await asyncio.wrap_future(host.driver.remote().future())
+                if of_app == app and not await _answers(controller):
+                    orphans.append(host)
+        for host in orphans:
+            with contextlib.suppress(Exception):
+                host.stop.remote(int(signal.SIGTERM))
+        if orphans:
+            log.warning("stopping %d replica(s) of %r left by a driver that died", len(orphans), app)
+        deadline = asyncio.get_running_loop().time() + _ORPHAN_DRAIN_S
+        for host in orphans:
+            left = max(0.1, deadline - asyncio.get_running_loop().time())
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.wrap_future(host.run.remote().future()), left)
+            with contextlib.suppress(Exception):
+                ray.kill(host, no_restart=True)
+        return len(orphans)
 
     async def _session_of(self, node_id: str) -> str:
         """The object store session replicas on ``node_id`` join (made on first use)."""

@@ -87,15 +87,17 @@ async def _follow_controller(
     until then the stream is reopened with a backoff (``_outage``) while the replica
     serves on. Cancelling cancels the stream.
     """
+    global _driver_gone
     reconnect = _outage.Reconnect("the controller")
     lost_since: float | None = None
     try:
         while True:
             attach = open_attach()
             try:
-                await attach.initial_metadata()  # the controller has taken this replica (again)
-                reconnect.connected()
-                lost_since = None
+                await attach.initial_metadata()
+                if not attach.done():  # the controller has taken this replica (again)
+                    reconnect.connected()
+                    lost_since = None
                 async for message in attach:
                     await _apply_control(message, user_object, reporter)
                 return  # the controller ended the stream: stop
@@ -108,6 +110,7 @@ async def _follow_controller(
                     logging.getLogger("streamwise.replica").error(
                         "the controller stayed out of reach for %.0fs: stopping", RUNTIME.controller_grace_s
                     )
+                    _driver_gone = True  # the last of its store session frees it
                     return
                 await reconnect.wait(exc)
             finally:

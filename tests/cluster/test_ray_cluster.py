@@ -468,7 +468,7 @@ def test_a_replica_rides_out_losing_its_controller(on_ray):
     assert _status("Relay").running_replicas == 1
 
 
-_KILLED_DRIVER = """
+_DRIVER = """
 import json, os, sys
 import streamwise
 from streamwise import objectstore
@@ -496,43 +496,113 @@ class Near:
     async def where(self):
         return [(os.getpid(), objectstore.session_name()), await self.far.where.remote()]
 
+    async def __call__(self, inputs):  # an external client's Predict
+        far, _ = await self.far.where.remote()
+        return f"{os.getpid()} {far}".encode()
 
+
+cluster = streamwise.RayCluster(
+    address=os.environ["RAY_ADDRESS"], namespace="drivers", controller_grace_s=float(os.environ["GRACE_S"])
+)
 handle = streamwise.run(
-    Near.bind(Far.bind()), cluster=streamwise.RayCluster(address=os.environ["RAY_ADDRESS"], namespace="killed")
+    Near.bind(Far.bind()), cluster=cluster,
+    grpc_options=streamwise.GrpcOptions(host="127.0.0.1", port=int(os.environ["PORT"])),
 )
 print(json.dumps(handle.where.remote().result()), flush=True)
-sys.stdin.read()  # until killed
+sys.stdin.read()  # until told to stop, or killed
+streamwise.shutdown()
 """
 
 
-def test_the_drivers_death_ends_its_replicas_on_every_node(on_ray, tmp_path):
-    """The controller lives in the driver. When a driver is SIGKILLed, Ray ends its
-    replicas' actors and their processes, on both nodes, at once: nothing of the app
-    keeps running. What their stores held is freed by the next start on each node."""
-    import json
+class _Driver:
+    """A driver process running ``_DRIVER`` on the cluster."""
 
+    def __init__(self, cluster, tmp_path, port: int, grace_s: float) -> None:
+        script = tmp_path / "driver.py"
+        script.write_text(_DRIVER)
+        self.process = subprocess.Popen(
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, RAY_ADDRESS=cluster.address, PORT=str(port), GRACE_S=str(grace_s)),
+        )
+        import json
+
+        (self.near, self.near_session), (self.far, self.far_session) = json.loads(self.process.stdout.readline())
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.close()
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        assert self.process.wait(60) == 0
+        self.close()
+
+    def close(self) -> None:
+        self.process.wait()
+        self.process.stdout.close()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+
+
+def _predict(port: int) -> str:
+    import grpc
+
+    from streamwise.proto import predict_pb2, predict_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+        return stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode()
+
+
+def _hosts(namespace: str = "drivers") -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_replicas_serve_on_after_their_driver_dies_then_stop(on_ray, tmp_path):
+    """The controller lives in the driver. When a driver is SIGKILLed, its replicas
+    on both nodes go on serving external clients (Near on node_a calling Far on
+    node_b) for RayCluster.controller_grace_s; then they drain and exit, freeing
+    their stores, and their actors end: nothing of the app is left."""
     cluster, _, _ = on_ray
-    script = tmp_path / "driver.py"
-    script.write_text(_KILLED_DRIVER)
-    driver = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=dict(os.environ, RAY_ADDRESS=cluster.address),
-    )
-    try:
-        (near, near_session), (far, far_session) = json.loads(driver.stdout.readline())
-        assert near_session != far_session and _files(near_session, "o") and _files(far_session, "o")
-    finally:
-        driver.kill()
-        driver.wait()
-        driver.stdin.close()
-        driver.stdout.close()
-    for pid in (near, far):
+    port = _free_port()
+    driver = _Driver(cluster, tmp_path, port, grace_s=3.0)
+    assert _files(driver.near_session, "o") and _files(driver.far_session, "o")
+    assert _predict(port) == f"{driver.near} {driver.far}"
+    driver.kill()
+    assert _predict(port) == f"{driver.near} {driver.far}"  # served on, across nodes, with no driver
+    for pid in (driver.near, driver.far):
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).wait(timeout=30)
-    # The next app to start a store session on each node sweeps the dead one's.
-    handle = streamwise.run(Front.bind(Counter.bind()), cluster="ray")
-    assert handle.remote(3).result()[2] == [0, 1, 2]
-    assert not os.path.exists(f"/dev/shm/{near_session}") and not os.path.exists(f"/dev/shm/{far_session}")
+    assert not os.path.exists(f"/dev/shm/{driver.near_session}") and not os.path.exists(
+        f"/dev/shm/{driver.far_session}"
+    )
+    assert _until(lambda: not _hosts()), _hosts()
+
+
+def test_the_next_driver_of_an_app_stops_what_a_dead_one_left(on_ray, tmp_path):
+    """A driver SIGKILLed; its replicas serve on. The app's next driver (same name,
+    namespace and port) has them drain and end before it starts its own, which then
+    serve; once it stops, nothing of the app is left."""
+    cluster, _, _ = on_ray
+    port = _free_port()
+    first = _Driver(cluster, tmp_path, port, grace_s=60.0)
+    first.kill()
+    assert _predict(port) == f"{first.near} {first.far}"
+    second = _Driver(cluster, tmp_path, port, grace_s=60.0)
+    try:
+        assert not psutil.pid_exists(first.near) and not psutil.pid_exists(first.far)
+        assert _predict(port) == f"{second.near} {second.far}"
+    finally:
+        second.stop()
+    assert _until(lambda: not _hosts()), _hosts()
 
 
 def test_stopped_replicas_give_their_resources_back_to_ray(on_ray):

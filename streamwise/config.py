@@ -194,8 +194,10 @@ class RayCluster:
     ``namespace``: the Ray namespace of the replicas' actors.
     ``controller_grace_s``: how long a replica goes on serving while it cannot reach
     the driver (its controller), reconnecting meanwhile; past that it drains and
-    exits. A network outage between nodes shorter than that costs no replica, and a
-    dead driver's replicas serve on that long (or until the app's next driver has
+    exits. A network outage the controller's health checks also ride out
+    (``health_check_period_s`` + ``health_check_timeout_s``) costs no replica; past
+    those, the controller replaces the replica, which stops once it is back. A dead
+    driver's replicas serve on for the grace (or until the app's next driver has
     them drain). Needs ``pip install 'streamwise[ray]'``.
     """
 
@@ -208,8 +210,8 @@ class RayCluster:
                f"address must be None or a Ray address, got {self.address!r}")
         _check(isinstance(self.namespace, str) and self.namespace != "",
                f"namespace must be a non-empty str, got {self.namespace!r}")
-        _check(_is_number(self.controller_grace_s) and self.controller_grace_s >= 0,
-               f"controller_grace_s must be a number >= 0, got {self.controller_grace_s!r}")
+        _check(_is_number(self.controller_grace_s) and 0 <= self.controller_grace_s < float("inf"),
+               f"controller_grace_s must be a finite number >= 0, got {self.controller_grace_s!r}")
 
 
 def cluster_config(cluster: Any) -> RayCluster | None:

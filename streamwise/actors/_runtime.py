@@ -70,7 +70,7 @@ class ProcessRuntime:
         self.core_loop: asyncio.AbstractEventLoop | None = None
         self.replica_id: str | None = None  # set in replica processes
         # How long this process goes on without its controller, reconnecting (``_outage``):
-        # 0 but in replicas on other nodes of a cluster.
+        # 0 but in replicas the Ray launcher started (on any node).
         self.controller_grace_s = 0.0
         # Live only on the core loop:
         self.routers: dict[RouterKey, Router] = {}

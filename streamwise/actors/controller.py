@@ -63,7 +63,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             spans_machines=self._launcher.spans_machines
         )
         try:
-            server = auth.internal_server(credentials, _wire.GRPC_OPTIONS)
+            pings = _wire.CONTROL_PINGS_ALLOWED if self._launcher.spans_machines else ()
+            server = auth.internal_server(credentials, (*_wire.GRPC_OPTIONS, *pings))
             controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
             address = auth.bind_unix(server, credentials.socket("controller"))
             if self._launcher.spans_machines:  # replicas on other nodes reach it here
@@ -470,7 +471,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     async def Attach(
         self, request: controller_pb2.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[controller_pb2.ControlMessage]:
-        _, replica = await self._launched(request.replica_id, context)
+        dep, replica = await self._launched(request.replica_id, context)
         if request.HasField("error"):
             if not replica.attached.done():
                 replica.attached.set_result(request.error)
@@ -489,6 +490,13 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         await context.send_initial_metadata(())  # tells the replica it is attached
         if not replica.attached.done():
             replica.attached.set_result(None)
+        if previous is not None:
+            # Attached again: what was sent meanwhile may have gone down the dead
+            # stream, so the replica gets the current settings once more.
+            if dep.report_interval_s > 0:
+                yield dep.reporting_message()
+            if dep.config.user_config is not None:
+                yield controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(dep.config.user_config))
         # The open stream tells the replica we are alive, and carries its commands.
         while (message := await replica.control.get()) is not None:
             yield message

@@ -37,6 +37,7 @@ import pathlib
 import secrets
 import signal
 import sys
+import threading
 from typing import Any
 
 import streamwise
@@ -84,17 +85,18 @@ class _ReplicaHost:
         self._process: asyncio.subprocess.Process | None = None
         self._output: _logs.OutputBuffer | None = None
         self._ending: asyncio.Task[None] | None = None
+        # A driver that dies while Ray places this actor never starts its replica: the
+        # actor then ends itself (it is detached, so Ray would not). From a timer
+        # thread, as this constructor may run before the actor's event loop does.
+        unstarted = threading.Timer(_PLACEMENT_TIMEOUT_S, self._end_unless_started)
+        unstarted.daemon = True
+        unstarted.start()
 
-    async def where(self) -> tuple[str, str]:
+    def where(self) -> tuple[str, str]:
         """(Ray node id, node address): answered once Ray has placed this actor."""
-        if self._ending is None:
-            self._ending = asyncio.get_running_loop().create_task(self._end_unless_started())
         return self.node_id, self.node_ip
 
-    async def _end_unless_started(self) -> None:
-        """A driver that dies while it places this actor never starts its replica:
-        the actor then ends itself (it is detached, so Ray would not)."""
-        await asyncio.sleep(_PLACEMENT_TIMEOUT_S)
+    def _end_unless_started(self) -> None:
         if self._process is None:
             self._end()
 
@@ -126,8 +128,6 @@ class _ReplicaHost:
                 pass_fds=(theirs.fileno(),),
             )
             self._output = _logs.OutputBuffer(self._process)
-            if self._ending is not None:
-                self._ending.cancel()
             self._ending = asyncio.get_running_loop().create_task(self._end_after_replica())
             theirs.close()
             with contextlib.suppress(OSError):
@@ -153,7 +153,10 @@ class _ReplicaHost:
     def _end() -> None:
         import ray
 
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception:  # nothing else would end a detached actor
+            os._exit(0)
 
     async def output(self) -> list[tuple[int, bytes]] | None:
         """The replica's output lines since the last call, once there are some (see
@@ -341,18 +344,24 @@ class RayLauncher:
         their actors go; whatever still runs after ``_ORPHAN_DRAIN_S`` is killed.
         Replicas of a driver still alive (its controller answers) are left alone."""
         ray = self._ray
-        orphans = []
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            name = entry["name"]
-            if entry["namespace"] != self._namespace or not name.startswith(f"{app}/"):
-                continue
-            if name.endswith(f"/{self._driver_token}"):
-                continue
-            with contextlib.suppress(ValueError, ray.exceptions.RayError):
-                host = ray.get_actor(name, namespace=self._namespace)
-                of_app, controller = await asyncio.wrap_future(host.driver.remote().future())
-                if of_app == app and not await _answers(controller):
-                    orphans.append(host)
+        names = [
+            entry["name"]
+            for entry in await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+            if entry["namespace"] == self._namespace and entry["name"].startswith(f"{app}/")
+            and not entry["name"].endswith(f"/{self._driver_token}")
+        ]
+
+        async def orphan(name: str) -> Any:
+            """The host ``name`` if its driver is dead; None if alive or if it cannot
+            tell within seconds (not placed yet: it ends itself later)."""
+            try:
+                host = await asyncio.to_thread(ray.get_actor, name, namespace=self._namespace)
+                of_app, controller = await asyncio.wait_for(asyncio.wrap_future(host.driver.remote().future()), 10)
+            except (ValueError, TimeoutError, ray.exceptions.RayError):
+                return None
+            return host if of_app == app and not await _answers(controller) else None
+
+        orphans = [host for host in await asyncio.gather(*map(orphan, names)) if host is not None]
         for host in orphans:
             with contextlib.suppress(Exception):
                 host.stop.remote(int(signal.SIGTERM))

@@ -190,7 +190,9 @@ async def serve(
 
     loop.add_signal_handler(_DRIVER_DIED, driver_died)
 
-    channel = auth.channel(controller_address, _wire.GRPC_OPTIONS)
+    # Only a replica that rides out a lost controller needs to find out a silent one.
+    keepalive = _wire.CONTROL_KEEPALIVE if controller_grace_s > 0 else ()
+    channel = auth.channel(controller_address, (*_wire.GRPC_OPTIONS, *keepalive))
     stub = controller_pb2_grpc.ControllerStub(channel)
     as_launched = (*credentials.metadata, (auth.REPLICA_TOKEN_KEY, token))
     try:

@@ -83,7 +83,7 @@ class LoadReporter:
             self._urgent = True
             self._wake.set()
 
-    async def _reports(self) -> AsyncIterator[controller_pb2.LoadReport]:
+    async def _reports(self, reconnect: _outage.Reconnect) -> AsyncIterator[controller_pb2.LoadReport]:
         app, deployment = self._key
         ongoing = queued = 0.0
         samples = 0
@@ -107,6 +107,7 @@ class LoadReporter:
                 )
             else:
                 continue
+            reconnect.connected()  # the report was taken: the stream is open
             ongoing = queued = 0.0
             samples = 0
             next_report = now + self._interval_s
@@ -118,7 +119,7 @@ class LoadReporter:
             stub = controller_pb2_grpc.ControllerStub(channel)
             while True:
                 try:
-                    await stub.ReportLoad(self._reports(), metadata=self._credentials.metadata)
+                    await stub.ReportLoad(self._reports(reconnect), metadata=self._credentials.metadata)
                     return
                 except grpc.aio.AioRpcError as exc:
                     if not _outage.rides_out(exc):

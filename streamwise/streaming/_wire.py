@@ -62,6 +62,20 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
     ("grpc.so_reuseport", 0),
 )
+# The control stream of a replica on a cluster: pings find a driver gone silent (its
+# machine off, its packets dropped) within about 20 s, where no read would ever end.
+CONTROL_KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+# What the controller's server then allows (by default it sends away a client that
+# pings more often than every 5 minutes while no data flows).
+CONTROL_PINGS_ALLOWED = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+)
 
 
 async def ask_replica(address: str, metadata: Any, rpc: str, request: Any, timeout_s: float) -> Any:

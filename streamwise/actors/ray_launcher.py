@@ -137,9 +137,10 @@ class _ReplicaHost:
             ours.close()
         return self._process.pid
 
-    def driver(self) -> tuple[str, str]:
-        """(app, address of the controller that started this replica)."""
-        return self.app, self.controller
+    async def orphaned(self, app: str) -> bool:
+        """Whether this is a replica of ``app`` whose driver is dead: its controller
+        refuses connections, seen from this node, as the replica sees it."""
+        return app == self.app and not await _answers(self.controller)
 
     async def _end_after_replica(self) -> None:
         """The actor is detached, so that its replica outlives a dead driver for its
@@ -342,7 +343,8 @@ class RayLauncher:
         """Stop the replicas of ``app`` that a dead driver left serving in this
         namespace (riding out its loss, ``_outage``): SIGTERM, so they drain, then
         their actors go; whatever still runs after ``_ORPHAN_DRAIN_S`` is killed.
-        Replicas of a driver still alive (its controller answers) are left alone."""
+        Replicas of a driver still alive (its controller answers their node) are
+        left alone, whatever this driver can reach."""
         ray = self._ray
         names = [
             entry["name"]
@@ -356,10 +358,10 @@ class RayLauncher:
             tell within seconds (not placed yet: it ends itself later)."""
             try:
                 host = await asyncio.to_thread(ray.get_actor, name, namespace=self._namespace)
-                of_app, controller = await asyncio.wait_for(asyncio.wrap_future(host.driver.remote().future()), 10)
+                gone = await asyncio.wait_for(asyncio.wrap_future(host.orphaned.remote(app).future()), 10)
             except (ValueError, TimeoutError, ray.exceptions.RayError):
                 return None
-            return host if of_app == app and not await _answers(controller) else None
+            return host if gone else None
 
         orphans = [host for host in await asyncio.gather(*map(orphan, names)) if host is not None]
         for host in orphans:

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -324,15 +325,26 @@ def main(argv: list[str] | None = None) -> int:
         if not credentials.node_dir:
             raise
         # Not the driver's machine: this process keeps a store session of its own.
+    code = 1
     try:
-        return asyncio.run(serve(
+        code = asyncio.run(serve(
             args.controller, args.replica_id, credentials, token, args.listen_host, args.controller_grace_s
         ))
+        return code
     finally:
         if credentials.node_dir:
             auth.remove_run_dir(credentials)
         # The last process of a dead driver's session deletes its shared memory.
         objectstore.close_session(driver_gone=_driver_gone)
+        if _driver_gone:
+            # Nobody is left to stop this process: a thread stuck in user code must not
+            # keep it (and what it holds, a GPU's memory say) alive at interpreter exit.
+            if sys.exc_info()[0] is not None:
+                traceback.print_exc()  # os._exit would swallow it
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
 if __name__ == "__main__":

@@ -177,6 +177,9 @@ class _Services:
         await self.controller.deploy(plan)
         if self.ingress is not None:
             await self.ingress.add_app(plan.name, plan.root.config.name, plan.root.methods)
+        # Only now, with this driver's replicas serving the app and its port, do those
+        # a dead driver left go: their clients move over without a gap.
+        await self.controller.retire_orphans(plan.name)
 
     async def close_front(self) -> None:
         """Drain external clients, then close this process's channels (before replicas go)."""

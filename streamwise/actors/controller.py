@@ -35,6 +35,9 @@ log = logging.getLogger("streamwise.controller")
 
 _RESTART_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 _KILL_GRACE_S = 2.0  # after graceful_shutdown_timeout_s, before SIGKILL
+# How long a new app's replicas may wait to be placed beside those a dead driver left
+# serving, before these are asked to make room.
+_ROOM_FOR_BOTH_S = 5.0
 
 
 class Controller(controller_pb2_grpc.ControllerServicer):
@@ -121,18 +124,30 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         """
         if plan.name in self._apps:
             await self.delete_app(plan.name)
-        await self._launcher.retire_orphans(plan.name)  # a dead driver's, still serving
         deployments = {spec.config.name: _Deployment(spec, self.observers) for spec in plan.specs}
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name
         first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.start_replicas)]
         try:
-            await asyncio.gather(*first_ready)
+            ready = asyncio.gather(*first_ready)
+            await asyncio.wait({ready}, timeout=_ROOM_FOR_BOTH_S)
+            if not ready.done() and any(s.replica is None for dep in deployments.values() for s in dep.slots):
+                # Not placed yet: the replicas a dead driver left serving may hold what
+                # these need, so they make room first (see retire_orphans).
+                await self.retire_orphans(plan.name)
+            await ready
         except BaseException:
             await self.delete_app(plan.name)
             raise
         for dep in deployments.values():
             self._follow_autoscaling(dep)
+
+    async def retire_orphans(self, app: str) -> None:
+        """Have the replicas of ``app`` that a dead driver left serving drain and go
+        (on a cluster, ``_outage``). Called once this driver's own serve the app (and
+        its public port), so that clients move over without a gap; earlier when those
+        could not be placed beside them."""
+        await self._launcher.retire_orphans(app)
 
     def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
         """Start supervising one more replica of ``dep``; the future is set once it runs

@@ -18,7 +18,7 @@ a driver that dies: the replicas serve on for their grace. A host ends itself on
 its replica has exited (the driver, while it lives, ends it sooner), or when no
 replica was started in it. Each is named ``<app>/<replica id>/<driver token>`` in
 the cluster's namespace: the app's next driver finds those of a dead driver (its
-controller no longer answers) and has them drain before it starts its own
+controller no longer answers) and has them drain once its own serve the app
 (:meth:`RayLauncher.retire_orphans`).
 
 The app's credentials reach a host as actor arguments, which anyone allowed to use

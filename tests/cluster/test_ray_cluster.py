@@ -474,11 +474,11 @@ import streamwise
 from streamwise import objectstore
 
 
-def pinned(node):
-    return {"ray_actor_options": {"num_cpus": 0, "resources": {node: 1}}}
+def pinned(node, cpus=0):
+    return {"ray_actor_options": {"num_cpus": cpus, "resources": {node: 1}}}
 
 
-@streamwise.deployment(**pinned("node_b"))
+@streamwise.deployment(**pinned("node_b", float(os.environ.get("FAR_CPUS", "0"))))
 class Far:
     def __init__(self):
         self.kept = streamwise.put(b"f" * 1_000_000)  # a segment in node_b's store
@@ -517,12 +517,14 @@ streamwise.shutdown()
 class _Driver:
     """A driver process running ``_DRIVER`` on the cluster."""
 
-    def __init__(self, cluster, tmp_path, port: int, grace_s: float) -> None:
+    def __init__(self, cluster, tmp_path, port: int, grace_s: float, far_cpus: float = 0) -> None:
         script = tmp_path / "driver.py"
         script.write_text(_DRIVER)
         self.process = subprocess.Popen(
             [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env=dict(os.environ, RAY_ADDRESS=cluster.address, PORT=str(port), GRACE_S=str(grace_s)),
+            env=dict(
+                os.environ, RAY_ADDRESS=cluster.address, PORT=str(port), GRACE_S=str(grace_s), FAR_CPUS=str(far_cpus)
+            ),
         )
         import json
 
@@ -587,18 +589,66 @@ def test_replicas_serve_on_after_their_driver_dies_then_stop(on_ray, tmp_path):
     assert _until(lambda: not _hosts()), _hosts()
 
 
-def test_the_next_driver_of_an_app_stops_what_a_dead_one_left(on_ray, tmp_path):
-    """A driver SIGKILLed; its replicas serve on. The app's next driver (same name,
-    namespace and port) has them drain and end before it starts its own, which then
-    serve; once it stops, nothing of the app is left."""
+def test_the_next_driver_of_an_app_takes_over_from_a_dead_ones_replicas_without_a_gap(on_ray, tmp_path):
+    """A driver is SIGKILLed; its replicas serve on. The app's next driver (same name,
+    namespace and port) starts its own replicas, and only once they serve has the
+    dead driver's drain and end. A client calling all along, on one channel, sees
+    no call fail, answered first by the old replicas, then by the new ones; once the
+    new driver stops, nothing of the app is left."""
+    import grpc
+
+    from streamwise.proto import predict_pb2, predict_pb2_grpc
+
     cluster, _, _ = on_ray
     port = _free_port()
     first = _Driver(cluster, tmp_path, port, grace_s=60.0)
     first.kill()
-    assert _predict(port) == f"{first.near} {first.far}"
-    second = _Driver(cluster, tmp_path, port, grace_s=60.0)
+    answers: list[str] = []
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def call_all_along() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
+            while not done.is_set():
+                try:
+                    answers.append(stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode())
+                except grpc.RpcError as exc:
+                    failures.append(exc)
+                time.sleep(0.02)
+
+    caller = threading.Thread(target=call_all_along)
+    caller.start()
     try:
-        assert not psutil.pid_exists(first.near) and not psutil.pid_exists(first.far)
+        assert _until(lambda: answers, 15)
+        second = _Driver(cluster, tmp_path, port, grace_s=60.0)
+        try:
+            assert not psutil.pid_exists(first.near) and not psutil.pid_exists(first.far)
+            new = f"{second.near} {second.far}"
+            assert _until(lambda: answers[-1] == new, 15), answers[-1]
+        finally:
+            done.set()
+            caller.join(30)
+            second.stop()
+    finally:
+        done.set()
+        caller.join(30)
+    assert not failures, failures[:3]
+    assert answers[0] == f"{first.near} {first.far}"
+    assert _until(lambda: not _hosts()), _hosts()
+
+
+def test_a_dead_drivers_replicas_make_room_when_the_next_ones_cannot_be_placed_beside_them(on_ray, tmp_path):
+    """Far asks for both CPUs of node_b: the next driver's Far cannot be placed while
+    the dead driver's holds them, so that one is asked to drain first, and the app
+    starts (after a short wait) instead of failing for want of a node."""
+    cluster, _, _ = on_ray
+    port = _free_port()
+    first = _Driver(cluster, tmp_path, port, grace_s=60.0, far_cpus=2)
+    first.kill()
+    second = _Driver(cluster, tmp_path, port, grace_s=60.0, far_cpus=2)
+    try:
+        assert not psutil.pid_exists(first.far)
         assert _predict(port) == f"{second.near} {second.far}"
     finally:
         second.stop()

@@ -172,11 +172,13 @@ class _Services:
         return plan_app(app, name, self.ingress.options.servicer_functions, tracing, self.ingress.front_spec())
 
     async def deploy(self, plan: AppPlan) -> None:
-        if self.ingress is not None:
+        if self.ingress is None:
+            await self.controller.deploy(plan)
+        else:
             self.ingress.remove_app(plan.name)
-        await self.controller.deploy(plan)
-        if self.ingress is not None:
-            await self.ingress.add_app(plan.name, plan.root.config.name, plan.root.methods)
+            with self.ingress.adding():
+                await self.controller.deploy(plan)
+                await self.ingress.add_app(plan.name, plan.root.config.name, plan.root.methods)
         # Only now, with this driver's replicas serving the app and its port, do those
         # a dead driver left go: their clients move over without a gap.
         await self.controller.retire_orphans(plan.name)

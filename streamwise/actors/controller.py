@@ -147,7 +147,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         (on a cluster, ``_outage``). Called once this driver's own serve the app (and
         its public port), so that clients move over without a gap; earlier when those
         could not be placed beside them."""
-        await self._launcher.retire_orphans(app)
+        await self._launcher.retire_orphans(app, self._roots.get(app, ""))
 
     def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
         """Start supervising one more replica of ``dep``; the future is set once it runs

@@ -56,9 +56,9 @@ class Launcher(Protocol):
         operator, prefixed with its id, and to ``log_path``."""
         ...
 
-    async def retire_orphans(self, app: str) -> int:
+    async def retire_orphans(self, app: str, root: str = "") -> int:
         """Stop the replicas of ``app`` a dead driver left serving (on a cluster,
-        ``_outage``), before this driver starts its own; how many."""
+        ``_outage``), those of deployment ``root`` first; how many."""
         ...
 
     async def aclose(self) -> None: ...
@@ -113,7 +113,7 @@ class LocalProcessLauncher:
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
 
-    async def retire_orphans(self, app: str) -> int:
+    async def retire_orphans(self, app: str, root: str = "") -> int:
         return 0  # a replica here dies with its driver (its parent-death signal)
 
     async def start(

@@ -339,12 +339,15 @@ class RayLauncher:
             raise
         return _RayProcess(self._ray, host, pid, node_id, replica_id, log_path)
 
-    async def retire_orphans(self, app: str) -> int:
+    async def retire_orphans(self, app: str, root: str = "") -> int:
         """Stop the replicas of ``app`` that a dead driver left serving in this
         namespace (riding out its loss, ``_outage``): SIGTERM, so they drain, then
         their actors go; whatever still runs after ``_ORPHAN_DRAIN_S`` is killed.
-        Replicas of a driver still alive (its controller answers their node) are
-        left alone, whatever this driver can reach."""
+        Those of deployment ``root`` go first, and the others once these have
+        exited: calls their clients still make then reach the others while these
+        serve (a draining replica takes no new call, and the callers' routers, whose
+        driver died, know no other). Replicas of a driver still alive (its
+        controller answers their node) are left alone, whatever this driver can reach."""
         ray = self._ray
         names = [
             entry["name"]
@@ -353,29 +356,31 @@ class RayLauncher:
             and not entry["name"].endswith(f"/{self._driver_token}")
         ]
 
-        async def orphan(name: str) -> Any:
-            """The host ``name`` if its driver is dead; None if alive or if it cannot
-            tell within seconds (not placed yet: it ends itself later)."""
+        async def orphan(name: str) -> tuple[str, Any] | None:
+            """(deployment, host ``name``) if its driver is dead; None if alive or if
+            it cannot tell within seconds (not placed yet: it ends itself later)."""
             try:
                 host = await asyncio.to_thread(ray.get_actor, name, namespace=self._namespace)
                 gone = await asyncio.wait_for(asyncio.wrap_future(host.orphaned.remote(app).future()), 10)
             except (ValueError, TimeoutError, ray.exceptions.RayError):
                 return None
-            return host if gone else None
+            replica_id = name[len(app) + 1 :].rsplit("/", 1)[0]
+            return (replica_id.rsplit("#", 1)[0], host) if gone else None
 
-        orphans = [host for host in await asyncio.gather(*map(orphan, names)) if host is not None]
-        for host in orphans:
-            with contextlib.suppress(Exception):
-                host.stop.remote(int(signal.SIGTERM))
+        orphans = [found for found in await asyncio.gather(*map(orphan, names)) if found is not None]
         if orphans:
             log.warning("stopping %d replica(s) of %r left by a driver that died", len(orphans), app)
         deadline = asyncio.get_running_loop().time() + _ORPHAN_DRAIN_S
-        for host in orphans:
-            left = max(0.1, deadline - asyncio.get_running_loop().time())
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.wrap_future(host.run.remote().future()), left)
-            with contextlib.suppress(Exception):
-                ray.kill(host, no_restart=True)
+        for group in ([h for d, h in orphans if d == root], [h for d, h in orphans if d != root]):
+            for host in group:
+                with contextlib.suppress(Exception):
+                    host.stop.remote(int(signal.SIGTERM))
+            for host in group:
+                left = max(0.1, deadline - asyncio.get_running_loop().time())
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(host.run.remote().future()), left)
+                with contextlib.suppress(Exception):
+                    ray.kill(host, no_restart=True)
         return len(orphans)
 
     async def _session_of(self, node_id: str) -> str:

@@ -5,7 +5,8 @@ on the public ``host:port``; gRPC core binds it with ``SO_REUSEPORT``, so the
 replicas (and the driver, while no replica runs) share the port and the kernel
 spreads new *connections* among them. A call that a replica accepted runs
 in-process when it is for this replica's own deployment and the replica has room
-(below ``max_ongoing_requests``, not draining; a multiplexed model loaded here):
+(below ``max_ongoing_requests``; a multiplexed model loaded here; while it drains,
+only what its listener accepted before it stopped):
 through the :class:`~streamwise.streaming.servicer.ReplicaServicer`, as an internal
 call is (admission, request context, spans, metrics), without a hop; a stream's
 items go to the client as they are yielded, one message each, without frames. Otherwise (the replica is full, the call names another app) it
@@ -61,8 +62,10 @@ class InProcessDispatch:
 
     def _takes(self, app: FrontApp, call: FrontCall) -> bool:
         """Whether to run the call here: this replica's deployment, room for it, and
-        for a multiplexed model, the model already loaded here."""
-        if not (app.name == self._app and app.deployment == self._deployment and self._servicer.has_room):
+        for a multiplexed model, the model already loaded here. A replica that drains
+        still runs what its listener accepted before it stopped (clients have GOAWAY
+        by then), within its grace: elsewhere may not be known to it (its driver died)."""
+        if not (app.name == self._app and app.deployment == self._deployment and self._servicer.below_limit):
             return False
         model_id = call.metadata.get(_wire.MODEL_ID)
         return not model_id or model_id in multiplex.held()

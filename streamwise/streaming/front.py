@@ -87,6 +87,14 @@ class Abort(Exception):
         self.details = details
 
 
+class _UnknownApp(Abort):
+    """NOT_FOUND for the application a call names (or for its lack of one): an app
+    this front is still being given may yet answer it (``Front.expecting``)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, details)
+
+
 def remote_abort(err: replica_pb2.RemoteError) -> Abort:
     code = getattr(grpc.StatusCode, err.status, None) if err.status else None
     # User errors reach clients as type and message only: tracebacks stay inside.
@@ -169,6 +177,10 @@ class Front:
         self._closing: asyncio.Task[None] | None = None
         self._health = _Health()
         self._not_found = grpc.stream_stream_rpc_method_handler(self.not_found)
+        # Set by an owner that is adding apps (a driver starting them): a call for an
+        # app not served yet waits for it, up to replica_wait_timeout_s.
+        self.expecting = False
+        self._apps_changed = asyncio.Event()
         self._inflight = 0  # calls of the user's services running
         self._idle = asyncio.Event()
         self._idle.set()
@@ -279,6 +291,22 @@ class Front:
     def app_names(self) -> list[str]:
         return sorted(self._apps)
 
+    def apps_changed(self) -> None:
+        """Its owner changed the apps: calls waiting for one look again."""
+        self._apps_changed.set()
+        self._apps_changed = asyncio.Event()
+
+    async def _app_arrives(self, deadline: float) -> bool:
+        """Wait, while apps are being added and until ``deadline`` (loop time), for
+        the next change of the apps; whether there was one."""
+        changed = self._apps_changed
+        remaining = deadline - asyncio.get_running_loop().time()
+        if not self.expecting or remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), remaining)
+        return changed.is_set()
+
     def _lookup(
         self, rpc: RpcMethod, context: grpc.aio.ServicerContext, metadata: dict[str, str], span: Any
     ) -> tuple[FrontApp, FrontCall]:
@@ -286,15 +314,13 @@ class Front:
         if app_name:
             app = self._apps.get(app_name)
             if app is None:
-                raise Abort(
-                    grpc.StatusCode.NOT_FOUND,
+                raise _UnknownApp(
                     f"unknown application {app_name!r}; running: {', '.join(self.app_names()) or 'none'}",
                 )
         elif len(self._apps) == 1:
             app = next(iter(self._apps.values()))
         else:
-            raise Abort(
-                grpc.StatusCode.NOT_FOUND,
+            raise _UnknownApp(
                 f"choose an application with 'application' metadata; running: "
                 f"{', '.join(self.app_names()) or 'none'}",
             )
@@ -345,11 +371,20 @@ class Front:
                 external=True,
             ) if spans.enabled() else spans.NO_SPAN as span:
                 try:
-                    if self.options.request_timeout_s is None:
-                        result = await run(span, metadata)
-                    else:
-                        async with asyncio.timeout(self.options.request_timeout_s):
-                            result = await run(span, metadata)
+                    deadline = None
+                    while True:
+                        try:
+                            if self.options.request_timeout_s is None:
+                                result = await run(span, metadata)
+                            else:
+                                async with asyncio.timeout(self.options.request_timeout_s):
+                                    result = await run(span, metadata)
+                            break
+                        except _UnknownApp:  # raised before the call went anywhere
+                            if deadline is None:
+                                deadline = asyncio.get_running_loop().time() + self.options.replica_wait_timeout_s
+                            if not await self._app_arrives(deadline):
+                                raise
                     status = "OK"
                     return result
                 except Exception as exc:

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -68,6 +68,7 @@ class Ingress:
         self._watchers: set[_Watcher] = set()  # replicas following the table
         self._acked = asyncio.Event()
         self._follower: asyncio.Task[None] | None = None
+        self._adding = 0  # apps being started: calls for one not served yet wait for it
         self._stopping: set[asyncio.Task[None]] = set()
         self.draining = False
         self.address = ""
@@ -121,6 +122,7 @@ class Ingress:
         if self._port:
             options = _with_port(options, self._port)
         front = Front(options, self._rpcs, self._apps, RouterDispatch(options.replica_wait_timeout_s))
+        front.expecting = self._adding > 0
         port = await front.start()
         await front.set_serving(bool(self._apps))
         self._front = front
@@ -132,9 +134,29 @@ class Ingress:
             return None
         return FrontSpec(options=_with_port(self.options, self._port), table_address=self._table_address)
 
+    @contextlib.contextmanager
+    def adding(self) -> Iterator[None]:
+        """While an app is being started: a call that reaches this driver's listener
+        for an app it does not serve yet waits for it (up to replica_wait_timeout_s),
+        instead of NOT_FOUND at once (as when a driver starts beside replicas a dead
+        one left serving on the port)."""
+        self._expect(+1)
+        try:
+            yield
+        finally:
+            self._expect(-1)
+
+    def _expect(self, change: int) -> None:
+        self._adding += change
+        if self._front is not None:
+            self._front.expecting = self._adding > 0
+            self._front.apps_changed()  # waiters look again (and give up if nothing comes)
+
     async def add_app(self, name: str, deployment: str, methods: Mapping[str, Any]) -> None:
         """Serve ``name``; health turns SERVING (its replicas are ready by now)."""
         self._apps[name] = FrontApp(name, deployment, frozenset(methods))
+        if self._front is not None:
+            self._front.apps_changed()
         if self._front is not None:
             await self._front.set_serving(True)
         self._notify()

@@ -103,6 +103,12 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         """Whether a call made now would be admitted (not draining, below max_ongoing_requests)."""
         return not self._draining and self._ongoing < self._max_ongoing
 
+    @property
+    def below_limit(self) -> bool:
+        """Below max_ongoing_requests, draining or not: what the replica's own listener
+        asks of a call it accepted (see ``streaming.direct``)."""
+        return self._ongoing < self._max_ongoing
+
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new calls and wait up to ``timeout_s`` for running ones; True if idle."""
         self._draining = True
@@ -390,7 +396,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
 
         Like :meth:`Call`, without a reply message around the result: returns the
         encoded response, or the error the method raised. The caller checked
-        :attr:`has_room`; the call is admitted without waiting. Cancellation cancels
+        :attr:`below_limit`; the call is admitted without waiting. Cancellation cancels
         the method (and propagates).
         """
         if not self._ongoing:
@@ -438,7 +444,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         messages), but each response message goes to ``emit`` as the method yields
         it, encoded with the RPC's message class: no frames, as every item is one
         gRPC message anyway (and ``emit`` awaits the client's flow control). The
-        caller checked :attr:`has_room`; the call is admitted without waiting.
+        caller checked :attr:`below_limit`; the call is admitted without waiting.
         Returns the error the method ended with, if any. Cancellation cancels the
         method and closes its generator (its ``finally`` runs) before it propagates.
         """

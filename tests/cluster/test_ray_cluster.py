@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import subprocess
@@ -592,9 +593,10 @@ def test_replicas_serve_on_after_their_driver_dies_then_stop(on_ray, tmp_path):
 def test_the_next_driver_of_an_app_takes_over_from_a_dead_ones_replicas_without_a_gap(on_ray, tmp_path):
     """A driver is SIGKILLed; its replicas serve on. The app's next driver (same name,
     namespace and port) starts its own replicas, and only once they serve has the
-    dead driver's drain and end. A client calling all along, on one channel, sees
-    no call fail, answered first by the old replicas, then by the new ones; once the
-    new driver stops, nothing of the app is left."""
+    dead driver's drain and end. A client calling all along, every other call on one
+    channel and the others each on a new connection (which may reach the new
+    driver's listener while it starts), sees no call fail, answered first by the old
+    replicas, then by the new ones; once the new driver stops, nothing is left."""
     import grpc
 
     from streamwise.proto import predict_pb2, predict_pb2_grpc
@@ -608,11 +610,16 @@ def test_the_next_driver_of_an_app_takes_over_from_a_dead_ones_replicas_without_
     done = threading.Event()
 
     def call_all_along() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
-            while not done.is_set():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as kept:
+            for n in itertools.count():
+                if done.is_set():
+                    return
                 try:
-                    answers.append(stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode())
+                    if n % 2:
+                        answers.append(_predict(port))
+                    else:
+                        stub = predict_pb2_grpc.PredictAPIsServiceStub(kept)
+                        answers.append(stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode())
                 except grpc.RpcError as exc:
                     failures.append(exc)
                 time.sleep(0.02)

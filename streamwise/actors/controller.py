@@ -130,6 +130,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.start_replicas)]
         try:
             ready = asyncio.gather(*first_ready)
+            ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, should we not await it
             await asyncio.wait({ready}, timeout=_ROOM_FOR_BOTH_S)
             if not ready.done() and any(s.replica is None for dep in deployments.values() for s in dep.slots):
                 # Not placed yet: the replicas a dead driver left serving may hold what
@@ -147,7 +148,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         (on a cluster, ``_outage``). Called once this driver's own serve the app (and
         its public port), so that clients move over without a gap; earlier when those
         could not be placed beside them."""
-        await self._launcher.retire_orphans(app, self._roots.get(app, ""))
+        try:
+            await self._launcher.retire_orphans(app, self._roots.get(app, ""))
+        except Exception:  # best effort: they end after their grace anyway
+            log.exception("could not stop the replicas of %r a dead driver left", app)
 
     def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
         """Start supervising one more replica of ``dep``; the future is set once it runs

@@ -370,8 +370,8 @@ class RayLauncher:
         orphans = [found for found in await asyncio.gather(*map(orphan, names)) if found is not None]
         if orphans:
             log.warning("stopping %d replica(s) of %r left by a driver that died", len(orphans), app)
-        deadline = asyncio.get_running_loop().time() + _ORPHAN_DRAIN_S
         for group in ([h for d, h in orphans if d == root], [h for d, h in orphans if d != root]):
+            deadline = asyncio.get_running_loop().time() + _ORPHAN_DRAIN_S
             for host in group:
                 with contextlib.suppress(Exception):
                     host.stop.remote(int(signal.SIGTERM))

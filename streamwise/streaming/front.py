@@ -89,7 +89,7 @@ class Abort(Exception):
 
 class _UnknownApp(Abort):
     """NOT_FOUND for the application a call names (or for its lack of one): an app
-    this front is still being given may yet answer it (``Front.expecting``)."""
+    this front is still being given may yet answer it (``Front(expecting=...)``)."""
 
     def __init__(self, details: str) -> None:
         super().__init__(grpc.StatusCode.NOT_FOUND, details)
@@ -168,6 +168,7 @@ class Front:
         rpcs: Mapping[str, RpcMethod],
         apps: Mapping[str, FrontApp],
         dispatch: Dispatch,
+        expecting: Callable[[], bool] = lambda: False,
     ) -> None:
         self.options = options
         self._rpcs = rpcs
@@ -177,9 +178,9 @@ class Front:
         self._closing: asyncio.Task[None] | None = None
         self._health = _Health()
         self._not_found = grpc.stream_stream_rpc_method_handler(self.not_found)
-        # Set by an owner that is adding apps (a driver starting them): a call for an
-        # app not served yet waits for it, up to replica_wait_timeout_s.
-        self.expecting = False
+        # True while the owner is adding apps (a driver starting them): a call for an
+        # app not served yet then waits for it, up to replica_wait_timeout_s.
+        self._expecting = expecting
         self._apps_changed = asyncio.Event()
         self._inflight = 0  # calls of the user's services running
         self._idle = asyncio.Event()
@@ -301,7 +302,7 @@ class Front:
         the next change of the apps; whether there was one."""
         changed = self._apps_changed
         remaining = deadline - asyncio.get_running_loop().time()
-        if not self.expecting or remaining <= 0:
+        if not self._expecting() or remaining <= 0:
             return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), remaining)
@@ -371,20 +372,25 @@ class Front:
                 external=True,
             ) if spans.enabled() else spans.NO_SPAN as span:
                 try:
+                    limit = self.options.request_timeout_s
                     deadline = None
                     while True:
                         try:
-                            if self.options.request_timeout_s is None:
+                            if limit is None:
                                 result = await run(span, metadata)
                             else:
-                                async with asyncio.timeout(self.options.request_timeout_s):
+                                async with asyncio.timeout(limit):
                                     result = await run(span, metadata)
                             break
                         except _UnknownApp:  # raised before the call went anywhere
+                            now = asyncio.get_running_loop().time()
                             if deadline is None:
-                                deadline = asyncio.get_running_loop().time() + self.options.replica_wait_timeout_s
+                                wait = self.options.replica_wait_timeout_s
+                                deadline = now + (wait if limit is None else min(wait, limit))
                             if not await self._app_arrives(deadline):
                                 raise
+                            if limit is not None:  # the wait counts against request_timeout_s
+                                limit = max(0.001, limit - (asyncio.get_running_loop().time() - now))
                     status = "OK"
                     return result
                 except Exception as exc:

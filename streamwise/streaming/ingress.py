@@ -121,8 +121,10 @@ class Ingress:
         options = self.options
         if self._port:
             options = _with_port(options, self._port)
-        front = Front(options, self._rpcs, self._apps, RouterDispatch(options.replica_wait_timeout_s))
-        front.expecting = self._adding > 0
+        front = Front(
+            options, self._rpcs, self._apps, RouterDispatch(options.replica_wait_timeout_s),
+            expecting=lambda: self._adding > 0,
+        )
         port = await front.start()
         await front.set_serving(bool(self._apps))
         self._front = front
@@ -149,7 +151,6 @@ class Ingress:
     def _expect(self, change: int) -> None:
         self._adding += change
         if self._front is not None:
-            self._front.expecting = self._adding > 0
             self._front.apps_changed()  # waiters look again (and give up if nothing comes)
 
     async def add_app(self, name: str, deployment: str, methods: Mapping[str, Any]) -> None:

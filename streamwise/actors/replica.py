@@ -6,8 +6,8 @@ spec from the controller, builds the user object, serves it on Unix sockets in t
 app's run directory (gRPC, and the same-node socket; the addresses are reported back
 through ``Attach``), and keeps the ``Attach`` stream open for its whole life: when the
 controller ends that stream the replica drains and exits, and so it does when the
-stream breaks, at once on the driver's machine, or on another node of a cluster
-once the controller stayed out of reach past its grace (``_outage``). SIGTERM also drains: new calls are refused, running ones get
+stream breaks: at once on one machine; on a cluster once the controller stayed out
+of reach past its grace (``_outage``). SIGTERM also drains: new calls are refused, running ones get
 ``graceful_shutdown_timeout_s`` to finish, then the server stops.
 """
 

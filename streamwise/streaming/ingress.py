@@ -158,7 +158,6 @@ class Ingress:
         self._apps[name] = FrontApp(name, deployment, frozenset(methods))
         if self._front is not None:
             self._front.apps_changed()
-        if self._front is not None:
             await self._front.set_serving(True)
         self._notify()
         await self._delivered()

@@ -99,11 +99,6 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         return self._ongoing
 
     @property
-    def has_room(self) -> bool:
-        """Whether a call made now would be admitted (not draining, below max_ongoing_requests)."""
-        return not self._draining and self._ongoing < self._max_ongoing
-
-    @property
     def below_limit(self) -> bool:
         """Below max_ongoing_requests, draining or not: what the replica's own listener
         asks of a call it accepted (see ``streaming.direct``)."""
@@ -405,7 +400,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServicer):
         started = time.perf_counter()
         status = "CANCELLED"
         try:
-            enter_request(request.metadata, self._deployment, self._replica_id)
+            self._enter_context(request)
             with self._span(request, streaming=False) as span:
                 try:
                     payload = self._payload(request)

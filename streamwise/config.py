@@ -33,6 +33,8 @@ DEFAULT_RETRY_BACKOFF_MULTIPLIER = 2.0
 DEFAULT_RETRY_MAX_BACKOFF_S = 0.5
 DEFAULT_NO_REPLICA_TIMEOUT_S = 30.0
 
+DEFAULT_CONTROLLER_GRACE_S = 60.0  # a replica on a cluster serving on without its driver
+
 DEFAULT_CODEC = "cloudpickle"
 
 DEFAULT_GRPC_PORT = 9000
@@ -203,7 +205,7 @@ class RayCluster:
 
     address: str | None = None
     namespace: str = "streamwise"
-    controller_grace_s: float = 60.0
+    controller_grace_s: float = DEFAULT_CONTROLLER_GRACE_S
 
     def __post_init__(self) -> None:
         _check(self.address is None or (isinstance(self.address, str) and self.address != ""),

@@ -97,3 +97,13 @@ def test_transport_defaults_and_validation():
         streamwise.TransportConfig(grpc_max_message_length=0)
     with pytest.raises(UsageError, match="by_reference"):
         streamwise.HandleOptions(by_reference="yes")
+
+
+def test_ray_cluster_grace_must_be_a_finite_number_of_seconds():
+    """controller_grace_s is how long replicas serve on without their driver: 0 or
+    more, and finite (a replica must stop some time after its driver is gone)."""
+    assert streamwise.RayCluster().controller_grace_s == 60.0
+    assert streamwise.RayCluster(controller_grace_s=0).controller_grace_s == 0
+    for bad in (-1, float("inf"), float("nan"), "60"):
+        with pytest.raises(UsageError, match="controller_grace_s"):
+            streamwise.RayCluster(controller_grace_s=bad)

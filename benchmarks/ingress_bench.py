@@ -71,6 +71,7 @@ from _common import (
 )
 
 import streamwise  # noqa: E402
+from streamwise import _event_loop as event_loop  # noqa: E402
 
 UNARY_DATA = bytes(range(16))  # the data of every unary request (echoed back)
 ITEM_DATA = bytes(range(8))  # the data of every stream item
@@ -435,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         "  streamwise direct: client process -> 1 replica process (listening on the public port); "
         "proxy: client process -> ingress (driver process) -> 1 replica process; "
         "plain: client process -> grpc.aio server process"
+    )
+    say(
+        f"  event loops: replicas {event_loop.chosen()} (STREAMWISE_EVENT_LOOP), driver and plain server "
+        "asyncio's own"
     )
     paths = ("direct", "proxy") if args.path == "both" else (args.path,)
     children: list[Child] = []

@@ -9,7 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from streamwise import _config_file, objectstore
+from streamwise import _config_file, _event_loop as event_loop, objectstore
 from streamwise.metrics import recorders
 from streamwise.metrics.endpoint import MetricsEndpoint, replica_metrics
 from streamwise.actors._runtime import RUNTIME, CoreLoop
@@ -62,6 +62,7 @@ class _Services:
     the gRPC ingress."""
 
     def __init__(self, cluster: RayCluster | None = None) -> None:
+        event_loop.chosen()  # the replicas': a wrong STREAMWISE_EVENT_LOOP fails here, not in each replica
         self.cluster = cluster
         self.controller = Controller(_launcher(cluster))
         self.controller.observers.extend(_replica_observers)

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cloudpickle
 import grpc
 
-from streamwise import _auth as auth, objectstore
+from streamwise import _auth as auth, _event_loop as event_loop, objectstore
 from streamwise.actors import _outage, multiplex
 from streamwise.actors._runtime import RUNTIME
 from streamwise.actors.spec import ReplicaSpec
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         # Not the driver's machine: this process keeps a store session of its own.
     code = 1
     try:
-        code = asyncio.run(serve(
+        code = event_loop.run(serve(
             args.controller, args.replica_id, credentials, token, args.listen_host, args.controller_grace_s
         ))
         return code

@@ -1,0 +1,71 @@
+"""The event loop a replica runs on: uvloop where it is installed.
+
+A replica's loop carries every call the replica serves, and most of a small call's
+cost is the loop's and gRPC's, not the user's: on uvloop (libuv; a dependency
+everywhere but Windows) a replica serves an external unary call with markedly less
+CPU than on asyncio's own loop (``benchmarks/ingress_bench.py`` says which loop its
+replicas ran). Ray installs uvloop in its workers for the same reason.
+
+``STREAMWISE_EVENT_LOOP`` picks it: ``uvloop`` (the default when it can be
+imported) or ``asyncio`` for the standard library's loop, say for user code that
+needs something uvloop lacks. Replicas inherit the driver's choice; the driver
+checks it when it starts. The replica's loop is made by a factory, not by setting the
+process-wide policy: a user's own ``asyncio.run`` in a replica gets what it always got.
+The driver's core loop stays on asyncio's loop: it shares the user's process and
+starts the replica processes, where uvloop's own process spawning would stand in for
+Python's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from streamwise.exceptions import UsageError
+
+T = TypeVar("T")
+
+ENV = "STREAMWISE_EVENT_LOOP"
+CHOICES = ("uvloop", "asyncio")
+
+
+def chosen() -> str:
+    """The implementation the environment asks for: ``uvloop`` or ``asyncio``.
+
+    Raises UsageError for any other value, and for ``uvloop`` when it is not installed.
+    """
+    raw = os.environ.get(ENV, "").strip().lower()
+    installed = importlib.util.find_spec("uvloop") is not None
+    if raw == "":
+        return "uvloop" if installed else "asyncio"
+    if raw not in CHOICES:
+        raise UsageError(f"{ENV} must be one of {', '.join(CHOICES)}, got {raw!r}")
+    if raw == "uvloop" and not installed:
+        raise UsageError(f"{ENV}=uvloop, but uvloop is not installed (pip install uvloop)")
+    return raw
+
+
+def factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes a new loop of the chosen implementation."""
+    if chosen() == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    return factory()()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on a loop of the chosen implementation.
+
+    As with ``asyncio.run``: the loop is closed on return, after the tasks still
+    pending are cancelled and async generators finalized.
+    """
+    with asyncio.Runner(loop_factory=factory()) as runner:
+        return runner.run(main)

@@ -1,0 +1,48 @@
+"""The event loop replicas run on: uvloop by default, asyncio's own when asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import streamwise
+from streamwise.exceptions import UsageError
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+@streamwise.deployment
+class Loops:
+    async def replica_loop(self) -> str:
+        """The loop the replica serves its calls on."""
+        return await _loop_module()
+
+    def own_loop(self) -> str:
+        """The loop user code gets from its own asyncio.run (in a worker thread)."""
+        return asyncio.run(_loop_module())
+
+
+def test_replicas_run_on_uvloop_by_default(serve, monkeypatch):
+    monkeypatch.delenv("STREAMWISE_EVENT_LOOP", raising=False)
+    handle = serve(Loops.bind())
+    assert handle.replica_loop.remote().result().startswith("uvloop")
+    # The process-wide policy is untouched: user code's own loops are asyncio's.
+    assert handle.own_loop.remote().result().startswith("asyncio")
+
+
+def test_asyncio_loop_when_asked(serve, monkeypatch):
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "asyncio")
+    handle = serve(Loops.bind())
+    assert handle.replica_loop.remote().result().startswith("asyncio")
+
+
+def test_unknown_event_loop_is_refused_naming_the_variable(serve, monkeypatch):
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "trio")
+    with pytest.raises(UsageError, match="STREAMWISE_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"):
+        serve(Loops.bind())
+    # Nothing was started: the next run, with the variable fixed, serves.
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "uvloop")
+    assert serve(Loops.bind()).replica_loop.remote().result().startswith("uvloop")

@@ -148,7 +148,7 @@ class LocalTransport:
             self.unreachable.add(target.local_address)
             raise Unreachable(target.local_address) from exc
         if self._hello:
-            writer.write(self._hello)  # goes out with the connection's first call
+            lw.send(writer, self._hello)  # goes out with the connection's first call
         conn = _Connection(reader, writer)
         self._live.add(conn)
         return conn
@@ -203,7 +203,7 @@ class LocalTransport:
     async def _send_first(self, conn: _Connection, target: ReplicaTarget, first: bytes) -> _Connection | None:
         """``conn`` once the replica acknowledged the call; None if it broke first."""
         try:
-            conn.writer.write(first)
+            lw.send(conn.writer, first)
             kind, body = await lw.read_message(conn.reader)
         except _BROKEN:
             self._discard(conn)

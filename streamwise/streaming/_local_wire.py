@@ -69,6 +69,18 @@ def parse_status(body: bytes) -> tuple[str, str]:
     return name, details
 
 
+def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write ``data``, or raise ConnectionResetError if the connection is closed already.
+
+    On a closed connection asyncio's own transports drop the write silently and
+    uvloop's (the replicas' loop) raise RuntimeError; either way the caller is to
+    see the OSError that a lost connection raises everywhere else.
+    """
+    if writer.transport.is_closing():
+        raise ConnectionResetError("the connection is closed")
+    writer.write(data)
+
+
 async def read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """The next (kind, body); IncompleteReadError when the peer closed the connection."""
     length, kind = HEADER.unpack(await reader.readexactly(HEADER.size))

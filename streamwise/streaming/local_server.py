@@ -52,10 +52,10 @@ class _Context:
         raise _Aborted(code, details)
 
     async def send_initial_metadata(self, metadata: Any) -> None:
-        self._writer.write(lw.message(lw.ACK))
+        lw.send(self._writer, lw.message(lw.ACK))
 
     async def write(self, frame: replica_pb2.Frame) -> None:
-        self._writer.write(lw.message(lw.FRAME, frame.SerializeToString()))
+        lw.send(self._writer, lw.message(lw.FRAME, frame.SerializeToString()))
         await self._writer.drain()
         # The frame has left; give the producer a turn before the next one, so that
         # the items it makes meanwhile go out together (as while a gRPC write is busy).
@@ -154,8 +154,8 @@ class LocalServer:
             return  # the caller went away
         except Exception as exc:  # a servicer failure outside user code: the call's outcome is unknown
             last = lw.status(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
-        with contextlib.suppress(OSError):
-            writer.write(last)
+        with contextlib.suppress(OSError):  # the caller went away meanwhile
+            lw.send(writer, last)
             await writer.drain()
 
 

@@ -141,3 +141,30 @@ def test_streams_that_fail_or_are_cancelled_keep_the_pool_small(serve):
             break  # cancels the call: its connection is closed, a replacement opened
         assert handle.remote(2).result() == 2
     assert _socket_address(pid)[1] <= 3  # not one per cancelled call
+
+
+@pytest.mark.parametrize("loop_name", ["uvloop", "asyncio"])
+def test_a_write_to_a_closed_connection_is_a_lost_connection(loop_name, monkeypatch):
+    """Whichever loop runs the socket, writing to a connection already closed raises
+    ConnectionResetError, as a lost connection does anywhere else on this path
+    (uvloop's transports would raise RuntimeError, asyncio's would drop the write)."""
+    from streamwise import _event_loop
+
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", loop_name)
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            lw.send(writer, lw.message(lw.ACK))
+            await writer.drain()
+            assert theirs.recv(64) == lw.message(lw.ACK)
+            writer.transport.abort()
+            await asyncio.sleep(0)  # the transport closes on the loop's next turn
+            with pytest.raises(ConnectionResetError):
+                lw.send(writer, lw.message(lw.ACK))
+        finally:
+            writer.close()
+            theirs.close()
+
+    _event_loop.run(main())

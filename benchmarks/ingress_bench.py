@@ -24,6 +24,10 @@ to the plain server in the same run:
     time to first item of a server stream, p50     <= 1.3x          <= 2x plain
       and p99 (sequential calls that take the first message and cancel)
 
+The replica runs on uvloop (``STREAMWISE_EVENT_LOOP``, see ``streamwise._event_loop``;
+the run's header says which loop); the driver and the plain server run on asyncio's
+own loop, as a bare grpc.aio server does unless its author picks another.
+
 With ``ray[serve]`` installed (and unless ``--no-ray-serve``), Ray Serve's gRPC proxy
 serving the same service follows, measured with the same client in the same run,
 and each direct-path figure is printed as a multiple of Ray Serve's (target: >= 4x).

@@ -56,6 +56,7 @@ from _common import (
 )
 
 import streamwise  # noqa: E402
+from streamwise import _event_loop as event_loop  # noqa: E402
 
 PAYLOAD = bytes(range(16))  # the argument and result of every unary call, both sides
 CONCURRENCY = 32
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     began = perf_counter()
     say(
         f"handle_bench: {'quick' if args.quick else 'full'} run, {psutil.cpu_count()} CPUs, "
-        f"payload {len(PAYLOAD)} bytes, stream items 8 bytes"
+        f"payload {len(PAYLOAD)} bytes, stream items 8 bytes, replicas on {event_loop.chosen()} "
+        "(STREAMWISE_EVENT_LOOP), driver and bare server on asyncio's loop"
     )
     try:
         with BareServer(__file__) as bare:

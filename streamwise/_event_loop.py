@@ -31,6 +31,12 @@ T = TypeVar("T")
 ENV = "STREAMWISE_EVENT_LOOP"
 CHOICES = ("uvloop", "asyncio")
 
+# A wait that has less than this left is due. uvloop keeps time in whole
+# milliseconds: it runs a shorter wait on the loop's next turn, and a timer may fire
+# up to a millisecond early by time.monotonic(). A loop that waits again for what is
+# left would spin through a few turns; asyncio's own loop fires late instead.
+DUE_WITHIN_S = 0.0005
+
 
 def chosen() -> str:
     """The implementation the environment asks for: ``uvloop`` or ``asyncio``.

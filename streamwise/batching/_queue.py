@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from streamwise._event_loop import DUE_WITHIN_S
 from streamwise.streaming.context import RequestContext, get_request_context
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class BatchQueue:
                 self._fail(first.model_id, exc)
                 continue
             left_s = first.enqueued_at + config.batch_wait_timeout_s - time.monotonic()
-            if full or left_s <= 0:
+            if full or left_s <= DUE_WITHIN_S:  # see _event_loop: uvloop's timers may fire early
                 self._remove(first.model_id, chosen)
                 return Taken(chosen, first.model_id, self.waiting())
             self._changed.clear()

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from streamwise._event_loop import DUE_WITHIN_S
 from streamwise.config import DEFAULT_COALESCE, CoalesceConfig
 from streamwise.proto import replica_pb2
 
@@ -32,9 +33,11 @@ MAX_PENDING_ITEMS = 4096
 PRODUCER_TURN_S = 0.0001
 PRODUCER_CHECK_ITEMS = 4
 
-# asyncio timers fire up to about a millisecond late (epoll waits in whole
-# milliseconds, rounded up), so a hold ends this much early: a frame never waits
-# past max_delay_s because of the timer (and a max_delay_s below this holds nothing).
+# On asyncio's own loop timers fire up to about a millisecond late (epoll waits in
+# whole milliseconds, rounded up), so a hold ends this much early: a frame never
+# waits past max_delay_s because of the timer (and a max_delay_s below this holds
+# nothing). On uvloop (the replicas' loop) they may fire that much early instead:
+# what is left then below DUE_WITHIN_S counts as over.
 TIMER_SLACK_S = 0.001
 
 
@@ -114,7 +117,7 @@ async def send_frames(
             if buffer:
                 if arrivals is not None and not outcome and len(buffer) < full_at:
                     left = arrivals[0] + delay - TIMER_SLACK_S - time.monotonic()
-                    if left > 0:
+                    if left > DUE_WITHIN_S:
                         await _wait_at_most(wake, left)
                         continue  # the frame filled, the stream ended, or the hold is over
                 frame = take(buffer, encode)

@@ -17,6 +17,7 @@ tells a dead replica from a socket this process cannot use.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -32,12 +33,18 @@ MAX_IDLE_PER_REPLICA = 64
 # Bytes a connection buffers before the replica's writes wait for the caller.
 STREAM_LIMIT = 1 << 16
 
+# A replica's socket found unusable goes over gRPC for this long, then is tried again:
+# a full accept queue (a burst of new connections) or a lack of descriptors passes;
+# a socket of another network namespace or user costs one failed connection a period.
+RETRY_UNREACHABLE_S = 10.0
+
 _BROKEN = (asyncio.IncompleteReadError, OSError)
 
 
 class Unreachable(Exception):
     """The replica's socket cannot be used from here (another network namespace or
-    user, or no descriptors left): the caller should use gRPC for it instead."""
+    user, no descriptors left, its accept queue full): the caller should use gRPC for
+    it instead, for RETRY_UNREACHABLE_S."""
 
 
 class _Connection:
@@ -138,15 +145,29 @@ class LocalTransport:
         self._live: set[_Connection] = set()  # every open connection, idle or in a call
         self._opening: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.unreachable: set[str] = set()  # local addresses this process cannot use
+        self._unreachable: dict[str, float] = {}  # local address -> when to try it again
+
+    def reachable(self, local_address: str) -> bool:
+        """Whether to call the replica at ``local_address`` over its socket (not while
+        it was found unusable in the last RETRY_UNREACHABLE_S)."""
+        retry_at = self._unreachable.get(local_address)
+        if retry_at is None:
+            return True
+        if time.monotonic() < retry_at:
+            return False
+        del self._unreachable[local_address]
+        return True
+
+    def _unusable(self, local_address: str) -> Unreachable:
+        self._unreachable[local_address] = time.monotonic() + RETRY_UNREACHABLE_S
+        return Unreachable(local_address)
 
     async def _open(self, target: ReplicaTarget) -> _Connection:
         """A fresh connection; Unreachable (and gRPC from now on) if none can be made."""
         try:
             reader, writer = await asyncio.open_unix_connection(target.local_address, limit=STREAM_LIMIT)
         except OSError as exc:
-            self.unreachable.add(target.local_address)
-            raise Unreachable(target.local_address) from exc
+            raise self._unusable(target.local_address) from exc
         if self._hello:
             lw.send(writer, self._hello)  # goes out with the connection's first call
         conn = _Connection(reader, writer)
@@ -196,8 +217,7 @@ class LocalTransport:
         conn = await self._open(target)
         acked = await self._send_first(conn, target, first)
         if acked is None:
-            self.unreachable.add(target.local_address)
-            raise Unreachable(target.local_address)
+            raise self._unusable(target.local_address)
         return acked
 
     async def _send_first(self, conn: _Connection, target: ReplicaTarget, first: bytes) -> _Connection | None:

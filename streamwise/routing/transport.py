@@ -34,7 +34,7 @@ class Transport:
         return (
             local is not None
             and target.local_address != ""
-            and target.local_address not in local.unreachable
+            and local.reachable(target.local_address)
             and CHUNKS_KEY not in request.metadata  # chunked results are read over gRPC only
         )
 
@@ -47,7 +47,7 @@ class Transport:
             try:
                 return await self._local.unary(target, request)  # type: ignore[union-attr]
             except Unreachable:
-                pass  # not reachable from here after all: over gRPC from now on
+                pass  # not usable from here after all: over gRPC for a while
         return await self._grpc.unary(target, request, chunks)
 
     async def open_stream(
@@ -68,7 +68,7 @@ class Transport:
             try:
                 return await self._local.open_stream(target, request)  # type: ignore[union-attr]
             except Unreachable:
-                pass  # not reachable from here after all: over gRPC from now on
+                pass  # not usable from here after all: over gRPC for a while
         return await self._grpc.open_stream(target, request, inputs, encode, chunks)
 
     def forget(self, address: str) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import os
 import socket
 import sys
+import time
 
 import psutil
 import pytest
 
 import streamwise
 from streamwise.actors._runtime import RUNTIME
+from streamwise.routing import local_transport
 from streamwise.streaming import _local_wire as lw
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peer credentials are Linux-only")
@@ -168,3 +170,27 @@ def test_a_write_to_a_closed_connection_is_a_lost_connection(loop_name, monkeypa
             theirs.close()
 
     _event_loop.run(main())
+
+
+def test_a_socket_found_unusable_is_tried_again_later(serve, monkeypatch):
+    """While a replica's socket cannot be reached, calls go over gRPC; once it can
+    again, calls use it again (a full accept queue or a lack of descriptors passes)."""
+    monkeypatch.setattr(local_transport, "RETRY_UNREACHABLE_S", 0.5)
+    handle = serve(Echo.bind())
+    pid = handle.pid.remote().result()
+    address, _ = _socket_address(pid)
+    os.rename(address, address + ".away")  # the listener stays open; new callers find no file
+    try:
+        # Every pooled connection is still open: the pool's next call takes one. Cancel
+        # enough streams that the pool must open new connections, which then fail.
+        for _ in range(3):
+            for _item in handle.count.remote(1_000_000):
+                break
+        assert [handle.remote(i).result() for i in range(5)] == list(range(5))
+        assert _socket_address(pid)[1] == 0  # those went over gRPC
+    finally:
+        os.rename(address + ".away", address)
+    time.sleep(0.6)
+    for i in range(5):
+        assert handle.remote(i).result() == i
+    assert _socket_address(pid)[1] >= 1  # back on the socket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -12,6 +13,23 @@ from streamwise.exceptions import UsageError
 
 async def _loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
+
+
+@streamwise.deployment
+class Counter:
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def count(self, n: int):
+        try:
+            for i in range(n):
+                yield i
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
+
+    async def closed_streams(self) -> int:
+        return self.closed
 
 
 @streamwise.deployment
@@ -33,10 +51,22 @@ def test_replicas_run_on_uvloop_by_default(serve, monkeypatch):
     assert handle.own_loop.remote().result().startswith("asyncio")
 
 
-def test_asyncio_loop_when_asked(serve, monkeypatch):
+@pytest.mark.both_transports
+def test_asyncio_loop_when_asked(serve, monkeypatch, transport):
+    """On asyncio's loop replicas serve as on uvloop: calls, streams, and streams the
+    caller leaves early (their generator's finally runs)."""
     monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "asyncio")
     handle = serve(Loops.bind())
     assert handle.replica_loop.remote().result().startswith("asyncio")
+    counter = serve(Counter.bind(), name="counter")
+    assert list(counter.count.remote(100)) == list(range(100))
+    for _ in range(5):
+        for _item in counter.count.remote(1_000_000):
+            break
+    deadline = time.monotonic() + 10
+    while counter.closed_streams.remote().result() < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counter.closed_streams.remote().result() == 6
 
 
 def test_unknown_event_loop_is_refused_naming_the_variable(serve, monkeypatch):

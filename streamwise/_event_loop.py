@@ -6,65 +6,47 @@ everywhere but Windows) a replica serves an external unary call with markedly le
 CPU than on asyncio's own loop (``benchmarks/ingress_bench.py`` says which loop its
 replicas ran). Ray installs uvloop in its workers for the same reason.
 
-``STREAMWISE_EVENT_LOOP`` picks it: ``uvloop`` (the default when it can be
-imported) or ``asyncio`` for the standard library's loop, say for user code that
-needs something uvloop lacks. Replicas inherit the driver's choice; the driver
-checks it when it starts. The replica's loop is made by a factory, not by setting the
-process-wide policy: a user's own ``asyncio.run`` in a replica gets what it always got.
-The driver's core loop stays on asyncio's loop: it shares the user's process and
-starts the replica processes, where uvloop's own process spawning would stand in for
-Python's.
+``STREAMWISE_EVENT_LOOP`` picks it (``config.env_event_loop``): ``uvloop``, the
+default when it can be imported, or ``asyncio`` for the standard library's loop, say
+for user code that needs something uvloop lacks. Replicas the driver starts on its
+own machine inherit its environment; the driver checks the variable when it starts.
+The replica's loop is made by a factory, not by setting the process-wide policy: a
+user's own ``asyncio.run`` in a replica gets what it always got. The driver's core
+loop stays on asyncio's loop: it shares the user's process and starts the replica
+processes, where uvloop's own process spawning would stand in for Python's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from streamwise.exceptions import UsageError
+from streamwise.config import env_event_loop
 
 T = TypeVar("T")
 
-ENV = "STREAMWISE_EVENT_LOOP"
-CHOICES = ("uvloop", "asyncio")
-
 # A wait that has less than this left is due. uvloop keeps time in whole
 # milliseconds: it runs a shorter wait on the loop's next turn, and a timer may fire
-# up to a millisecond early by time.monotonic(). A loop that waits again for what is
-# left would spin through a few turns; asyncio's own loop fires late instead.
+# more than a millisecond early by time.monotonic(). A loop that waits again for what
+# is left would spin through a few turns; asyncio's own loop fires late instead.
 DUE_WITHIN_S = 0.0005
 
 
 def chosen() -> str:
-    """The implementation the environment asks for: ``uvloop`` or ``asyncio``.
-
-    Raises UsageError for any other value, and for ``uvloop`` when it is not installed.
-    """
-    raw = os.environ.get(ENV, "").strip().lower()
-    installed = importlib.util.find_spec("uvloop") is not None
-    if raw == "":
-        return "uvloop" if installed else "asyncio"
-    if raw not in CHOICES:
-        raise UsageError(f"{ENV} must be one of {', '.join(CHOICES)}, got {raw!r}")
-    if raw == "uvloop" and not installed:
-        raise UsageError(f"{ENV}=uvloop, but uvloop is not installed (pip install uvloop)")
-    return raw
+    """The implementation the environment asks for: ``uvloop`` or ``asyncio``
+    (UsageError for anything else, see ``config.env_event_loop``)."""
+    return env_event_loop()
 
 
-def factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """What makes a new loop of the chosen implementation."""
+def factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """What makes a loop of the chosen implementation; None: asyncio's default, made
+    and set as the thread's current loop exactly as ``asyncio.run`` does."""
     if chosen() == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    return factory()()
+    return None
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

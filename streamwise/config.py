@@ -9,6 +9,7 @@ time a handle call or the object store needs it); nothing else in the package re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -510,6 +511,26 @@ def env_grpc_direct() -> bool:
     if os.environ.get("STREAMWISE_GRPC_DIRECT", "").strip() == "":
         return True
     return _env_flag("STREAMWISE_GRPC_DIRECT")
+
+
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def env_event_loop() -> str:
+    """The event loop replicas run on (``streamwise._event_loop``): ``uvloop``, the
+    default when it is installed, or ``asyncio``, from ``STREAMWISE_EVENT_LOOP``.
+
+    UsageError for any other value, and for ``uvloop`` when it is not installed.
+    """
+    raw = os.environ.get("STREAMWISE_EVENT_LOOP", "").strip().lower()
+    installed = importlib.util.find_spec("uvloop") is not None
+    if raw == "":
+        return "uvloop" if installed else "asyncio"
+    if raw not in EVENT_LOOPS:
+        raise UsageError(f"STREAMWISE_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {raw!r}")
+    if raw == "uvloop" and not installed:
+        raise UsageError("STREAMWISE_EVENT_LOOP=uvloop, but uvloop is not installed (pip install uvloop)")
+    return raw
 
 
 def env_metrics_enabled() -> bool:

@@ -338,8 +338,8 @@ async def open_app(
         if _driver is not None or RUNTIME.core_loop is not None:
             raise UsageError("streamwise already runs in this process; shutdown() it or leave that block first")
         RUNTIME.core_loop = asyncio.get_running_loop()
-    services = _Services(cluster_config(cluster))
     try:
+        services = _Services(cluster_config(cluster))  # a wrong setting raises here: let go of the loop
         async with services.controller as controller:
             RUNTIME.set_controller(controller.address, controller.credentials)
             await services.start_management()

@@ -11,7 +11,8 @@ Connections are pooled per replica. A call that ends cleanly returns its connect
 to the pool; a cancelled or failed one aborts it, which cancels the call in the
 replica. A pooled connection found broken is replaced by a fresh one; a fresh one
 that fails before the ack makes the call go over gRPC (:class:`Unreachable`), which
-tells a dead replica from a socket this process cannot use.
+tells a dead replica from a socket this process cannot use; the socket is tried
+again after RETRY_UNREACHABLE_S.
 """
 
 from __future__ import annotations
@@ -148,14 +149,16 @@ class LocalTransport:
         self._unreachable: dict[str, float] = {}  # local address -> when to try it again
 
     def reachable(self, local_address: str) -> bool:
-        """Whether to call the replica at ``local_address`` over its socket (not while
-        it was found unusable in the last RETRY_UNREACHABLE_S)."""
+        """Whether to call the replica at ``local_address`` over its socket: not while
+        it was found unusable in the last RETRY_UNREACHABLE_S. Then one call tries it;
+        the others keep to gRPC until that one is acknowledged over the socket."""
         retry_at = self._unreachable.get(local_address)
         if retry_at is None:
             return True
-        if time.monotonic() < retry_at:
+        now = time.monotonic()
+        if now < retry_at:
             return False
-        del self._unreachable[local_address]
+        self._unreachable[local_address] = now + RETRY_UNREACHABLE_S  # this call is the one
         return True
 
     def _unusable(self, local_address: str) -> Unreachable:
@@ -163,7 +166,7 @@ class LocalTransport:
         return Unreachable(local_address)
 
     async def _open(self, target: ReplicaTarget) -> _Connection:
-        """A fresh connection; Unreachable (and gRPC from now on) if none can be made."""
+        """A fresh connection; Unreachable (and gRPC for RETRY_UNREACHABLE_S) if none can be made."""
         try:
             reader, writer = await asyncio.open_unix_connection(target.local_address, limit=STREAM_LIMIT)
         except OSError as exc:
@@ -218,6 +221,8 @@ class LocalTransport:
         acked = await self._send_first(conn, target, first)
         if acked is None:
             raise self._unusable(target.local_address)
+        if self._unreachable:
+            self._unreachable.pop(target.local_address, None)  # usable again
         return acked
 
     async def _send_first(self, conn: _Connection, target: ReplicaTarget, first: bytes) -> _Connection | None:

@@ -35,9 +35,9 @@ PRODUCER_CHECK_ITEMS = 4
 
 # On asyncio's own loop timers fire up to about a millisecond late (epoll waits in
 # whole milliseconds, rounded up), so a hold ends this much early: a frame never
-# waits past max_delay_s because of the timer (and a max_delay_s below this holds
-# nothing). On uvloop (the replicas' loop) they may fire that much early instead:
-# what is left then below DUE_WITHIN_S counts as over.
+# waits past max_delay_s because of the timer. On uvloop (the replicas' loop) timers
+# may fire early instead; the hold then waits again for what is left, unless that is
+# below DUE_WITHIN_S. So a max_delay_s below TIMER_SLACK_S + DUE_WITHIN_S holds nothing.
 TIMER_SLACK_S = 0.001
 
 

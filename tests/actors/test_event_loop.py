@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ async def _loop_module() -> str:
 class Counter:
     def __init__(self) -> None:
         self.closed = 0
+        self.changed = asyncio.Event()
 
     async def count(self, n: int):
         try:
@@ -27,8 +27,13 @@ class Counter:
                 await asyncio.sleep(0)
         finally:
             self.closed += 1
+            self.changed.set()
 
-    async def closed_streams(self) -> int:
+    async def closed_streams(self, at_least: int) -> int:
+        """How many streams have ended, once at least ``at_least`` have."""
+        while self.closed < at_least:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 10)
         return self.closed
 
 
@@ -63,10 +68,21 @@ def test_asyncio_loop_when_asked(serve, monkeypatch, transport):
     for _ in range(5):
         for _item in counter.count.remote(1_000_000):
             break
-    deadline = time.monotonic() + 10
-    while counter.closed_streams.remote().result() < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert counter.closed_streams.remote().result() == 6
+    assert counter.closed_streams.remote(6).result() == 6  # each generator's finally ran
+
+
+def test_open_app_refuses_an_unknown_event_loop_and_can_run_after(monkeypatch):
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "trio")
+
+    async def main() -> str:
+        with pytest.raises(UsageError, match="STREAMWISE_EVENT_LOOP"):
+            async with streamwise.open_app(Loops.bind()):
+                pass
+        monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "asyncio")
+        async with streamwise.open_app(Loops.bind()) as handle:
+            return await handle.replica_loop.remote()
+
+    assert asyncio.run(main()).startswith("asyncio")
 
 
 def test_unknown_event_loop_is_refused_naming_the_variable(serve, monkeypatch):

@@ -8,8 +8,8 @@ replicas ran). Ray installs uvloop in its workers for the same reason.
 
 ``STREAMWISE_EVENT_LOOP`` picks it (``config.env_event_loop``): ``uvloop``, the
 default when it can be imported, or ``asyncio`` for the standard library's loop, say
-for user code that needs something uvloop lacks. Replicas the driver starts on its
-own machine inherit its environment; the driver checks the variable when it starts.
+for user code that needs something uvloop lacks. Replicas take it from the driver
+(on a Ray cluster too: ``ray_launcher``); the driver checks it when it starts.
 The replica's loop is made by a factory, not by setting the process-wide policy: a
 user's own ``asyncio.run`` in a replica gets what it always got. The driver's core
 loop stays on asyncio's loop: it shares the user's process and starts the replica

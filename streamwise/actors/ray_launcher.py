@@ -3,7 +3,8 @@
 The only module that imports ray. Each replica gets a small async actor, its *host*,
 which reserves what the deployment asks for (``ray_actor_options``; per-node limits
 through ``max_replicas_per_node``) and, once Ray has placed it, starts the usual
-``python -m streamwise.actors.replica`` as its child, on its node. From there the
+``python -m streamwise.actors.replica`` as its child, on its node, with the
+driver's ``STREAMWISE_*`` settings on top of the node's environment. From there the
 replica runs exactly as on one machine (its own event loop, signals, its parent's
 death signal), with three differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
 it also listens on the node's address, with the app's TLS, for callers on other
@@ -60,6 +61,17 @@ _LINGER_S = 5.0
 _ORPHAN_DRAIN_S = 30.0
 
 
+def _settings() -> dict[str, str]:
+    """The driver's ``STREAMWISE_*`` variables, for its replicas on every node (a
+    replica the local launcher starts inherits the driver's whole environment; one on
+    a Ray node gets that node's Ray worker's, with these on top). Not the node id,
+    which is each node's own."""
+    return {
+        key: value for key, value in os.environ.items()
+        if key.startswith("STREAMWISE_") and key != _local_wire.NODE_ID_ENV
+    }
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -73,13 +85,14 @@ class _ReplicaHost:
 
     def __init__(
         self, app: str, replica_id: str, controller: str, handoff: bytes, package_root: str,
-        controller_grace_s: float,
+        controller_grace_s: float, settings: dict[str, str],
     ) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self._args = (replica_id, controller, handoff, package_root, controller_grace_s)
+        self._settings = settings
         self.app = app
         self.controller = controller
         self._process: asyncio.subprocess.Process | None = None
@@ -104,6 +117,7 @@ class _ReplicaHost:
         """Start the replica, joining this node's object store session; its pid."""
         replica_id, controller, handoff, package_root, controller_grace_s = self._args
         env = dict(os.environ)
+        env.update(self._settings)  # the driver's, as a replica on its own machine has them
         env[_local_wire.NODE_ID_ENV] = self.node_id
         path = env.get("PYTHONPATH", "")
         env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
@@ -287,6 +301,7 @@ class RayLauncher:
         self._store_class = ray.remote(_NodeStore)
         self._stores: dict[str, tuple[Any, asyncio.Future[str]]] = {}  # node id -> (agent, its session)
         self._package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
+        self._settings = _settings()
 
     def _options(self, placement: Placement) -> dict[str, Any]:
         wanted = dict(placement.ray_actor_options or {})
@@ -318,7 +333,8 @@ class RayLauncher:
         # Named, so that the app's next driver finds it should this one die.
         name = f"{placement.app}/{replica_id}/{self._driver_token}"
         host = self._host_class.options(name=name, **self._options(placement)).remote(
-            placement.app, replica_id, controller_address, handoff, self._package_root, self._controller_grace_s
+            placement.app, replica_id, controller_address, handoff, self._package_root, self._controller_grace_s,
+            self._settings,
         )
         try:
             where = asyncio.wrap_future(host.where.remote().future())

@@ -296,6 +296,20 @@ def test_callers_prefer_replicas_on_their_own_node(on_ray):
     assert {anywhere.node.remote().result() for _ in range(60)} == {node_a, node_b}
 
 
+@streamwise.deployment(**_pinned("node_b"))
+class LoopOnB:
+    async def loop(self) -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+
+def test_replicas_on_other_nodes_take_the_drivers_settings(on_ray, monkeypatch):
+    """STREAMWISE_* variables set in the driver reach its replicas on every node, as
+    they reach those on its own machine (here: the event loop, on node_b)."""
+    monkeypatch.setenv("STREAMWISE_EVENT_LOOP", "asyncio")
+    handle = streamwise.run(LoopOnB.bind(), cluster="ray")
+    assert handle.loop.remote().result().startswith("asyncio")
+
+
 def test_a_replica_asking_for_what_no_node_has_fails_the_start(on_ray, monkeypatch):
     """Ray cannot place a replica needing a resource no node has: run() fails naming it."""
     monkeypatch.setattr("streamwise.actors.ray_launcher._PLACEMENT_TIMEOUT_S", 2.0)

@@ -144,7 +144,11 @@ class RemoteError(StreamwiseError):
 
 
 class DeploymentStartupError(RemoteError):
-    """A deployment's replicas failed to start (their constructor raised) too often."""
+    """A deployment's replicas failed to start (their constructor raised) too often.
+
+    A replica process that exited before it could report an error has remote_type
+    ``ProcessExited`` and, in place of a traceback, what it last wrote to stderr.
+    """
 
     def __str__(self) -> str:
         text = (
@@ -152,7 +156,8 @@ class DeploymentStartupError(RemoteError):
             f"{self.remote_type}: {self.remote_message}"
         )
         if self.remote_traceback:
-            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+            heading = "Its last output" if self.remote_type == "ProcessExited" else "Remote traceback"
+            text += f"\n\n{heading}:\n" + self.remote_traceback.rstrip()
         return text
 
 

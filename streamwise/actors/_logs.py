@@ -116,10 +116,33 @@ def _the_writer() -> _Writer:
         return _writer
 
 
-async def _forward(stream: asyncio.StreamReader, out: TextIO, prefix: str, log: BinaryIO) -> None:
+class Tail:
+    """The last lines a replica wrote to stderr: what it said before it exited, for
+    the error of a replica that died before it was ready (a traceback, say)."""
+
+    LINES = 40
+
+    def __init__(self) -> None:
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=self.LINES)
+
+    def add(self, line: bytes) -> None:
+        self._lines.append(line[:_TAIL_LINE_BYTES])
+
+    def text(self) -> str:
+        return b"".join(self._lines).decode(errors="replace")
+
+
+_TAIL_LINE_BYTES = 4096  # of each line kept in a Tail
+
+
+async def _forward(
+    stream: asyncio.StreamReader, out: TextIO, prefix: str, log: BinaryIO, tail: Tail | None = None
+) -> None:
     writer = _the_writer()
     async for line in _lines(stream):
         writer.put(log, out, line, prefix)
+        if tail is not None:
+            tail.add(line)
 
 
 def _open_log(path: str) -> BinaryIO:
@@ -127,13 +150,14 @@ def _open_log(path: str) -> BinaryIO:
     return os.fdopen(fd, "ab")
 
 
-async def forward(process: asyncio.subprocess.Process, replica_id: str, path: str) -> None:
-    """Pass the process's stdout and stderr on until both close (it exited)."""
+async def forward(process: asyncio.subprocess.Process, replica_id: str, path: str, tail: Tail) -> None:
+    """Pass the process's stdout and stderr on until both close (it exited); the
+    last lines of stderr stay in ``tail`` too."""
     prefix = f"({replica_id} pid={process.pid}) "
     log = _open_log(path)
-    streams = [(process.stdout, sys.stdout), (process.stderr, sys.stderr)]
+    streams = [(process.stdout, sys.stdout, None), (process.stderr, sys.stderr, tail)]
     try:
-        await asyncio.gather(*(_forward(s, out, prefix, log) for s, out in streams if s is not None))
+        await asyncio.gather(*(_forward(s, out, prefix, log, keep) for s, out, keep in streams if s is not None))
     finally:
         _the_writer().close_later(log)  # after the lines queued for it
 
@@ -141,17 +165,23 @@ async def forward(process: asyncio.subprocess.Process, replica_id: str, path: st
 STDOUT, STDERR = 1, 2
 
 
-async def forward_batches(batches: AsyncIterator[list[tuple[int, bytes]]], replica_id: str, pid: int, path: str) -> None:
+async def forward_batches(
+    batches: AsyncIterator[list[tuple[int, bytes]]], replica_id: str, pid: int, path: str, tail: Tail
+) -> None:
     """Pass on the output of a replica on another machine: batches of (STDOUT or
-    STDERR, line), until ``batches`` ends. Cancelling stops at once; what was
-    queued is still written."""
+    STDERR, line), until ``batches`` ends; the last lines of stderr stay in ``tail``
+    too. Cancelling stops at once; what was queued is still written."""
     prefix = f"({replica_id} pid={pid}) "
     log = _open_log(path)
     writer = _the_writer()
     try:
         async for batch in batches:
             for stream, line in batch:
-                writer.put(log, sys.stderr if stream == STDERR else sys.stdout, line, prefix)
+                if stream == STDERR:
+                    writer.put(log, sys.stderr, line, prefix)
+                    tail.add(line)
+                else:
+                    writer.put(log, sys.stdout, line, prefix)
     finally:
         writer.close_later(log)
 

@@ -324,6 +324,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     async def _keep_filled(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
         failures = 0
         last_error: replica_pb2.RemoteError | None = None
+        last_output = ""  # of the last replica that exited without reporting an error
         backoff = iter(_RESTART_BACKOFF_S)
         while not dep.stopping and not slot.retired:
             try:
@@ -346,8 +347,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                     failures += 1
                     last_error = error or last_error
                     await self._reap(replica)
+                    if error is None:
+                        last_output = replica.process.last_output()
                     if not first_ready.done() and failures >= dep.config.max_constructor_attempts:
-                        first_ready.set_exception(self._startup_error(dep, last_error))
+                        first_ready.set_exception(self._startup_error(dep, last_error, last_output))
                         return
                     if first_ready.done():
                         await asyncio.sleep(next(backoff, _RESTART_BACKOFF_S[-1]))
@@ -367,12 +370,17 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 dep.restarts += 1
                 log.warning("replica %s of %r stopped; starting a new one", replica.replica_id, dep.config.name)
 
-    def _startup_error(self, dep: _Deployment, error: replica_pb2.RemoteError | None) -> DeploymentStartupError:
+    def _startup_error(
+        self, dep: _Deployment, error: replica_pb2.RemoteError | None, last_output: str = ""
+    ) -> DeploymentStartupError:
+        """The error ``run()`` raises: the constructor's, or, for a replica that exited
+        before it could say (a failure outside user code), what it last wrote to stderr
+        in place of a traceback."""
         attempts = dep.config.max_constructor_attempts
         if error is None:
             return DeploymentStartupError(
                 "ProcessExited", f"replica process exited before it was ready ({attempts} attempts)",
-                "", dep.config.name,
+                last_output, dep.config.name,
             )
         return DeploymentStartupError(
             error.type_name, f"{error.message} ({attempts} attempts)", error.traceback, dep.config.name

@@ -39,6 +39,10 @@ class ReplicaProcess(Protocol):
 
     async def wait(self) -> int: ...
 
+    def last_output(self) -> str:
+        """The last lines it wrote to stderr (complete once ``wait()`` returned)."""
+        ...
+
     def terminate(self) -> None: ...
 
     def kill(self) -> None: ...
@@ -68,7 +72,13 @@ class _LocalProcess:
     def __init__(self, process: asyncio.subprocess.Process, replica_id: str, log_path: str) -> None:
         self._process = process
         self.pid = process.pid
-        self._output = asyncio.get_running_loop().create_task(_logs.forward(process, replica_id, log_path))
+        self._tail = _logs.Tail()
+        self._output = asyncio.get_running_loop().create_task(
+            _logs.forward(process, replica_id, log_path, self._tail)
+        )
+
+    def last_output(self) -> str:
+        return self._tail.text()
 
     async def wait(self) -> int:
         """Its exit code, once it exited and what it printed was passed on (a child it

@@ -220,9 +220,13 @@ class _RayProcess:
         self.node_id = node_id
         self._run = asyncio.wrap_future(host.run.remote().future())
         self._code: int | None = None
+        self._tail = _logs.Tail()
         self._output = asyncio.get_running_loop().create_task(
-            _logs.forward_batches(self._batches(), replica_id, pid, log_path)
+            _logs.forward_batches(self._batches(), replica_id, pid, log_path, self._tail)
         )
+
+    def last_output(self) -> str:
+        return self._tail.text()
 
     async def _batches(self) -> Any:
         """The replica's output, taken from its host until it ends (or the host is gone)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 
 import psutil
 import pytest
@@ -120,6 +121,25 @@ def test_constructor_failure_raises_user_error(serve):
     assert 'raise RuntimeError("weights missing")' in err.remote_traceback
     assert err.deployment == "Broken"
     assert not psutil.Process().children(), "failed app left replicas running"
+
+
+@streamwise.deployment(max_constructor_attempts=2)
+class Vanishing:
+    def __init__(self):
+        print("no GPU on this node", file=sys.stderr, flush=True)
+        os._exit(3)  # gone without an exception to report: as a failure outside user code
+
+
+def test_a_replica_that_exits_before_it_is_ready_shows_what_it_printed(serve):
+    """A replica process that exits without reporting an error (a failure outside the
+    constructor, say binding its port) fails run() with what it last wrote to stderr."""
+    with pytest.raises(DeploymentStartupError) as info:
+        serve(Vanishing.bind())
+    err = info.value
+    assert err.remote_type == "ProcessExited" and err.deployment == "Vanishing"
+    assert "exited before it was ready (2 attempts)" in err.remote_message
+    assert "no GPU on this node" in err.remote_traceback
+    assert "no GPU on this node" in str(err)
 
 
 def test_shutdown_leaves_no_process(serve):

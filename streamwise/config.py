@@ -29,6 +29,9 @@ DEFAULT_MAX_BATCH_SIZE = 10
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 DEFAULT_MAX_CONCURRENT_BATCHES = 1
 
+# Delays between tries of what should come back by itself: a replica's restart (the
+# controller), a stream from a driver out of reach (a replica, ``actors._outage``).
+COME_BACK_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
 DEFAULT_RETRY_INITIAL_BACKOFF_S = 0.025
 DEFAULT_RETRY_BACKOFF_MULTIPLIER = 2.0
 DEFAULT_RETRY_MAX_BACKOFF_S = 0.5

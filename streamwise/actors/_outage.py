@@ -26,6 +26,7 @@ import logging
 import grpc
 
 from streamwise.actors._runtime import RUNTIME
+from streamwise.config import COME_BACK_BACKOFF_S
 
 log = logging.getLogger("streamwise.replica")
 
@@ -38,7 +39,7 @@ _FINAL = frozenset({
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNIMPLEMENTED,
 })
-_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+_BACKOFF_S = COME_BACK_BACKOFF_S
 
 
 def rides_out(exc: grpc.aio.AioRpcError) -> bool:

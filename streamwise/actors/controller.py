@@ -26,14 +26,14 @@ from streamwise.actors._deployment_state import ReplicaState, _Deployment, _Repl
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement
 from streamwise.actors.spec import AppPlan
 from streamwise.autoscaling.autoscaler import Autoscaler
-from streamwise.config import AutoscalingConfig
+from streamwise.config import COME_BACK_BACKOFF_S, AutoscalingConfig
 from streamwise.exceptions import DeploymentNotFoundError, DeploymentStartupError, StreamwiseError
 from streamwise.proto import controller_pb2, controller_pb2_grpc, replica_pb2, replica_pb2_grpc
 from streamwise.streaming import _wire
 
 log = logging.getLogger("streamwise.controller")
 
-_RESTART_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)
+_RESTART_BACKOFF_S = COME_BACK_BACKOFF_S
 _KILL_GRACE_S = 2.0  # after graceful_shutdown_timeout_s, before SIGKILL
 # How long a new app's replicas may wait to be placed beside those a dead driver left
 # serving, before these are asked to make room.

@@ -333,7 +333,7 @@ class Front:
             )
         request_id = metadata.get("request_id") or _wire.new_request_id()
         context.set_trailing_metadata((("request_id", request_id),))
-        passed = {key: value for key, value in metadata.items() if key in _PASSTHROUGH}
+        passed = {key: metadata[key] for key in _PASSTHROUGH if key in metadata}  # not every header a client sends
         passed["request_id"] = request_id
         # The client's deadline, or request_timeout_s: calls made while serving the
         # request inherit it, so none outlives it.

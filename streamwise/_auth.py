@@ -64,6 +64,7 @@ _REJECTED = "streamwise: this peer is not part of the app (missing or wrong cred
 
 _RUN_PREFIX = "streamwise-run-"
 _LOCK = "driver.lock"
+_KEPT = "kept.lock"  # a dead driver's run directory that a new driver keeps (keep_run_dirs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
@@ -94,14 +95,28 @@ class Credentials:
         return f"Credentials(run_dir={self.run_dir!r}, secret=<hidden>)"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class Inherited:
+    """A dead driver's app credentials, as its replicas' hand-offs hold them."""
+
+    secret: str
+    tls: TlsPair
+    run_dirs: tuple[str, ...]  # where its replicas on the driver's machine keep their sockets
+
+    def __repr__(self) -> str:
+        return f"Inherited(run_dirs={self.run_dirs!r}, secret=<hidden>)"
+
+
 def _run_root() -> str:
     root = tempfile.gettempdir()
     return root if len(root) <= _MAX_RUN_DIR - 20 else "/tmp"
 
 
-def new_credentials(*, spans_machines: bool = False) -> Credentials:
+def new_credentials(*, spans_machines: bool = False, inherited: Inherited | None = None) -> Credentials:
     """A fresh secret and a new private run directory, locked by this process
-    (``remove_run_dir`` deletes it).
+    (``remove_run_dir`` deletes it). ``inherited``: the secret and TLS pair of a
+    dead driver's app instead of new ones, so that its replicas take this driver's
+    calls and it theirs (the app's next driver takes them back).
 
     The lock is made under another name inside the directory and renamed once held,
     so a sweep never finds a live run directory's lock unlocked; and no name outside
@@ -110,7 +125,7 @@ def new_credentials(*, spans_machines: bool = False) -> Credentials:
     required = env_internal_auth()
     if spans_machines and not required:
         raise UsageError("STREAMWISE_INTERNAL_AUTH=0 is for one machine only: an app spanning machines needs its secret")
-    tls = new_pair() if spans_machines else None
+    tls = (inherited.tls if inherited is not None else new_pair()) if spans_machines else None
     sweep_stale_run_dirs()
     run_dir = tempfile.mkdtemp(prefix=_RUN_PREFIX, dir=_run_root())  # mode 0700, a name nobody had
     try:
@@ -124,8 +139,8 @@ def new_credentials(*, spans_machines: bool = False) -> Credentials:
     if not required:
         log.warning("STREAMWISE_INTERNAL_AUTH=0: the app's internal servers serve any process of this user")
     credentials = Credentials(
-        secret=secrets.token_hex(32), run_dir=run_dir, required=required, lock_fd=fd,
-        tls=tls,
+        secret=inherited.secret if inherited is not None else secrets.token_hex(32), run_dir=run_dir,
+        required=required, lock_fd=fd, tls=tls,
     )
     use_tls(credentials)
     return credentials
@@ -149,6 +164,50 @@ def remove_run_dir(credentials: Credentials) -> None:
             os.close(credentials.lock_fd)
 
 
+def keep_run_dirs(paths: tuple[str, ...]) -> list[tuple[str, int]]:
+    """Keep the run directories of a dead driver whose replicas this driver takes
+    back (their same-node sockets are there) from being swept: each lock nobody holds
+    is taken and renamed ``kept.lock``, which ``live_run_dirs`` does not list. Returns
+    (path, lock descriptor) of each kept; ``remove_kept`` ends them. Paths that are
+    not such a directory of this user on this machine are left alone."""
+    kept = []
+    for path in paths:
+        try:
+            check_run_dir(path)
+        except (OSError, UsageError):
+            continue
+        for name in (_LOCK, _KEPT):
+            lock = os.path.join(path, name)
+            try:
+                fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if name == _LOCK:
+                    os.rename(lock, os.path.join(path, _KEPT))
+            except OSError:
+                os.close(fd)  # held: a live driver's
+                break
+            kept.append((path, fd))
+            break
+    return kept
+
+
+def remove_kept(kept: list[tuple[str, int]]) -> None:
+    """Delete the directories ``keep_run_dirs`` kept (their replicas have exited)."""
+    for path, _ in kept:
+        shutil.rmtree(path, ignore_errors=True)
+    release_kept(kept)
+
+
+def release_kept(kept: list[tuple[str, int]]) -> None:
+    """Stop keeping them: a later sweep deletes them."""
+    for _, fd in kept:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def sweep_stale_run_dirs() -> list[str]:
     """Delete this user's run directories whose driver is gone; their paths.
 
@@ -157,7 +216,8 @@ def sweep_stale_run_dirs() -> list[str]:
     """
     removed = []
     for path in _own_run_dirs():
-        if _abandoned(os.path.join(path, _LOCK)):
+        lock = os.path.join(path, _LOCK)
+        if _abandoned(lock if os.path.lexists(lock) else os.path.join(path, _KEPT)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -272,16 +332,8 @@ def read_handoff(fd: int) -> tuple[Credentials, str]:
     except OSError:
         line = b""
     try:
-        fields = json.loads(line)
-        tls = fields.get("tls")
-        credentials = Credentials(
-            secret=str(fields["secret"]),
-            run_dir=str(fields["run_dir"]),
-            required=fields["required"] is not False,
-            tls=TlsPair(tls[0].encode(), tls[1].encode()) if tls else None,
-        )
-        token = str(fields["token"])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        credentials, token = parse_handoff(line)
+    except ValueError:
         raise UsageError("a replica process must be started by streamwise (no credentials handed over)") from None
     if credentials.tls is not None and not os.path.isdir(credentials.run_dir):
         # Another machine than the driver's: this process's sockets go in a private
@@ -291,6 +343,22 @@ def read_handoff(fd: int) -> tuple[Credentials, str]:
     check_run_dir(credentials.run_dir)
     use_tls(credentials)
     return credentials, token
+
+
+def parse_handoff(line: bytes) -> tuple[Credentials, str]:
+    """The credentials and replica token ``write_handoff`` wrote (ValueError if it did not)."""
+    try:
+        fields = json.loads(line)
+        tls = fields.get("tls")
+        credentials = Credentials(
+            secret=str(fields["secret"]),
+            run_dir=str(fields["run_dir"]),
+            required=fields["required"] is not False,
+            tls=TlsPair(tls[0].encode(), tls[1].encode()) if tls else None,
+        )
+        return credentials, str(fields["token"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError("not a replica's hand-off") from None
 
 
 def presented(metadata: Any, key: str) -> str | None:
@@ -343,8 +411,9 @@ def bind_unix(server: grpc.aio.Server, path: str) -> str:
     return target
 
 
-def bind_tcp(server: grpc.aio.Server, credentials: Credentials, host: str) -> str:
-    """Listen on ``host`` (a free port) with the app's TLS; returns ``host:port``.
+def bind_tcp(server: grpc.aio.Server, credentials: Credentials, host: str, port: int = 0) -> str:
+    """Listen on ``host:port`` (0: a free port) with the app's TLS; returns
+    ``host:port``. RuntimeError if it cannot bind.
 
     Who may connect: anyone who reaches the port may open a TLS connection; every
     call must still carry the app's secret (``AuthInterceptor``), and a caller
@@ -353,8 +422,10 @@ def bind_tcp(server: grpc.aio.Server, credentials: Credentials, host: str) -> st
     if credentials.tls is None or not credentials.required:
         raise UsageError("an internal TCP listener needs the app's TLS and secret (an app spanning machines)")
     tls = grpc.ssl_server_credentials([(credentials.tls.private_key, credentials.tls.certificate)])
-    port = server.add_secure_port(f"{host}:0", tls)
-    return f"{host}:{port}"
+    bound = server.add_secure_port(f"{host}:{port}", tls)
+    if not bound:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    return f"{host}:{bound}"
 
 
 # -- the client side ----------------------------------------------------------------

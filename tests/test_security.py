@@ -423,3 +423,24 @@ def test_a_killed_drivers_run_directory_is_swept_and_nothing_else(tmp_path):
         assert os.path.isdir(lookalike)
     finally:
         os.rmdir(lookalike)
+
+
+def test_a_dead_drivers_run_directory_kept_by_its_successor_is_swept_once_let_go(tmp_path):
+    """A new driver taking back a dead driver's replicas keeps that driver's run
+    directory (their sockets are in it): no sweep removes it, nor is it listed as a
+    live driver's; a live driver's directory cannot be kept. Let go (the successor
+    died), the next sweep removes it."""
+    out = subprocess.run([sys.executable, "-c", _KILLED_DRIVER], capture_output=True, text=True, timeout=60)
+    dead = out.stdout.strip()
+    assert dead and os.path.isdir(dead), out.stderr
+    kept = _auth.keep_run_dirs((dead, str(tmp_path / "nowhere")))
+    assert [path for path, _ in kept] == [dead]
+    live = _auth.new_credentials()  # it sweeps
+    try:
+        assert os.path.isdir(dead) and dead not in _auth.sweep_stale_run_dirs()
+        assert _auth.keep_run_dirs((live.run_dir,)) == []
+        assert dead not in _auth.live_run_dirs() and live.run_dir in _auth.live_run_dirs()
+        _auth.release_kept(kept)
+        assert dead in _auth.sweep_stale_run_dirs() and not os.path.exists(dead)
+    finally:
+        _auth.remove_run_dir(live)

@@ -87,6 +87,8 @@ class _Deployment:
         self.restarts = 0  # replicas replaced after they died or failed health checks
         self.created_at = time.monotonic()
         self.load = LoadBook()  # its callers' and replicas' load reports
+        self.code_version = ""  # on a cluster: ``_code_version``, for the app's next driver
+        self.adopting = 0  # a dead driver's replicas being taken back, not attached yet
         self.autoscaler: Autoscaler | None = None  # made when it is first autoscaled
 
     @property

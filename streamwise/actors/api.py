@@ -61,10 +61,12 @@ class _Services:
     """What the driver runs on its core loop: the controller, the management API and
     the gRPC ingress."""
 
-    def __init__(self, cluster: RayCluster | None = None) -> None:
+    def __init__(self, cluster: RayCluster | None = None, first_app: str = "") -> None:
+        """``first_app``: the name of the first app run; on a cluster, a dead driver's
+        replicas of it are taken back (``_succession``)."""
         event_loop.chosen()  # the replicas': a wrong STREAMWISE_EVENT_LOOP fails here, not in each replica
         self.cluster = cluster
-        self.controller = Controller(_launcher(cluster))
+        self.controller = Controller(_launcher(cluster), succeed=first_app)
         self.controller.observers.extend(_replica_observers)
         self.ingress: Ingress | None = None
         self.management: ManagementServer | None = None
@@ -161,7 +163,9 @@ class _Services:
                     "the gRPC ingress already runs with other options; shutdown() first to change them"
                 )
             return
-        ingress = Ingress(options, self.controller.credentials, self.controller.launcher_host)
+        ingress = Ingress(
+            options, self.controller.credentials, self.controller.launcher_host, self.controller.inherited_table_port
+        )
         await ingress.start()
         self.ingress = ingress
         if self.management is not None:
@@ -197,8 +201,8 @@ class _Services:
 class _Driver:
     """A core loop on a daemon thread, running the services for sync callers of run()."""
 
-    def __init__(self, cluster: RayCluster | None) -> None:
-        self.services = _Services(cluster)
+    def __init__(self, cluster: RayCluster | None, first_app: str) -> None:
+        self.services = _Services(cluster, first_app)
         self.core = CoreLoop()
         self._stop = asyncio.Event()
         started: asyncio.Future[str] = asyncio.Future(loop=self.core.loop)
@@ -247,7 +251,7 @@ def _launcher(cluster: RayCluster | None) -> Launcher | None:
     return RayLauncher(cluster)
 
 
-def _ensure_driver(cluster: RayCluster | None) -> _Driver:
+def _ensure_driver(cluster: RayCluster | None, first_app: str) -> _Driver:
     global _driver, _active
     if _driver is not None and _driver.services.cluster != cluster:
         raise UsageError(
@@ -257,7 +261,7 @@ def _ensure_driver(cluster: RayCluster | None) -> _Driver:
     if _driver is None:
         if RUNTIME.core_loop is not None:
             raise UsageError("streamwise already runs on an event loop here (open_app); run() cannot start too")
-        _driver = _Driver(cluster)
+        _driver = _Driver(cluster, first_app)
         _active = _driver.services
         RUNTIME.set_controller(_driver.address, _driver.services.controller.credentials)
         RUNTIME.core = _driver.core
@@ -297,7 +301,7 @@ def run(
     _check_management(management)
     where = cluster_config(cluster)
     with _lock:
-        driver = _ensure_driver(where)
+        driver = _ensure_driver(where, name)
         tracing_setup.configure(tracing, "driver")
         services = driver.services
         if metrics_port is not None:
@@ -339,7 +343,7 @@ async def open_app(
             raise UsageError("streamwise already runs in this process; shutdown() it or leave that block first")
         RUNTIME.core_loop = asyncio.get_running_loop()
     try:
-        services = _Services(cluster_config(cluster))  # a wrong setting raises here: let go of the loop
+        services = _Services(cluster_config(cluster), name)  # a wrong setting raises here: let go of the loop
         async with services.controller as controller:
             RUNTIME.set_controller(controller.address, controller.credentials)
             await services.start_management()

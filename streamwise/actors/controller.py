@@ -7,6 +7,14 @@ to all routers watching it. It runs as a gRPC service on a Unix socket in the ap
 run directory, so replicas and routers in any process reach it the same way; only
 callers holding the app's secret are served (``streamwise._auth``), and only the
 process launched for a replica may fetch its spec or attach as it.
+
+On a cluster, a driver started for an app whose previous driver died takes that
+driver's replicas back (``_succession``): it starts with the dead driver's
+credentials and listens where its controller did, so those replicas, reconnecting
+all along, attach to it. An ``Attach`` from one of them waits until the app is
+deployed: each replica whose code version matches what would be started now is
+taken back as it runs; the others drain once the new replicas serve
+(``retire_orphans``), or once ``controller_grace_s`` has passed without their app.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import grpc
 
 from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors import _logs
+from streamwise.actors._code_version import code_version
 from streamwise.actors._deployment_state import ReplicaState, _Deployment, _Replica, _Slot
+from streamwise.actors._succession import Estate, InheritedReplica, Legacy
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement
 from streamwise.actors.spec import AppPlan
 from streamwise.autoscaling.autoscaler import Autoscaler
@@ -38,13 +48,32 @@ _KILL_GRACE_S = 2.0  # after graceful_shutdown_timeout_s, before SIGKILL
 # How long a new app's replicas may wait to be placed beside those a dead driver left
 # serving, before these are asked to make room.
 _ROOM_FOR_BOTH_S = 5.0
+# How long a dead driver's replica that is taken back has to attach (it reconnects
+# every 2 s at most) before a new one replaces it.
+_COME_BACK_S = 15.0
+
+
+class _Waiting:
+    """A dead driver's replica not taken back (yet): its Attach waits for ``claimed``."""
+
+    def __init__(self, replica: InheritedReplica) -> None:
+        self.replica = replica
+        self.claimed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 class Controller(controller_pb2_grpc.ControllerServicer):
     """Owns the replica processes of every app run by this driver."""
 
-    def __init__(self, launcher: Launcher | None = None) -> None:
+    def __init__(self, launcher: Launcher | None = None, succeed: str = "") -> None:
+        """``succeed``: the first app this driver runs; on a cluster, the replicas a
+        dead driver of it left are taken back (``_succession``)."""
         self._launcher = launcher or LocalProcessLauncher()
+        self._succeed = succeed
+        self._waiting: dict[str, _Waiting] = {}  # a dead driver's replicas, by id, until claimed or let go
+        self._kept_dirs: list[tuple[str, int]] = []  # its run directories, for its replicas' sockets
+        self._letting_go: asyncio.Task[None] | None = None
+        self._apps_changed = asyncio.Event()
+        self.inherited_table_port = 0  # where the dead driver's app table listened (for the ingress)
         self._apps: dict[str, dict[str, _Deployment]] = {}
         self._replicas: dict[str, tuple[_Deployment, _Replica]] = {}
         self._ids = itertools.count(1)
@@ -61,27 +90,69 @@ class Controller(controller_pb2_grpc.ControllerServicer):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> str:
-        """Make the app's credentials and start the control service; returns its address."""
+        """Make the app's credentials and start the control service; returns its address.
+
+        On a cluster, with the replicas a dead driver of the app left running, take
+        its credentials and its controller's address instead (``_succession``); if
+        that address cannot be had, start afresh and have them replaced.
+        """
+        estate = None
+        if self._succeed and self._launcher.spans_machines:
+            try:
+                estate = await self._launcher.inheritance(self._succeed)
+            except Exception:  # best effort: they are replaced then
+                log.exception("could not look for the replicas a dead driver of %r left", self._succeed)
+        if estate is not None:
+            try:
+                return await self._start(estate)
+            except RuntimeError as exc:
+                log.warning(
+                    "cannot listen where the dead driver of %r did (%s): its replicas are replaced", self._succeed, exc
+                )
+        return await self._start(None)
+
+    async def _start(self, estate: Estate | None) -> str:
+        kept = auth.keep_run_dirs(estate.credentials.run_dirs) if estate is not None else []  # before the sweep
         credentials = self.credentials = self._owned_run_dir = auth.new_credentials(
-            spans_machines=self._launcher.spans_machines
+            spans_machines=self._launcher.spans_machines, inherited=estate.credentials if estate else None
         )
         try:
             pings = _wire.CONTROL_PINGS_ALLOWED if self._launcher.spans_machines else ()
+            # Without SO_REUSEPORT (GRPC_OPTIONS): taking a dead driver's port fails
+            # rather than sharing it, should that driver live after all.
             server = auth.internal_server(credentials, (*_wire.GRPC_OPTIONS, *pings))
             controller_pb2_grpc.add_ControllerServicer_to_server(self, server)
             address = auth.bind_unix(server, credentials.socket("controller"))
             if self._launcher.spans_machines:  # replicas on other nodes reach it here
-                self.replica_address = auth.bind_tcp(server, credentials, self._launcher.host)
+                port = estate.controller_port if estate is not None else 0
+                self.replica_address = auth.bind_tcp(server, credentials, self._launcher.host, port)
             else:
                 self.replica_address = address
             await server.start()
         except BaseException:
             self._owned_run_dir = None
             auth.remove_run_dir(credentials)
+            auth.release_kept(kept)
             raise
         self._server = server
         self.address = address
+        if estate is not None:
+            self._inherit(estate, kept)
         return self.address
+
+    def _inherit(self, estate: Estate, kept: list[tuple[str, int]]) -> None:
+        """Wait for the deploys that take back the dead driver's replicas; let go of
+        those still unclaimed after the grace they had anyway."""
+        self._kept_dirs = kept
+        self._waiting = {r.replica_id: _Waiting(r) for r in estate.replicas}
+        self.inherited_table_port = estate.table_port
+        numbers = [int(r.replica_id.rpartition("#")[2]) for r in estate.replicas if r.replica_id.rpartition("#")[2].isdigit()]
+        self._ids = itertools.count(max(numbers, default=0) + 1)
+        self._letting_go = asyncio.get_running_loop().create_task(self._let_go_later(self._launcher.controller_grace_s))
+        log.warning(
+            "found %d replica(s) of %s left running by a dead driver: taking back those that run the same code",
+            len(estate.replicas), ", ".join(sorted({repr(r.legacy.app) for r in estate.replicas})),
+        )
 
     async def aclose(self) -> None:
         """Stop every app (gracefully, then by force), then the control service, and
@@ -89,10 +160,16 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         try:
             for name in list(self._apps):
                 await self.delete_app(name)
+            if self._letting_go is not None:
+                self._letting_go.cancel()
+            for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
+                await self.retire_orphans(app)
             if self._server is not None:
                 await self._server.stop(0.5)
                 self._server = None
         finally:
+            kept, self._kept_dirs = self._kept_dirs, []
+            auth.remove_kept(kept)
             await self._launcher.aclose()
             _logs.stop_writer()  # every replica has exited: its output is all queued
             credentials, self._owned_run_dir = self._owned_run_dir, None
@@ -127,7 +204,12 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         deployments = {spec.config.name: _Deployment(spec, self.observers) for spec in plan.specs}
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name
-        first_ready = [self._add_slot(dep) for dep in deployments.values() for _ in range(dep.config.start_replicas)]
+        first_ready = []
+        for dep in deployments.values():
+            claimed = self._claim(dep)
+            first_ready += [self._add_slot(dep, waiting) for waiting in claimed]
+            first_ready += [self._add_slot(dep) for _ in range(dep.config.start_replicas - len(claimed))]
+        self._notify_apps()
         try:
             ready = asyncio.gather(*first_ready)
             ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, should we not await it
@@ -145,21 +227,71 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def retire_orphans(self, app: str) -> None:
         """Have the replicas of ``app`` that a dead driver left serving drain and go
-        (on a cluster, ``_outage``). Called once this driver's own serve the app (and
-        its public port), so that clients move over without a gap; earlier when those
-        could not be placed beside them."""
+        (on a cluster, ``_outage``), but those taken back. Called once this driver's
+        own serve the app (and its public port), so that clients move over without a
+        gap; earlier when those could not be placed beside them."""
+        unclaimed = [w.replica for w in self._waiting.values() if w.replica.legacy.app == app]
+        for replica in unclaimed:
+            del self._waiting[replica.replica_id]  # its Attach waits on until it exits
+        if unclaimed:
+            self._notify_apps()
         try:
-            await self._launcher.retire_orphans(app, self._roots.get(app, ""))
+            await self._launcher.retire_orphans(app, self._roots.get(app, ""), unclaimed)
         except Exception:  # best effort: they end after their grace anyway
             log.exception("could not stop the replicas of %r a dead driver left", app)
 
-    def _add_slot(self, dep: _Deployment) -> asyncio.Future[None]:
-        """Start supervising one more replica of ``dep``; the future is set once it runs
-        (or set to the error that made its constructor fail for good)."""
+    async def _let_go_later(self, grace_s: float) -> None:
+        """Once ``grace_s`` passed, retire the dead driver's replicas of apps this
+        driver has not run (they would have stopped by then without it)."""
+        await asyncio.sleep(grace_s)
+        for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
+            await self.retire_orphans(app)
+
+    def _claim(self, dep: _Deployment) -> list[_Waiting]:
+        """The dead driver's replicas of ``dep`` that run its code version now, as
+        many as it may run."""
+        if not self._waiting:
+            return []
+        dep.code_version = code_version(dep.spec)
+        autoscaling = dep.config.autoscaling_config
+        room = autoscaling.max_replicas if autoscaling is not None else dep.config.start_replicas
+        claimed = [
+            waiting for waiting in self._waiting.values()
+            if waiting.replica.legacy.app == dep.spec.app and waiting.replica.legacy.deployment == dep.config.name
+            and dep.code_version and waiting.replica.legacy.code_version == dep.code_version
+        ][:room]
+        for waiting in claimed:
+            del self._waiting[waiting.replica.replica_id]
+        dep.adopting = len(claimed)
+        if claimed:
+            log.warning("taking back %d replica(s) of %r", len(claimed), dep.config.name)
+        return claimed
+
+    def _notify_apps(self) -> None:
+        self._apps_changed.set()
+        self._apps_changed = asyncio.Event()
+
+    async def _deployment_soon(self, app: str, name: str) -> _Deployment | None:
+        """The deployment ``name`` of ``app``, once the replicas of it being taken
+        back have attached (or failed to); while a dead driver's replicas of ``app``
+        wait to be claimed, it waits for the app to be deployed. None if there is none."""
+        while True:
+            changed = self._apps_changed
+            dep = self._apps.get(app, {}).get(name)
+            if dep is not None and not dep.adopting:
+                return dep
+            if dep is None and all(w.replica.legacy.app != app for w in self._waiting.values()):
+                return None
+            await changed.wait()
+
+    def _add_slot(self, dep: _Deployment, adopt: _Waiting | None = None) -> asyncio.Future[None]:
+        """Start supervising one more replica of ``dep`` (first, the dead driver's
+        ``adopt``); the future is set once it runs (or set to the error that made its
+        constructor fail for good)."""
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         slot = _Slot()
-        slot.task = loop.create_task(self._supervise(dep, slot, ready))
+        slot.task = loop.create_task(self._supervise(dep, slot, ready, adopt))
         dep.slots.append(slot)
         return ready
 
@@ -281,6 +413,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._roots.pop(name, None)
         if not deployments:
             return
+        self._notify_apps()
         await asyncio.gather(*(self._stop_deployment(dep) for dep in deployments.values()))
 
     async def _stop_deployment(self, dep: _Deployment) -> None:
@@ -313,36 +446,58 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     # -- supervision -----------------------------------------------------------------
 
-    async def _supervise(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
+    async def _supervise(
+        self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None], adopt: _Waiting | None
+    ) -> None:
         """Keep ``slot`` of ``dep`` filled until the deployment stops or the slot retires."""
         try:
-            await self._keep_filled(dep, slot, first_ready)
+            await self._keep_filled(dep, slot, first_ready, adopt)
         finally:
+            if adopt is not None and not adopt.claimed.done():  # stopped before taking it back
+                dep.adopting -= 1
+                self._waiting[adopt.replica.replica_id] = adopt  # let go with the others
+                self._notify_apps()
             if not first_ready.done():  # retired or stopped before its replica ran: nothing to wait for
                 first_ready.set_result(None)
 
-    async def _keep_filled(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
+    async def _keep_filled(
+        self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None], adopt: _Waiting | None
+    ) -> None:
         failures = 0
         last_error: replica_pb2.RemoteError | None = None
         last_output = ""  # of the last replica that exited without reporting an error
         backoff = iter(_RESTART_BACKOFF_S)
         while not dep.stopping and not slot.retired:
-            try:
-                replica = slot.replica = await self._spawn(dep)
-            except StreamwiseError as exc:  # the launcher could not start it (nowhere to place it)
-                if not first_ready.done():
-                    first_ready.set_exception(
-                        DeploymentStartupError(type(exc).__name__, str(exc), "", dep.config.name)
-                    )
-                    return
-                log.error("could not start a replica of %r: %s", dep.config.name, exc)
-                await asyncio.sleep(next(backoff, _RESTART_BACKOFF_S[-1]))
-                continue
+            adopted = adopt is not None
+            if adopt is not None:
+                replica = slot.replica = self._adopt(dep, adopt)
+                adopt = None
+            else:
+                try:
+                    replica = slot.replica = await self._spawn(dep)
+                except StreamwiseError as exc:  # the launcher could not start it (nowhere to place it)
+                    if not first_ready.done():
+                        first_ready.set_exception(
+                            DeploymentStartupError(type(exc).__name__, str(exc), "", dep.config.name)
+                        )
+                        return
+                    log.error("could not start a replica of %r: %s", dep.config.name, exc)
+                    await asyncio.sleep(next(backoff, _RESTART_BACKOFF_S[-1]))
+                    continue
             try:
                 if slot.retired:  # retired while its process was being started
                     await self._reap(replica)
                     return
-                error = await self._wait_attached(replica)
+                try:
+                    error = await self._wait_attached(replica, _COME_BACK_S if adopted else None)
+                finally:
+                    if adopted:
+                        dep.adopting -= 1
+                        self._notify_apps()
+                if adopted and (error is not None or replica.address == ""):
+                    log.warning("replica %s of %r did not come back; starting a new one", replica.replica_id, dep.config.name)
+                    await self._reap(replica)
+                    continue
                 if error is not None or replica.address == "":
                     failures += 1
                     last_error = error or last_error
@@ -391,6 +546,15 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         assert self.credentials is not None
         token = auth.new_token()
         config = dep.config
+        legacy = None
+        if self._launcher.spans_machines:  # for the app's next driver, should this one die
+            if not dep.code_version:
+                dep.code_version = code_version(dep.spec)
+            legacy = Legacy(
+                app=dep.spec.app, deployment=config.name, controller=self.replica_address,
+                table=dep.spec.front.table_address if dep.spec.front is not None else "",
+                code_version=dep.code_version,
+            )
         process = await self._launcher.start(
             replica_id,
             self.replica_address,
@@ -402,19 +566,38 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 ray_actor_options=config.ray_actor_options,
                 max_replicas_per_node=config.max_replicas_per_node,
             ),
+            legacy,
         )
-        replica = _Replica(replica_id, process, token)
-        if dep.report_interval_s > 0:  # read once it attaches
-            replica.control.put_nowait(dep.reporting_message())
-        dep.replicas[replica_id] = replica
-        self._replicas[replica_id] = (dep, replica)
+        return self._track(dep, _Replica(replica_id, process, token))
+
+    def _adopt(self, dep: _Deployment, waiting: _Waiting) -> _Replica:
+        """Supervise a dead driver's replica of ``dep`` from now on: its Attach, waiting
+        or yet to come, proceeds. It gets this deploy's ``user_config`` (its
+        ``reconfigure()`` runs again), as a new replica would."""
+        inherited = waiting.replica
+        assert self.credentials is not None
+        log_path = _logs.log_path(self.credentials.run_dir, dep.spec.app, inherited.replica_id)
+        replica = self._track(dep, _Replica(inherited.replica_id, self._launcher.adopt(inherited, log_path), inherited.token))
+        if dep.config.user_config is not None:
+            replica.control.put_nowait(
+                controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(dep.config.user_config))
+            )
+        waiting.claimed.set_result(None)
         return replica
 
-    async def _wait_attached(self, replica: _Replica) -> replica_pb2.RemoteError | None:
-        """The constructor's error, or None once attached (address set) or exited."""
+    def _track(self, dep: _Deployment, replica: _Replica) -> _Replica:
+        if dep.report_interval_s > 0:  # read once it attaches
+            replica.control.put_nowait(dep.reporting_message())
+        dep.replicas[replica.replica_id] = replica
+        self._replicas[replica.replica_id] = (dep, replica)
+        return replica
+
+    async def _wait_attached(self, replica: _Replica, timeout_s: float | None = None) -> replica_pb2.RemoteError | None:
+        """The constructor's error, or None once attached (address set), exited, or
+        ``timeout_s`` passed."""
         exited = asyncio.ensure_future(replica.process.wait())
         try:
-            await asyncio.wait({exited, replica.attached}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exited, replica.attached}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
         if replica.attached.done():
@@ -481,9 +664,15 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         return self.credentials.metadata
 
     async def _launched(self, replica_id: str, context: grpc.aio.ServicerContext) -> tuple[_Deployment, _Replica]:
-        """The replica ``replica_id``, if the caller is the process launched for it."""
+        """The replica ``replica_id``, if the caller is the process launched for it.
+        A dead driver's replica waits until it is taken back (or, let go, until it
+        has drained and exited)."""
         found = self._replicas.get(replica_id)
         token = auth.presented(context.invocation_metadata(), auth.REPLICA_TOKEN_KEY)
+        waiting = self._waiting.get(replica_id)
+        if found is None and waiting is not None and token is not None and auth.same(token, waiting.replica.token):
+            await asyncio.shield(waiting.claimed)
+            found = self._replicas.get(replica_id)
         if found is None or token is None or not auth.same(token, found[1].token):
             log.warning("refused a replica's call for %r: not the process launched for it", replica_id)
             await context.abort(
@@ -529,7 +718,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             yield message
 
     async def WatchReplicas(self, request: controller_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[controller_pb2.ReplicaSet]:
-        dep = self._apps.get(request.app, {}).get(request.deployment)
+        dep = await self._deployment_soon(request.app, request.deployment)
         if dep is None:
             running = ", ".join(f"{a}/{d}" for a, deps in self._apps.items() for d in deps) or "none"
             await context.abort(
@@ -566,7 +755,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         try:
             async for report in request_iterator:
                 if dep is None:
-                    dep = self._apps.get(report.app, {}).get(report.deployment)
+                    dep = await self._deployment_soon(report.app, report.deployment)
                     if dep is None:
                         await context.abort(
                             grpc.StatusCode.NOT_FOUND, f"no deployment {report.deployment!r} in app {report.app!r}"

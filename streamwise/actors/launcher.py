@@ -16,12 +16,13 @@ import pathlib
 import signal
 import sys
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import streamwise
 from streamwise import _auth, objectstore
 from streamwise.actors import _logs
+from streamwise.actors._succession import Estate, InheritedReplica, Legacy
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,18 +52,31 @@ class ReplicaProcess(Protocol):
 class Launcher(Protocol):
     spans_machines: bool
     host: str  # the driver's address, for a controller listening on TCP
+    controller_grace_s: float  # how long its replicas serve on without their driver
 
     async def start(
-        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement,
+        legacy: Legacy | None = None,
     ) -> ReplicaProcess:
         """Start the process of ``replica_id``; ``handoff`` (its credentials) must
         reach it through a channel only it can read; its output goes to the
-        operator, prefixed with its id, and to ``log_path``."""
+        operator, prefixed with its id, and to ``log_path``. ``legacy`` is kept for
+        the app's next driver, should this one die while the replica lives on."""
         ...
 
-    async def retire_orphans(self, app: str, root: str = "") -> int:
+    async def inheritance(self, app: str) -> Estate | None:
+        """The replicas a dead driver of ``app`` left running, which this driver can
+        take back (``_succession``); None if there are none."""
+        ...
+
+    def adopt(self, replica: InheritedReplica, log_path: str) -> ReplicaProcess:
+        """Supervise ``replica`` (from ``inheritance``) as if this launcher started it."""
+        ...
+
+    async def retire_orphans(self, app: str, root: str = "", inherited: Sequence[InheritedReplica] = ()) -> int:
         """Stop the replicas of ``app`` a dead driver left serving (on a cluster,
-        ``_outage``), those of deployment ``root`` first; how many."""
+        ``_outage``), and the ``inherited`` ones not taken back, those of deployment
+        ``root`` first; how many."""
         ...
 
     async def aclose(self) -> None: ...
@@ -112,6 +126,7 @@ class LocalProcessLauncher:
 
     spans_machines = False
     host = ""
+    controller_grace_s = 0.0
 
     def __init__(self) -> None:
         package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
@@ -123,11 +138,18 @@ class LocalProcessLauncher:
         env.setdefault("GRPC_VERBOSITY", "ERROR")
         self._env = env
 
-    async def retire_orphans(self, app: str, root: str = "") -> int:
+    async def retire_orphans(self, app: str, root: str = "", inherited: Sequence[InheritedReplica] = ()) -> int:
         return 0  # a replica here dies with its driver (its parent-death signal)
 
+    async def inheritance(self, app: str) -> Estate | None:
+        return None  # nothing outlives a driver here
+
+    def adopt(self, replica: InheritedReplica, log_path: str) -> ReplicaProcess:
+        raise NotImplementedError("replicas on one machine die with their driver: none to take back")
+
     async def start(
-        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement,
+        legacy: Legacy | None = None,
     ) -> ReplicaProcess:
         ours, theirs = _auth.handoff_pair()
         try:

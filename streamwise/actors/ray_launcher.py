@@ -19,13 +19,15 @@ a driver that dies: the replicas serve on for their grace. A host ends itself on
 its replica has exited (the driver, while it lives, ends it sooner), or when no
 replica was started in it. Each is named ``<app>/<replica id>/<driver token>`` in
 the cluster's namespace: the app's next driver finds those of a dead driver (its
-controller no longer answers) and has them drain once its own serve the app
-(:meth:`RayLauncher.retire_orphans`).
+controller no longer answers) and takes back those that run its code
+(:meth:`RayLauncher.inheritance`, ``_succession``), and has the others drain once
+its own serve the app (:meth:`RayLauncher.retire_orphans`).
 
 The app's credentials reach a host as actor arguments, which anyone allowed to use
 the Ray cluster can read (they can run code on its nodes anyway): the Ray cluster is
 the trust boundary, as it is for Ray Serve. The host hands them to its child through
-a socket pair, as the local launcher does.
+a socket pair, as the local launcher does, and, once the driver is dead, to the
+app's next driver (``bequest``), which takes the replica back with them.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ import secrets
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import streamwise
 from streamwise import _auth
 from streamwise.actors import _logs
+from streamwise.actors._succession import Estate, InheritedReplica, Legacy
 from streamwise.actors.launcher import Placement
 from streamwise.config import RayCluster
 from streamwise.exceptions import UsageError
@@ -84,17 +88,17 @@ class _ReplicaHost:
     """The Ray actor holding one replica's resources; its child process is the replica."""
 
     def __init__(
-        self, app: str, replica_id: str, controller: str, handoff: bytes, package_root: str,
+        self, legacy: Legacy, replica_id: str, handoff: bytes, package_root: str,
         controller_grace_s: float, settings: dict[str, str],
     ) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self._args = (replica_id, controller, handoff, package_root, controller_grace_s)
+        self._args = (replica_id, legacy.controller, handoff, package_root, controller_grace_s)
         self._settings = settings
-        self.app = app
-        self.controller = controller
+        self._legacy = legacy
+        self._store_session = ""
         self._process: asyncio.subprocess.Process | None = None
         self._output: _logs.OutputBuffer | None = None
         self._ending: asyncio.Task[None] | None = None
@@ -116,6 +120,7 @@ class _ReplicaHost:
     async def start(self, store_session: str) -> int:
         """Start the replica, joining this node's object store session; its pid."""
         replica_id, controller, handoff, package_root, controller_grace_s = self._args
+        self._store_session = store_session
         env = dict(os.environ)
         env.update(self._settings)  # the driver's, as a replica on its own machine has them
         env[_local_wire.NODE_ID_ENV] = self.node_id
@@ -154,7 +159,16 @@ class _ReplicaHost:
     async def orphaned(self, app: str) -> bool:
         """Whether this is a replica of ``app`` whose driver is dead: its controller
         refuses connections, seen from this node, as the replica sees it."""
-        return app == self.app and not await _answers(self.controller)
+        return app == self._legacy.app and not await _answers(self._legacy.controller)
+
+    async def bequest(self) -> tuple[Legacy, bytes, int, str, str] | None:
+        """(legacy, hand-off, pid, node id, store session) of a running replica whose driver is dead,
+        for the app's next driver to take it back; None otherwise. The hand-off holds
+        the app's credentials, which reached this actor as arguments: whoever may use
+        the Ray cluster could read them already."""
+        if self._process is None or self._process.returncode is not None or await _answers(self._legacy.controller):
+            return None
+        return self._legacy, self._args[2], self._process.pid, self.node_id, self._store_session
 
     async def _end_after_replica(self) -> None:
         """The actor is detached, so that its replica outlives a dead driver for its
@@ -195,16 +209,24 @@ class _NodeStore:
     join it, so values stay zero-copy within the node (the driver's node uses the
     driver's own session). Values cross nodes with their calls (``_payload.carry``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, left: str = "") -> None:
+        """``left``: the session a dead driver's agent made here, which its replicas,
+        taken back, are still in: joined if it is still there (it is freed by the
+        last of its processes to go)."""
         from streamwise import objectstore
+        from streamwise.exceptions import ObjectLostError
 
+        if left:
+            with contextlib.suppress(ObjectLostError):
+                objectstore.join_session(left)
         self.name = objectstore.session_name()
 
     def session(self) -> str:
         return self.name
 
     def close(self) -> None:
-        """End the session (its replicas are gone): its shared memory is freed."""
+        """End or leave the session (its replicas are gone): its shared memory is
+        freed, by this process if it is the last one in it."""
         from streamwise import objectstore
 
         objectstore.close_session()
@@ -294,7 +316,7 @@ class RayLauncher:
         if self._owns_ray:
             ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
         self._namespace = cluster.namespace
-        self._controller_grace_s = cluster.controller_grace_s
+        self.controller_grace_s = cluster.controller_grace_s
         self._driver_token = secrets.token_hex(4)  # in its hosts' names: which are this driver's
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = ray.util.get_node_ip_address()
@@ -306,6 +328,7 @@ class RayLauncher:
         self._stores: dict[str, tuple[Any, asyncio.Future[str]]] = {}  # node id -> (agent, its session)
         self._package_root = str(pathlib.Path(streamwise.__file__).resolve().parent.parent)
         self._settings = _settings()
+        self._sessions_left: dict[str, str] = {}  # node id -> the store session a dead driver's agent made there
 
     def _options(self, placement: Placement) -> dict[str, Any]:
         wanted = dict(placement.ray_actor_options or {})
@@ -330,15 +353,18 @@ class RayLauncher:
         return options
 
     async def start(
-        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement
+        self, replica_id: str, controller_address: str, handoff: bytes, log_path: str, placement: Placement,
+        legacy: Legacy | None = None,
     ) -> _RayProcess:
         """Ask Ray to place the replica's host and start it there; returns once it runs
-        (UsageError if Ray could not place it within a minute)."""
+        (UsageError if Ray could not place it within a minute). ``legacy``: what the
+        app's next driver needs to take the replica back, should this one die."""
         # Named, so that the app's next driver finds it should this one die.
         name = f"{placement.app}/{replica_id}/{self._driver_token}"
+        if legacy is None:
+            legacy = Legacy(app=placement.app, deployment=placement.deployment, controller=controller_address)
         host = self._host_class.options(name=name, **self._options(placement)).remote(
-            placement.app, replica_id, controller_address, handoff, self._package_root, self._controller_grace_s,
-            self._settings,
+            legacy, replica_id, handoff, self._package_root, self.controller_grace_s, self._settings,
         )
         try:
             where = asyncio.wrap_future(host.where.remote().future())
@@ -359,11 +385,71 @@ class RayLauncher:
             raise
         return _RayProcess(self._ray, host, pid, node_id, replica_id, log_path)
 
-    async def retire_orphans(self, app: str, root: str = "") -> int:
+    async def inheritance(self, app: str) -> Estate | None:
+        """What a dead driver of ``app`` left running that this driver can take back:
+        the replicas (of every app it ran) whose controller listened on this machine
+        and refuses connections now, seen from each replica's node. None if there are
+        none; with several dead drivers, the one with the most replicas."""
+        ray = self._ray
+        names = [
+            entry["name"]
+            for entry in await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+            if entry["namespace"] == self._namespace and entry["name"].count("/") >= 2
+        ]
+
+        async def bequest(name: str) -> tuple[str, InheritedReplica, _auth.Credentials] | None:
+            """(host name, the replica, its app's credentials) if its driver is dead."""
+            try:
+                host = await asyncio.to_thread(ray.get_actor, name, namespace=self._namespace)
+                found = await asyncio.wait_for(asyncio.wrap_future(host.bequest.remote().future()), 10)
+            except (ValueError, TimeoutError, ray.exceptions.RayError):
+                return None
+            if found is None:
+                return None
+            legacy, handoff, pid, node_id, session = found
+            if legacy.controller.rpartition(":")[0] != self.host:
+                return None  # its controller listened on another machine: not for this driver to be
+            credentials, token = _auth.parse_handoff(handoff)
+            replica_id = name.split("/", 1)[1].rsplit("/", 1)[0]
+            replica = InheritedReplica(
+                replica_id=replica_id, legacy=legacy, token=token, pid=pid, node_id=node_id, store_session=session,
+                host=host,
+            )
+            return name, replica, credentials
+
+        by_driver: dict[str, list[tuple[str, InheritedReplica, _auth.Credentials]]] = {}
+        for found in await asyncio.gather(*map(bequest, names)):
+            if found is not None:
+                by_driver.setdefault(found[1].legacy.controller, []).append(found)
+        candidates = [group for group in by_driver.values() if any(r.legacy.app == app for _, r, _ in group)]
+        if not candidates:
+            return None
+        group = max(candidates, key=len)
+        credentials = group[0][2]
+        assert credentials.tls is not None
+        replicas = tuple(replica for _, replica, _ in group)
+        # New replicas on those nodes join the sessions the taken back ones are in.
+        self._sessions_left = {r.node_id: r.store_session for r in replicas if r.node_id != self.node_id}
+        return Estate(
+            credentials=_auth.Inherited(
+                secret=credentials.secret, tls=credentials.tls,
+                run_dirs=tuple(sorted({c.run_dir for _, _, c in group})),
+            ),
+            controller=replicas[0].legacy.controller,
+            table=next((r.legacy.table for r in replicas if r.legacy.table), ""),
+            replicas=replicas,
+        )
+
+    def adopt(self, replica: InheritedReplica, log_path: str) -> _RayProcess:
+        """Supervise a replica a dead driver started (``inheritance``)."""
+        return _RayProcess(self._ray, replica.host, replica.pid, replica.node_id, replica.replica_id, log_path)
+
+    async def retire_orphans(self, app: str, root: str = "", inherited: Sequence[InheritedReplica] = ()) -> int:
         """Stop the replicas of ``app`` that a dead driver left serving in this
-        namespace (riding out its loss, ``_outage``): SIGTERM, so they drain, then
-        their actors go; whatever still runs after ``_ORPHAN_DRAIN_S`` is killed.
-        Those of deployment ``root`` go first, and the others once these have
+        namespace (riding out its loss, ``_outage``), and those ``inherited`` from
+        one but not taken back (their controller is this driver's now): SIGTERM, so
+        they drain, then their actors go; whatever still runs after
+        ``_ORPHAN_DRAIN_S`` is killed. Those of deployment ``root`` go first, and the others once these have
         exited: calls their clients still make then reach the others while these
         serve (a draining replica takes no new call, and the callers' routers, whose
         driver died, know no other). Replicas of a driver still alive (its
@@ -388,6 +474,7 @@ class RayLauncher:
             return (replica_id.rsplit("#", 1)[0], host) if gone else None
 
         orphans = [found for found in await asyncio.gather(*map(orphan, names)) if found is not None]
+        orphans += [(replica.legacy.deployment, replica.host) for replica in inherited]  # not taken back
         if orphans:
             log.warning("stopping %d replica(s) of %r left by a driver that died", len(orphans), app)
         for group in ([h for d, h in orphans if d == root], [h for d, h in orphans if d != root]):
@@ -416,7 +503,7 @@ class RayLauncher:
             agent = self._store_class.options(
                 num_cpus=0, namespace=self._namespace, max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote()
+            ).remote(self._sessions_left.pop(node_id, ""))
             found = self._stores[node_id] = (agent, asyncio.wrap_future(agent.session.remote().future()))
         return await asyncio.shield(found[1])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -39,6 +40,8 @@ from streamwise.streaming import _wire
 from streamwise.streaming.front import Front, FrontApp, RouterDispatch
 from streamwise.streaming.schema import rpc_table
 
+log = logging.getLogger("streamwise.ingress")
+
 _TABLE_ACK_TIMEOUT_S = 10.0
 
 
@@ -46,15 +49,19 @@ class Ingress:
     """Serves the apps run with ``grpc_options`` to external gRPC clients."""
 
     def __init__(
-        self, options: GrpcOptions, credentials: auth.Credentials | None = None, cluster_host: str = ""
+        self, options: GrpcOptions, credentials: auth.Credentials | None = None, cluster_host: str = "",
+        table_port: int = 0,
     ) -> None:
         """``cluster_host``: the driver's address when replicas may run on other
-        machines (they then follow the app table over TCP, with the app's TLS)."""
+        machines (they then follow the app table over TCP, with the app's TLS), on
+        ``table_port`` if it is free (where a dead driver's replicas, taken back,
+        look for it), else any."""
         if options.direct and credentials is None:
             raise UsageError("the direct gRPC ingress needs the app's credentials")
         self.options = options
         self._credentials = credentials
         self._cluster_host = cluster_host
+        self._table_port = table_port
         self._rpcs = rpc_table(options.servicer_functions)
         self._apps: dict[str, FrontApp] = {}
         self._front: Front | None = None  # the driver's own listener
@@ -87,7 +94,7 @@ class Ingress:
                 front_pb2_grpc.add_FrontTableServicer_to_server(self._table, server)
                 self._table_address = auth.bind_unix(server, self._credentials.socket("front"))
                 if self._cluster_host:  # root replicas on other machines follow it here
-                    self._table_address = auth.bind_tcp(server, self._credentials, self._cluster_host)
+                    self._table_address = self._bind_table(server)
                 await server.start()
                 self._table_server = server
                 await self._listen()
@@ -98,6 +105,16 @@ class Ingress:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "[::]") else self.options.host
         self.address = f"{host}:{self._port}"
         return self.address
+
+    def _bind_table(self, server: grpc.aio.Server) -> str:
+        assert self._credentials is not None
+        if self._table_port:
+            try:
+                return auth.bind_tcp(server, self._credentials, self._cluster_host, self._table_port)
+            except RuntimeError as exc:
+                # Root replicas a dead driver left then follow another address: replaced.
+                log.warning("the app table cannot listen where it did (%s): on a new port", exc)
+        return auth.bind_tcp(server, self._credentials, self._cluster_host)
 
     def _reserve(self) -> int:
         """Bind the public address with SO_REUSEPORT, not listening; returns the port."""

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -530,11 +531,12 @@ streamwise.shutdown()
 
 
 class _Driver:
-    """A driver process running ``_DRIVER`` on the cluster."""
+    """A driver process running ``_DRIVER`` on the cluster; another ``version`` of
+    the script is other code (a comment differs)."""
 
-    def __init__(self, cluster, tmp_path, port: int, grace_s: float, far_cpus: float = 0) -> None:
+    def __init__(self, cluster, tmp_path, port: int, grace_s: float, far_cpus: float = 0, version: int = 1) -> None:
         script = tmp_path / "driver.py"
-        script.write_text(_DRIVER)
+        script.write_text(f"{_DRIVER}# version {version}\n")
         self.process = subprocess.Popen(
             [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=dict(
@@ -569,6 +571,49 @@ def _predict(port: int) -> str:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = predict_pb2_grpc.PredictAPIsServiceStub(channel)
         return stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode()
+
+
+class _Caller:
+    """Calls the app's port all along from a thread, every other call on one kept
+    channel and the others each on a new connection."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers: list[str] = []
+        self.failures: list[BaseException] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._call_all_along)
+
+    def __enter__(self) -> _Caller:
+        self._thread.start()
+        assert _until(lambda: self.answers, 15), self.failures[:3]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(30)
+
+    def _call_all_along(self) -> None:
+        import grpc
+
+        from streamwise.proto import predict_pb2, predict_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as kept:
+            for n in itertools.count():
+                if self._done.is_set():
+                    return
+                try:
+                    if n % 2:
+                        self.answers.append(_predict(self.port))
+                    else:
+                        stub = predict_pb2_grpc.PredictAPIsServiceStub(kept)
+                        self.answers.append(stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode())
+                except grpc.RpcError as exc:
+                    self.failures.append(exc)
+                time.sleep(0.02)
 
 
 def _hosts(namespace: str = "drivers") -> list[str]:
@@ -606,57 +651,53 @@ def test_replicas_serve_on_after_their_driver_dies_then_stop(on_ray, tmp_path):
 
 def test_the_next_driver_of_an_app_takes_over_from_a_dead_ones_replicas_without_a_gap(on_ray, tmp_path):
     """A driver is SIGKILLed; its replicas serve on. The app's next driver (same name,
-    namespace and port) starts its own replicas, and only once they serve has the
+    namespace and port, other code) starts its own replicas, and only once they serve has the
     dead driver's drain and end. A client calling all along, every other call on one
     channel and the others each on a new connection (which may reach the new
     driver's listener while it starts), sees no call fail, answered first by the old
     replicas, then by the new ones; once the new driver stops, nothing is left."""
-    import grpc
-
-    from streamwise.proto import predict_pb2, predict_pb2_grpc
-
     cluster, _, _ = on_ray
     port = _free_port()
     first = _Driver(cluster, tmp_path, port, grace_s=60.0)
     first.kill()
-    answers: list[str] = []
-    failures: list[BaseException] = []
-    done = threading.Event()
-
-    def call_all_along() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as kept:
-            for n in itertools.count():
-                if done.is_set():
-                    return
-                try:
-                    if n % 2:
-                        answers.append(_predict(port))
-                    else:
-                        stub = predict_pb2_grpc.PredictAPIsServiceStub(kept)
-                        answers.append(stub.Predict(predict_pb2.PredictRequest(), timeout=15).prediction.decode())
-                except grpc.RpcError as exc:
-                    failures.append(exc)
-                time.sleep(0.02)
-
-    caller = threading.Thread(target=call_all_along)
-    caller.start()
-    try:
-        assert _until(lambda: answers, 15)
-        second = _Driver(cluster, tmp_path, port, grace_s=60.0)
+    with _Caller(port) as caller:
+        second = _Driver(cluster, tmp_path, port, grace_s=60.0, version=2)  # other code: replaced
         try:
             assert not psutil.pid_exists(first.near) and not psutil.pid_exists(first.far)
             new = f"{second.near} {second.far}"
-            assert _until(lambda: answers[-1] == new, 15), answers[-1]
+            assert _until(lambda: caller.answers[-1] == new, 15), caller.answers[-1]
         finally:
-            done.set()
-            caller.join(30)
+            caller.stop()
             second.stop()
-    finally:
-        done.set()
-        caller.join(30)
-    assert not failures, failures[:3]
-    assert answers[0] == f"{first.near} {first.far}"
+    assert not caller.failures, caller.failures[:3]
+    assert caller.answers[0] == f"{first.near} {first.far}"
     assert _until(lambda: not _hosts()), _hosts()
+
+
+def test_the_next_driver_of_an_app_takes_a_dead_ones_replicas_back(on_ray, tmp_path):
+    """A driver is SIGKILLed; the app's next driver runs the same code, so it takes
+    the replicas back as they run (same processes and stores, nothing restarted)
+    while a client calls all along without a failure. It supervises them: a
+    replica killed afterwards is replaced. Once it stops, nothing of either is left."""
+    cluster, _, _ = on_ray
+    port = _free_port()
+    first = _Driver(cluster, tmp_path, port, grace_s=60.0)
+    first.kill()
+    with _Caller(port) as caller:
+        second = _Driver(cluster, tmp_path, port, grace_s=60.0)
+        try:
+            assert (second.near, second.far) == (first.near, first.far)
+            assert (second.near_session, second.far_session) == (first.near_session, first.far_session)
+            caller.stop()
+            assert caller.answers and set(caller.answers) == {f"{first.near} {first.far}"}, set(caller.answers)
+            assert not caller.failures, caller.failures[:3]
+            os.kill(first.far, signal.SIGKILL)
+            assert _until(lambda: _predict(port) != f"{first.near} {first.far}"), "Far was not replaced"
+        finally:
+            caller.stop()
+            second.stop()
+    assert _until(lambda: not _hosts()), _hosts()
+    assert not os.path.exists(f"/dev/shm/{first.near_session}") and not os.path.exists(f"/dev/shm/{first.far_session}")
 
 
 def test_a_dead_drivers_replicas_make_room_when_the_next_ones_cannot_be_placed_beside_them(on_ray, tmp_path):
@@ -667,7 +708,7 @@ def test_a_dead_drivers_replicas_make_room_when_the_next_ones_cannot_be_placed_b
     port = _free_port()
     first = _Driver(cluster, tmp_path, port, grace_s=60.0, far_cpus=2)
     first.kill()
-    second = _Driver(cluster, tmp_path, port, grace_s=60.0, far_cpus=2)
+    second = _Driver(cluster, tmp_path, port, grace_s=60.0, far_cpus=2, version=2)
     try:
         assert not psutil.pid_exists(first.far)
         assert _predict(port) == f"{second.near} {second.far}"

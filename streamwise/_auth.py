@@ -172,6 +172,8 @@ def keep_run_dirs(paths: tuple[str, ...]) -> list[tuple[str, int]]:
     not such a directory of this user on this machine are left alone."""
     kept = []
     for path in paths:
+        if os.path.dirname(path) != _run_root() or not os.path.basename(path).startswith(_RUN_PREFIX):
+            continue  # not where run directories are made
         try:
             check_run_dir(path)
         except (OSError, UsageError):

@@ -54,6 +54,7 @@ class _Replica:
     model_capacity: int = 0
     store_session: str = ""
     stream: asyncio.Task[Any] | None = dataclasses.field(default=None, repr=False)  # the Attach handler's
+    adopted: bool = False  # started by a dead driver, taken back by this one (``_succession``)
 
     def release(self) -> None:
         if not self.released.is_set():
@@ -88,13 +89,19 @@ class _Deployment:
         self.created_at = time.monotonic()
         self.load = LoadBook()  # its callers' and replicas' load reports
         self.code_version = ""  # on a cluster: ``_code_version``, for the app's next driver
-        self.adopting = 0  # a dead driver's replicas being taken back, not attached yet
         self.autoscaler: Autoscaler | None = None  # made when it is first autoscaled
 
     @property
     def seen_load(self) -> tuple[float, float]:
         """(ongoing, queued) at the autoscaler's last decision."""
         return self.autoscaler.seen if self.autoscaler is not None else (0.0, 0.0)
+
+    def running(self) -> int:
+        return sum(r.state is ReplicaState.RUNNING for r in self.replicas.values())
+
+    def adopting(self) -> bool:
+        """Whether a replica a dead driver left, taken back, has yet to attach."""
+        return any(r.adopted and r.state is ReplicaState.STARTING for r in self.replicas.values())
 
     @property
     def target(self) -> int:

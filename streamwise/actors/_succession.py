@@ -22,6 +22,7 @@ class Legacy:
 
     app: str
     deployment: str
+    root: str = ""  # the app's root deployment (retired first)
     controller: str  # the address its controller listened on for other nodes
     table: str = ""  # the app table's, when the replica listens on the public port
     code_version: str = ""  # ``_code_version``; "" never matches

@@ -53,6 +53,12 @@ _ROOM_FOR_BOTH_S = 5.0
 _COME_BACK_S = 15.0
 
 
+def _number(replica_id: str) -> int:
+    """The count in a replica id (``Model#3``: 3)."""
+    number = replica_id.rpartition("#")[2]
+    return int(number) if number.isdigit() else 0
+
+
 class _Waiting:
     """A dead driver's replica not taken back (yet): its Attach waits for ``claimed``."""
 
@@ -72,6 +78,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._waiting: dict[str, _Waiting] = {}  # a dead driver's replicas, by id, until claimed or let go
         self._kept_dirs: list[tuple[str, int]] = []  # its run directories, for its replicas' sockets
         self._letting_go: asyncio.Task[None] | None = None
+        self._letting_go_now = False  # past its sleep: aclose waits for it, rather than cancel it
+        self._retiring: dict[str, int] = {}  # app -> retirements of its dead driver's replicas under way
+        self._first_own_id = 1  # replica ids below it are the dead driver's
         self._apps_changed = asyncio.Event()
         self.inherited_table_port = 0  # where the dead driver's app table listened (for the ingress)
         self._apps: dict[str, dict[str, _Deployment]] = {}
@@ -97,7 +106,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         that address cannot be had, start afresh and have them replaced.
         """
         estate = None
-        if self._succeed and self._launcher.spans_machines:
+        if self._succeed and self._launcher.spans_machines:  # (never on one machine)
             try:
                 estate = await self._launcher.inheritance(self._succeed)
             except Exception:  # best effort: they are replaced then
@@ -113,9 +122,13 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     async def _start(self, estate: Estate | None) -> str:
         kept = auth.keep_run_dirs(estate.credentials.run_dirs) if estate is not None else []  # before the sweep
-        credentials = self.credentials = self._owned_run_dir = auth.new_credentials(
-            spans_machines=self._launcher.spans_machines, inherited=estate.credentials if estate else None
-        )
+        try:
+            credentials = self.credentials = self._owned_run_dir = auth.new_credentials(
+                spans_machines=self._launcher.spans_machines, inherited=estate.credentials if estate else None
+            )
+        except BaseException:
+            auth.release_kept(kept)
+            raise
         try:
             pings = _wire.CONTROL_PINGS_ALLOWED if self._launcher.spans_machines else ()
             # Without SO_REUSEPORT (GRPC_OPTIONS): taking a dead driver's port fails
@@ -146,8 +159,8 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._kept_dirs = kept
         self._waiting = {r.replica_id: _Waiting(r) for r in estate.replicas}
         self.inherited_table_port = estate.table_port
-        numbers = [int(r.replica_id.rpartition("#")[2]) for r in estate.replicas if r.replica_id.rpartition("#")[2].isdigit()]
-        self._ids = itertools.count(max(numbers, default=0) + 1)
+        self._first_own_id = max((_number(r.replica_id) for r in estate.replicas), default=0) + 1
+        self._ids = itertools.count(self._first_own_id)
         self._letting_go = asyncio.get_running_loop().create_task(self._let_go_later(self._launcher.controller_grace_s))
         log.warning(
             "found %d replica(s) of %s left running by a dead driver: taking back those that run the same code",
@@ -161,7 +174,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             for name in list(self._apps):
                 await self.delete_app(name)
             if self._letting_go is not None:
-                self._letting_go.cancel()
+                if not self._letting_go_now:
+                    self._letting_go.cancel()
+                await asyncio.gather(self._letting_go, return_exceptions=True)
             for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
                 await self.retire_orphans(app)
             if self._server is not None:
@@ -202,12 +217,15 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         if plan.name in self._apps:
             await self.delete_app(plan.name)
         deployments = {spec.config.name: _Deployment(spec, self.observers) for spec in plan.specs}
+        if self._launcher.spans_machines:  # for the app's next driver, and to take replicas back
+            for dep in deployments.values():
+                dep.code_version = await asyncio.to_thread(code_version, dep.spec)
         self._apps[plan.name] = deployments
         self._roots[plan.name] = plan.root.config.name
         first_ready = []
         for dep in deployments.values():
             claimed = self._claim(dep)
-            first_ready += [self._add_slot(dep, waiting) for waiting in claimed]
+            first_ready += [self._add_slot(dep, replica) for replica in claimed]
             first_ready += [self._add_slot(dep) for _ in range(dep.config.start_replicas - len(claimed))]
         self._notify_apps()
         try:
@@ -233,26 +251,31 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         unclaimed = [w.replica for w in self._waiting.values() if w.replica.legacy.app == app]
         for replica in unclaimed:
             del self._waiting[replica.replica_id]  # its Attach waits on until it exits
-        if unclaimed:
-            self._notify_apps()
+        root = self._roots.get(app) or next((r.legacy.root for r in unclaimed if r.legacy.root), "")
+        self._retiring[app] = self._retiring.get(app, 0) + 1
         try:
-            await self._launcher.retire_orphans(app, self._roots.get(app, ""), unclaimed)
+            await self._launcher.retire_orphans(app, root, unclaimed)
         except Exception:  # best effort: they end after their grace anyway
             log.exception("could not stop the replicas of %r a dead driver left", app)
+        finally:
+            self._retiring[app] -= 1
+            if not self._retiring[app]:
+                del self._retiring[app]
+            self._notify_apps()
 
     async def _let_go_later(self, grace_s: float) -> None:
         """Once ``grace_s`` passed, retire the dead driver's replicas of apps this
         driver has not run (they would have stopped by then without it)."""
         await asyncio.sleep(grace_s)
+        self._letting_go_now = True
         for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
             await self.retire_orphans(app)
 
-    def _claim(self, dep: _Deployment) -> list[_Waiting]:
-        """The dead driver's replicas of ``dep`` that run its code version now, as
-        many as it may run."""
+    def _claim(self, dep: _Deployment) -> list[_Replica]:
+        """Take back the dead driver's replicas of ``dep`` that run its code version
+        now, as many as it may run (their Attach, waiting or to come, proceeds)."""
         if not self._waiting:
             return []
-        dep.code_version = code_version(dep.spec)
         autoscaling = dep.config.autoscaling_config
         room = autoscaling.max_replicas if autoscaling is not None else dep.config.start_replicas
         claimed = [
@@ -260,38 +283,40 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             if waiting.replica.legacy.app == dep.spec.app and waiting.replica.legacy.deployment == dep.config.name
             and dep.code_version and waiting.replica.legacy.code_version == dep.code_version
         ][:room]
-        for waiting in claimed:
-            del self._waiting[waiting.replica.replica_id]
-        dep.adopting = len(claimed)
         if claimed:
             log.warning("taking back %d replica(s) of %r", len(claimed), dep.config.name)
-        return claimed
+        return [self._adopt(dep, waiting) for waiting in claimed]
 
     def _notify_apps(self) -> None:
         self._apps_changed.set()
         self._apps_changed = asyncio.Event()
 
     async def _deployment_soon(self, app: str, name: str) -> _Deployment | None:
-        """The deployment ``name`` of ``app``, once the replicas of it being taken
-        back have attached (or failed to); while a dead driver's replicas of ``app``
-        wait to be claimed, it waits for the app to be deployed. None if there is none."""
+        """The deployment ``name`` of ``app``, None if there is none; while a dead
+        driver's replicas of ``app`` wait to be claimed, once it is deployed, and
+        its replicas being taken back have attached (or failed to). While those it
+        replaces serve, once one of its own runs: so their routers (asking here)
+        never trade the replicas they know for none."""
         while True:
             changed = self._apps_changed
             dep = self._apps.get(app, {}).get(name)
-            if dep is not None and not dep.adopting:
+            waiting = [w.replica.legacy for w in self._waiting.values() if w.replica.legacy.app == app]
+            if dep is None and not waiting and app not in self._retiring:
+                return None  # (retiring ones' routers keep what they know while they drain)
+            if dep is not None and not dep.adopting() and (
+                dep.running() or all(legacy.deployment != name for legacy in waiting)
+            ):
                 return dep
-            if dep is None and all(w.replica.legacy.app != app for w in self._waiting.values()):
-                return None
             await changed.wait()
 
-    def _add_slot(self, dep: _Deployment, adopt: _Waiting | None = None) -> asyncio.Future[None]:
+    def _add_slot(self, dep: _Deployment, adopted: _Replica | None = None) -> asyncio.Future[None]:
         """Start supervising one more replica of ``dep`` (first, the dead driver's
-        ``adopt``); the future is set once it runs (or set to the error that made its
-        constructor fail for good)."""
+        replica ``adopted``); the future is set once it runs (or set to the error that
+        made its constructor fail for good)."""
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        slot = _Slot()
-        slot.task = loop.create_task(self._supervise(dep, slot, ready, adopt))
+        slot = _Slot(replica=adopted)
+        slot.task = loop.create_task(self._supervise(dep, slot, ready))
         dep.slots.append(slot)
         return ready
 
@@ -397,7 +422,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 dep.config.name,
                 dep.load,
                 lambda: dep.target,
-                lambda: sum(r.state is ReplicaState.RUNNING for r in dep.replicas.values()),
+                dep.running,
                 lambda n: self._resize(dep, n),
             )
         if dep.autoscaler is not None:
@@ -446,32 +471,25 @@ class Controller(controller_pb2_grpc.ControllerServicer):
 
     # -- supervision -----------------------------------------------------------------
 
-    async def _supervise(
-        self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None], adopt: _Waiting | None
-    ) -> None:
+    async def _supervise(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
         """Keep ``slot`` of ``dep`` filled until the deployment stops or the slot retires."""
         try:
-            await self._keep_filled(dep, slot, first_ready, adopt)
+            await self._keep_filled(dep, slot, first_ready)
         finally:
-            if adopt is not None and not adopt.claimed.done():  # stopped before taking it back
-                dep.adopting -= 1
-                self._waiting[adopt.replica.replica_id] = adopt  # let go with the others
-                self._notify_apps()
             if not first_ready.done():  # retired or stopped before its replica ran: nothing to wait for
                 first_ready.set_result(None)
 
-    async def _keep_filled(
-        self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None], adopt: _Waiting | None
-    ) -> None:
+    async def _keep_filled(self, dep: _Deployment, slot: _Slot, first_ready: asyncio.Future[None]) -> None:
+        """Fill ``slot``: first with the replica taken back it holds, if any."""
         failures = 0
         last_error: replica_pb2.RemoteError | None = None
         last_output = ""  # of the last replica that exited without reporting an error
         backoff = iter(_RESTART_BACKOFF_S)
         while not dep.stopping and not slot.retired:
-            adopted = adopt is not None
-            if adopt is not None:
-                replica = slot.replica = self._adopt(dep, adopt)
-                adopt = None
+            adopted = slot.replica is not None and slot.replica.adopted and slot.replica.state is ReplicaState.STARTING
+            if adopted:
+                assert slot.replica is not None
+                replica = slot.replica
             else:
                 try:
                     replica = slot.replica = await self._spawn(dep)
@@ -488,15 +506,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 if slot.retired:  # retired while its process was being started
                     await self._reap(replica)
                     return
-                try:
-                    error = await self._wait_attached(replica, _COME_BACK_S if adopted else None)
-                finally:
-                    if adopted:
-                        dep.adopting -= 1
-                        self._notify_apps()
+                error = await self._wait_attached(replica, _COME_BACK_S if adopted else None)
                 if adopted and (error is not None or replica.address == ""):
                     log.warning("replica %s of %r did not come back; starting a new one", replica.replica_id, dep.config.name)
-                    await self._reap(replica)
+                    await self._stop_replica(dep, replica)  # it may still serve: drain it
                     continue
                 if error is not None or replica.address == "":
                     failures += 1
@@ -514,6 +527,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 backoff = iter(_RESTART_BACKOFF_S)
                 replica.state = ReplicaState.RUNNING
                 dep.publish()
+                self._notify_apps()  # for routers waiting for a replica of it (_deployment_soon)
                 if not first_ready.done():
                     first_ready.set_result(None)
                 await self._monitor(dep, replica)
@@ -548,10 +562,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         config = dep.config
         legacy = None
         if self._launcher.spans_machines:  # for the app's next driver, should this one die
-            if not dep.code_version:
-                dep.code_version = code_version(dep.spec)
             legacy = Legacy(
-                app=dep.spec.app, deployment=config.name, controller=self.replica_address,
+                app=dep.spec.app, deployment=config.name, root=self._roots.get(dep.spec.app, ""),
+                controller=self.replica_address,
                 table=dep.spec.front.table_address if dep.spec.front is not None else "",
                 code_version=dep.code_version,
             )
@@ -575,9 +588,11 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         or yet to come, proceeds. It gets this deploy's ``user_config`` (its
         ``reconfigure()`` runs again), as a new replica would."""
         inherited = waiting.replica
+        del self._waiting[inherited.replica_id]
         assert self.credentials is not None
         log_path = _logs.log_path(self.credentials.run_dir, dep.spec.app, inherited.replica_id)
-        replica = self._track(dep, _Replica(inherited.replica_id, self._launcher.adopt(inherited, log_path), inherited.token))
+        process = self._launcher.adopt(inherited, log_path)
+        replica = self._track(dep, _Replica(inherited.replica_id, process, inherited.token, adopted=True))
         if dep.config.user_config is not None:
             replica.control.put_nowait(
                 controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(dep.config.user_config))
@@ -655,6 +670,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         if dep.replicas.pop(replica.replica_id, None) is not None:
             dep.publish()
         self._replicas.pop(replica.replica_id, None)
+        self._notify_apps()  # it may have been one being taken back (_deployment_soon)
 
     # -- gRPC service ----------------------------------------------------------------
 
@@ -673,6 +689,12 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         if found is None and waiting is not None and token is not None and auth.same(token, waiting.replica.token):
             await asyncio.shield(waiting.claimed)
             found = self._replicas.get(replica_id)
+        elif found is None and 0 < _number(replica_id) < self._first_own_id:
+            # A dead driver's replica this driver did not find (or let go): it rides
+            # out as before, until it is stopped or its grace ends.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"replica {replica_id!r} is not among those this driver took over"
+            )
         if found is None or token is None or not auth.same(token, found[1].token):
             log.warning("refused a replica's call for %r: not the process launched for it", replica_id)
             await context.abort(

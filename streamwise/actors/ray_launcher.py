@@ -402,15 +402,15 @@ class RayLauncher:
             try:
                 host = await asyncio.to_thread(ray.get_actor, name, namespace=self._namespace)
                 found = await asyncio.wait_for(asyncio.wrap_future(host.bequest.remote().future()), 10)
-            except (ValueError, TimeoutError, ray.exceptions.RayError):
+                if found is None:
+                    return None
+                legacy, handoff, pid, node_id, session = found
+                credentials, token = _auth.parse_handoff(handoff)
+            except Exception:  # not a replica's host (another actor of the namespace), or gone
                 return None
-            if found is None:
-                return None
-            legacy, handoff, pid, node_id, session = found
-            if legacy.controller.rpartition(":")[0] != self.host:
+            if legacy.controller.rpartition(":")[0] != self.host or not name.startswith(f"{legacy.app}/"):
                 return None  # its controller listened on another machine: not for this driver to be
-            credentials, token = _auth.parse_handoff(handoff)
-            replica_id = name.split("/", 1)[1].rsplit("/", 1)[0]
+            replica_id = name[len(legacy.app) + 1 :].rsplit("/", 1)[0]
             replica = InheritedReplica(
                 replica_id=replica_id, legacy=legacy, token=token, pid=pid, node_id=node_id, store_session=session,
                 host=host,

@@ -61,7 +61,14 @@ GRPC_OPTIONS = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     ("grpc.so_reuseport", 0),
+    # A channel whose peer went away (a driver restarting, a network outage) tries
+    # again every 2 s at most, not up to gRPC's default 120 s: a replica riding out a
+    # lost driver is back within seconds of it (``_outage``).
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+# Metadata of a root replica's app-table stream when it reopens it (it serves by a
+# table already): a driver that took the replica back holds it until it has apps.
+TABLE_KNOWN_KEY = "sw-table-known"
 # The control stream of a replica on a cluster: pings find a driver gone silent (its
 # machine off, its packets dropped) within about 20 s, where no read would ever end.
 CONTROL_KEEPALIVE = (

@@ -174,7 +174,7 @@ class DirectFront:
             except grpc.aio.AioRpcError as exc:
                 if _outage.rides_out(exc):
                     await reconnect.wait(exc)
-                    watch = self._open_table()
+                    watch = self._open_table(reconnecting=True)
                     continue
                 log.debug("the app table stream ended: %r", exc)
             except asyncio.InvalidStateError as exc:
@@ -182,9 +182,12 @@ class DirectFront:
             break
         await self._front.aclose(self._spec.options.drain_timeout_s)
 
-    def _open_table(self) -> Any:
+    def _open_table(self, reconnecting: bool = False) -> Any:
+        """The app table stream; ``reconnecting``: this replica serves by a table
+        already (a new driver holds it back until it has one of its own)."""
         assert self._channel is not None
-        return front_pb2_grpc.FrontTableStub(self._channel).WatchApps(metadata=self._credentials.metadata)
+        known = ((_wire.TABLE_KNOWN_KEY, "1"),) if reconnecting else ()
+        return front_pb2_grpc.FrontTableStub(self._channel).WatchApps(metadata=(*self._credentials.metadata, *known))
 
     async def aclose(self, drain_s: float | None = None) -> None:
         """Stop listening (GOAWAY), let external calls finish for up to ``drain_s``

@@ -62,6 +62,11 @@ class Ingress:
         self._credentials = credentials
         self._cluster_host = cluster_host
         self._table_port = table_port
+        # Root replicas a dead driver left, reconnecting to the app table at its old
+        # port, get none until an app is added: an empty one would turn their apps off.
+        self._first_added = asyncio.Event()
+        if not table_port:
+            self._first_added.set()
         self._rpcs = rpc_table(options.servicer_functions)
         self._apps: dict[str, FrontApp] = {}
         self._front: Front | None = None  # the driver's own listener
@@ -173,6 +178,7 @@ class Ingress:
     async def add_app(self, name: str, deployment: str, methods: Mapping[str, Any]) -> None:
         """Serve ``name``; health turns SERVING (its replicas are ready by now)."""
         self._apps[name] = FrontApp(name, deployment, frozenset(methods))
+        self._first_added.set()
         if self._front is not None:
             self._front.apps_changed()
             await self._front.set_serving(True)
@@ -213,6 +219,7 @@ class Ingress:
         RPCs finish (up to drain_timeout_s), stop. The replicas' listeners stop when
         their replicas do (they drain the same way)."""
         self.draining = True
+        self._first_added.set()
         self._notify()
         if self._follower is not None:
             self._follower.cancel()
@@ -282,6 +289,8 @@ class _TableService(front_pb2_grpc.FrontTableServicer):
 
         reader = asyncio.get_running_loop().create_task(read_acks())
         try:
+            if auth.presented(context.invocation_metadata(), _wire.TABLE_KNOWN_KEY) is not None:
+                await ingress._first_added.wait()  # a replica that knew a table before this driver
             while True:
                 changed = ingress._changed
                 table = ingress.table()

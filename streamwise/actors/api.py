@@ -164,7 +164,7 @@ class _Services:
                 )
             return
         ingress = Ingress(
-            options, self.controller.credentials, self.controller.launcher_host, self.controller.inherited_table_port
+            options, self.controller.credentials, self.controller.launcher_host, self.controller.succession.table_port
         )
         await ingress.start()
         self.ingress = ingress

@@ -32,7 +32,7 @@ from streamwise import _auth as auth, codec, objectstore
 from streamwise.actors import _logs
 from streamwise.actors._code_version import code_version
 from streamwise.actors._deployment_state import ReplicaState, _Deployment, _Replica, _Slot
-from streamwise.actors._succession import Estate, InheritedReplica, Legacy
+from streamwise.actors._succession import Estate, InheritedReplica, Legacy, Succession
 from streamwise.actors.launcher import Launcher, LocalProcessLauncher, Placement
 from streamwise.actors.spec import AppPlan
 from streamwise.autoscaling.autoscaler import Autoscaler
@@ -53,20 +53,6 @@ _ROOM_FOR_BOTH_S = 5.0
 _COME_BACK_S = 15.0
 
 
-def _number(replica_id: str) -> int:
-    """The count in a replica id (``Model#3``: 3)."""
-    number = replica_id.rpartition("#")[2]
-    return int(number) if number.isdigit() else 0
-
-
-class _Waiting:
-    """A dead driver's replica not taken back (yet): its Attach waits for ``claimed``."""
-
-    def __init__(self, replica: InheritedReplica) -> None:
-        self.replica = replica
-        self.claimed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-
 class Controller(controller_pb2_grpc.ControllerServicer):
     """Owns the replica processes of every app run by this driver."""
 
@@ -75,14 +61,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         dead driver of it left are taken back (``_succession``)."""
         self._launcher = launcher or LocalProcessLauncher()
         self._succeed = succeed
-        self._waiting: dict[str, _Waiting] = {}  # a dead driver's replicas, by id, until claimed or let go
-        self._kept_dirs: list[tuple[str, int]] = []  # its run directories, for its replicas' sockets
-        self._letting_go: asyncio.Task[None] | None = None
-        self._letting_go_now = False  # past its sleep: aclose waits for it, rather than cancel it
-        self._retiring: dict[str, int] = {}  # app -> retirements of its dead driver's replicas under way
-        self._first_own_id = 1  # replica ids below it are the dead driver's
-        self._apps_changed = asyncio.Event()
-        self.inherited_table_port = 0  # where the dead driver's app table listened (for the ingress)
+        self.succession = Succession()  # what it took over from a dead driver, if anything
         self._apps: dict[str, dict[str, _Deployment]] = {}
         self._replicas: dict[str, tuple[_Deployment, _Replica]] = {}
         self._ids = itertools.count(1)
@@ -150,22 +129,15 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._server = server
         self.address = address
         if estate is not None:
-            self._inherit(estate, kept)
+            # Deploys take the dead driver's replicas back; those of apps not deployed
+            # within the grace they had anyway are let go then.
+            self.succession.take(estate, kept, self._launcher.controller_grace_s, self.retire_orphans)
+            self._ids = itertools.count(self.succession.first_own_id)
+            log.warning(
+                "found %d replica(s) of %s left running by a dead driver: taking back those that run the same code",
+                len(estate.replicas), ", ".join(sorted({repr(r.legacy.app) for r in estate.replicas})),
+            )
         return self.address
-
-    def _inherit(self, estate: Estate, kept: list[tuple[str, int]]) -> None:
-        """Wait for the deploys that take back the dead driver's replicas; let go of
-        those still unclaimed after the grace they had anyway."""
-        self._kept_dirs = kept
-        self._waiting = {r.replica_id: _Waiting(r) for r in estate.replicas}
-        self.inherited_table_port = estate.table_port
-        self._first_own_id = max((_number(r.replica_id) for r in estate.replicas), default=0) + 1
-        self._ids = itertools.count(self._first_own_id)
-        self._letting_go = asyncio.get_running_loop().create_task(self._let_go_later(self._launcher.controller_grace_s))
-        log.warning(
-            "found %d replica(s) of %s left running by a dead driver: taking back those that run the same code",
-            len(estate.replicas), ", ".join(sorted({repr(r.legacy.app) for r in estate.replicas})),
-        )
 
     async def aclose(self) -> None:
         """Stop every app (gracefully, then by force), then the control service, and
@@ -173,18 +145,14 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         try:
             for name in list(self._apps):
                 await self.delete_app(name)
-            if self._letting_go is not None:
-                if not self._letting_go_now:
-                    self._letting_go.cancel()
-                await asyncio.gather(self._letting_go, return_exceptions=True)
-            for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
+            await self.succession.aclose()
+            for app in self.succession.apps():
                 await self.retire_orphans(app)
             if self._server is not None:
                 await self._server.stop(0.5)
                 self._server = None
         finally:
-            kept, self._kept_dirs = self._kept_dirs, []
-            auth.remove_kept(kept)
+            self.succession.remove_kept()
             await self._launcher.aclose()
             _logs.stop_writer()  # every replica has exited: its output is all queued
             credentials, self._owned_run_dir = self._owned_run_dir, None
@@ -227,7 +195,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             claimed = self._claim(dep)
             first_ready += [self._add_slot(dep, replica) for replica in claimed]
             first_ready += [self._add_slot(dep) for _ in range(dep.config.start_replicas - len(claimed))]
-        self._notify_apps()
+        self.succession.notify()
         try:
             ready = asyncio.gather(*first_ready)
             ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, should we not await it
@@ -248,48 +216,23 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         (on a cluster, ``_outage``), but those taken back. Called once this driver's
         own serve the app (and its public port), so that clients move over without a
         gap; earlier when those could not be placed beside them."""
-        unclaimed = [w.replica for w in self._waiting.values() if w.replica.legacy.app == app]
-        for replica in unclaimed:
-            del self._waiting[replica.replica_id]  # its Attach waits on until it exits
+        unclaimed = self.succession.unclaimed(app)
         root = self._roots.get(app) or next((r.legacy.root for r in unclaimed if r.legacy.root), "")
-        self._retiring[app] = self._retiring.get(app, 0) + 1
-        try:
-            await self._launcher.retire_orphans(app, root, unclaimed)
-        except Exception:  # best effort: they end after their grace anyway
-            log.exception("could not stop the replicas of %r a dead driver left", app)
-        finally:
-            self._retiring[app] -= 1
-            if not self._retiring[app]:
-                del self._retiring[app]
-            self._notify_apps()
-
-    async def _let_go_later(self, grace_s: float) -> None:
-        """Once ``grace_s`` passed, retire the dead driver's replicas of apps this
-        driver has not run (they would have stopped by then without it)."""
-        await asyncio.sleep(grace_s)
-        self._letting_go_now = True
-        for app in sorted({w.replica.legacy.app for w in self._waiting.values()}):
-            await self.retire_orphans(app)
+        with self.succession.retiring(app):
+            try:
+                await self._launcher.retire_orphans(app, root, unclaimed)
+            except Exception:  # best effort: they end after their grace anyway
+                log.exception("could not stop the replicas of %r a dead driver left", app)
 
     def _claim(self, dep: _Deployment) -> list[_Replica]:
         """Take back the dead driver's replicas of ``dep`` that run its code version
         now, as many as it may run (their Attach, waiting or to come, proceeds)."""
-        if not self._waiting:
-            return []
         autoscaling = dep.config.autoscaling_config
         room = autoscaling.max_replicas if autoscaling is not None else dep.config.start_replicas
-        claimed = [
-            waiting for waiting in self._waiting.values()
-            if waiting.replica.legacy.app == dep.spec.app and waiting.replica.legacy.deployment == dep.config.name
-            and dep.code_version and waiting.replica.legacy.code_version == dep.code_version
-        ][:room]
+        claimed = self.succession.claim(dep.spec.app, dep.config.name, dep.code_version, room)
         if claimed:
             log.warning("taking back %d replica(s) of %r", len(claimed), dep.config.name)
-        return [self._adopt(dep, waiting) for waiting in claimed]
-
-    def _notify_apps(self) -> None:
-        self._apps_changed.set()
-        self._apps_changed = asyncio.Event()
+        return [self._adopt(dep, inherited) for inherited in claimed]
 
     async def _deployment_soon(self, app: str, name: str) -> _Deployment | None:
         """The deployment ``name`` of ``app``, None if there is none; while a dead
@@ -298,14 +241,11 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         replaces serve, once one of its own runs: so their routers (asking here)
         never trade the replicas they know for none."""
         while True:
-            changed = self._apps_changed
+            changed = self.succession.changed
             dep = self._apps.get(app, {}).get(name)
-            waiting = [w.replica.legacy for w in self._waiting.values() if w.replica.legacy.app == app]
-            if dep is None and not waiting and app not in self._retiring:
-                return None  # (retiring ones' routers keep what they know while they drain)
-            if dep is not None and not dep.adopting() and (
-                dep.running() or all(legacy.deployment != name for legacy in waiting)
-            ):
+            if dep is None and not self.succession.holds(app):
+                return None  # (routers of those retiring keep what they know while they drain)
+            if dep is not None and not dep.adopting() and (dep.running() or not self.succession.replaces(app, name)):
                 return dep
             await changed.wait()
 
@@ -438,7 +378,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         self._roots.pop(name, None)
         if not deployments:
             return
-        self._notify_apps()
+        self.succession.notify()
         await asyncio.gather(*(self._stop_deployment(dep) for dep in deployments.values()))
 
     async def _stop_deployment(self, dep: _Deployment) -> None:
@@ -527,7 +467,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
                 backoff = iter(_RESTART_BACKOFF_S)
                 replica.state = ReplicaState.RUNNING
                 dep.publish()
-                self._notify_apps()  # for routers waiting for a replica of it (_deployment_soon)
+                self.succession.notify()  # for routers waiting for a replica of it (_deployment_soon)
                 if not first_ready.done():
                     first_ready.set_result(None)
                 await self._monitor(dep, replica)
@@ -583,12 +523,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         )
         return self._track(dep, _Replica(replica_id, process, token))
 
-    def _adopt(self, dep: _Deployment, waiting: _Waiting) -> _Replica:
-        """Supervise a dead driver's replica of ``dep`` from now on: its Attach, waiting
-        or yet to come, proceeds. It gets this deploy's ``user_config`` (its
-        ``reconfigure()`` runs again), as a new replica would."""
-        inherited = waiting.replica
-        del self._waiting[inherited.replica_id]
+    def _adopt(self, dep: _Deployment, inherited: InheritedReplica) -> _Replica:
+        """Supervise a dead driver's replica of ``dep`` (just claimed) from now on. It
+        gets this deploy's ``user_config`` (its ``reconfigure()`` runs again), as a new
+        replica would."""
         assert self.credentials is not None
         log_path = _logs.log_path(self.credentials.run_dir, dep.spec.app, inherited.replica_id)
         process = self._launcher.adopt(inherited, log_path)
@@ -597,7 +535,6 @@ class Controller(controller_pb2_grpc.ControllerServicer):
             replica.control.put_nowait(
                 controller_pb2.ControlMessage(user_config=codec.cloudpickle_dumps(dep.config.user_config))
             )
-        waiting.claimed.set_result(None)
         return replica
 
     def _track(self, dep: _Deployment, replica: _Replica) -> _Replica:
@@ -670,7 +607,7 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         if dep.replicas.pop(replica.replica_id, None) is not None:
             dep.publish()
         self._replicas.pop(replica.replica_id, None)
-        self._notify_apps()  # it may have been one being taken back (_deployment_soon)
+        self.succession.notify()  # it may have been one being taken back (_deployment_soon)
 
     # -- gRPC service ----------------------------------------------------------------
 
@@ -685,11 +622,9 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         has drained and exited)."""
         found = self._replicas.get(replica_id)
         token = auth.presented(context.invocation_metadata(), auth.REPLICA_TOKEN_KEY)
-        waiting = self._waiting.get(replica_id)
-        if found is None and waiting is not None and token is not None and auth.same(token, waiting.replica.token):
-            await asyncio.shield(waiting.claimed)
+        if found is None and await self.succession.wait_claimed(replica_id, token):
             found = self._replicas.get(replica_id)
-        elif found is None and 0 < _number(replica_id) < self._first_own_id:
+        elif found is None and self.succession.theirs(replica_id):
             # A dead driver's replica this driver did not find (or let go): it rides
             # out as before, until it is stopped or its grace ends.
             await context.abort(

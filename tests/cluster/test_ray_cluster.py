@@ -313,7 +313,7 @@ def test_replicas_on_other_nodes_take_the_drivers_settings(on_ray, monkeypatch):
 
 def test_a_replica_asking_for_what_no_node_has_fails_the_start(on_ray, monkeypatch):
     """Ray cannot place a replica needing a resource no node has: run() fails naming it."""
-    monkeypatch.setattr("streamwise.actors.ray_launcher._PLACEMENT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr("streamwise.actors.ray_launcher.PLACEMENT_TIMEOUT_S", 2.0)
     nowhere = streamwise.deployment(Where, name="Nowhere", ray_actor_options={"num_cpus": 0, "resources": {"gpu_xl": 1}})
     with pytest.raises(StreamwiseError, match="gpu_xl"):
         streamwise.run(nowhere.bind(), cluster="ray")

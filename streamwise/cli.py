@@ -8,7 +8,8 @@ certificate and key) the management API is served on TCP for remote operators. W
 replicas start and drain, progress lines go to stderr (``_cli_progress``). ``streamwise cleanup``
 deletes the shared memory of object store sessions whose processes are all gone
 (a driver killed with SIGKILL, for instance). ``status``, ``scale``, ``config`` and
-``shutdown`` manage running apps (``_cli_ops``).
+``shutdown`` manage running apps (``_cli_ops``). ``run --restart`` starts the driver
+again if it is killed (``_cli_restart``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,20 @@ from streamwise.exceptions import StreamwiseError, UsageError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.restart:
+        from streamwise import _cli_restart
+
+        return _cli_restart.supervise([arg for arg in args.argv if arg != "--restart"])
     import streamwise
     from streamwise.actors import api
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    stop_on_signals()
     api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
     api.add_replica_observer(_cli_progress.ReplicaProgress())  # progress lines on stderr
     config = None
@@ -85,6 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f" (management on {streamwise.management_address()} with TLS, token in "
                 f"{streamwise.management_token_file()})"
             )
+        stop_on_signals()  # again: joining a Ray cluster installs Ray's own (exit at once)
         names = ", ".join(repr(name) for _, name in apps)
         print(f"streamwise: app {names} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
@@ -184,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where replicas run: this machine (default, or STREAMWISE_CLUSTER), or a Ray cluster",
     )
     run.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: RAY_ADDRESS, or a new one)")
+    run.add_argument(
+        "--restart", action="store_true",
+        help="run the driver in a child process, started again if it is killed (on a Ray cluster it takes its "
+        "replicas back)",
+    )
     management = run.add_argument_group(
         "management over TCP", "serve the management API (status, scale, ...) to operators on other machines: "
         "TLS only, and every call needs the driver's management token"
@@ -216,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _cli_ops.add_commands(commands)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except StreamwiseError as exc:

@@ -175,3 +175,39 @@ def test_library_run_prints_no_progress(tmp_path):
     out = subprocess.run([sys.executable, "quiet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "done\n", out.stderr
     assert "replicas running" not in out.stderr and "draining" not in out.stderr
+
+
+def test_cli_restart_starts_a_killed_driver_again_but_not_one_that_exits(tmp_path):
+    """`streamwise run --restart`: a driver SIGKILLed is started again (on one
+    machine its replicas die with it, so it starts new ones); SIGTERM then stops
+    it and the command exits 0. A driver that fails by itself is not restarted:
+    the command exits with its code."""
+    (tmp_path / "hello_app.py").write_text(APP)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "hello_app:app", "--metrics-port", "-1", "--restart"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert "is running" in proc.stdout.readline()
+        (driver,) = psutil.Process(proc.pid).children()
+        driver.kill()
+        assert "is running" in proc.stdout.readline()
+        (again,) = psutil.Process(proc.pid).children()
+        assert again.pid != driver.pid
+        replicas = again.children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        _, alive = psutil.wait_procs(replicas, timeout=10)
+        assert not alive
+        assert "killed by SIGKILL; starting it again" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    failed = subprocess.run(
+        [sys.executable, "-m", "streamwise.cli", "run", "no_such_module:app", "--restart"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.count("cannot import") == 1 and "starting it again" not in failed.stderr

@@ -732,3 +732,61 @@ def test_stopped_replicas_give_their_resources_back_to_ray(on_ray):
     assert _until(lambda: ray.available_resources().get("CPU", 0) == before - 1), ray.available_resources()
     streamwise.shutdown()
     assert _until(lambda: ray.available_resources().get("CPU", 0) == before), ray.available_resources()
+
+
+_CLI_APP = """
+import os
+import streamwise
+
+
+@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_b": 1}})
+class Far:
+    async def pid(self):
+        return os.getpid()
+
+
+@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_a": 1}})
+class Near:
+    def __init__(self, far):
+        self.far = far
+
+    async def __call__(self, inputs):
+        return f"{os.getpid()} {await self.far.pid.remote()}".encode()
+
+
+app = Near.bind(Far.bind())
+"""
+
+
+def test_streamwise_run_restart_starts_a_killed_driver_again_with_the_same_replicas(on_ray, tmp_path):
+    """`streamwise run --restart` runs the driver as its child. SIGKILLed, the
+    driver is started again and takes its replicas back: a client calling all along
+    sees no failure, answered by the same replicas. SIGTERM to the command drains
+    and stops everything."""
+    cluster, _, _ = on_ray
+    (tmp_path / "near_far.py").write_text(_CLI_APP)
+    port = _free_port()
+    command = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "near_far:app", "--cluster", "ray", "--restart",
+         "--grpc-host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "-1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=dict(os.environ, RAY_ADDRESS=cluster.address),
+    )
+    try:
+        assert "is running" in command.stdout.readline()
+        replicas = _predict(port)
+        (driver,) = psutil.Process(command.pid).children()
+        with _Caller(port) as caller:
+            driver.kill()
+            assert "is running" in command.stdout.readline()  # the driver started again
+            (again,) = psutil.Process(command.pid).children()
+            assert again.pid != driver.pid
+            caller.stop()
+        assert not caller.failures, caller.failures[:3]
+        assert set(caller.answers) == {replicas} and _predict(port) == replicas
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(60) == 0
+    finally:
+        command.kill()
+        command.wait()
+        command.stdout.close()
+    assert _until(lambda: not _hosts("streamwise")), _hosts("streamwise")

@@ -8,7 +8,9 @@ calls the port all along, every call on a new connection. The driver is SIGKILLe
 
 - with the same code: it takes the replicas back as they run;
 - with other code (a comment differs): it starts new ones, and the old ones drain
-  once those serve (what every restart did before).
+  once those serve (what every restart did before);
+- by ``streamwise run --restart``, which starts its driver again as soon as it is
+  killed: the time from the kill until the app runs again.
 
 Printed for each: the new driver's ``run()`` (until the app is supervised again),
 from its process start to ready, the client's failed calls, and whether the
@@ -161,6 +163,69 @@ def _streamwise(directory: str, address: str, load_s: float) -> None:
     say(f"(the first driver's run(), replicas started: {first.run_s:.2f} s)")
 
 
+_APP = """
+import os, time
+import streamwise
+
+
+@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_b": 1}})
+class Model:
+    def __init__(self, load_s):
+        time.sleep(load_s)  # loading weights
+
+    async def pid(self):
+        return os.getpid()
+
+
+@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_a": 1}})
+class Front:
+    def __init__(self, model):
+        self.model = model
+
+    async def __call__(self, inputs):
+        return f"{os.getpid()} {await self.model.pid.remote()}".encode()
+
+
+app = Front.bind(Model.bind(float(os.environ["LOAD_S"])))
+"""
+
+
+def _restarted(directory: str, address: str, load_s: float) -> None:
+    """``streamwise run --restart``: its driver SIGKILLed, until it serves again."""
+    import psutil
+
+    with open(os.path.join(directory, "takeover_app.py"), "w") as out:
+        out.write(_APP)
+    port = _free_port()
+    command = subprocess.Popen(
+        [sys.executable, "-m", "streamwise.cli", "run", "takeover_app:app", "--cluster", "ray", "--restart",
+         "--grpc-host", "127.0.0.1", "--grpc-port", str(port), "--metrics-port", "-1"],
+        cwd=directory, stdout=subprocess.PIPE, stderr=None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL,
+        text=True, env=dict(os.environ, RAY_ADDRESS=address, LOAD_S=str(load_s)),
+    )
+    try:
+        command.stdout.readline()
+        client = _Client(port)
+        time.sleep(0.5)
+        (driver,) = psutil.Process(command.pid).children()
+        killed = time.perf_counter()
+        driver.kill()
+        command.stdout.readline()  # "is running" again
+        back_s = time.perf_counter() - killed
+        time.sleep(1.0)
+        client.stop()
+        command.terminate()
+        command.wait(60)
+    finally:
+        command.kill()
+        command.wait()
+        command.stdout.close()
+    failed = sum(client.failures.values())
+    say(f"streamwise run --restart, driver killed   back (app running again) {back_s:6.2f} s   "
+        f"calls {sum(client.answers.values()):>5}   failed {failed:>3}   "
+        f"replicas restarted: {'no' if len(client.answers) == 1 else 'yes'}")
+
+
 def _serve(load_s: float) -> None:
     try:
         from ray import serve
@@ -198,6 +263,9 @@ def _serve(load_s: float) -> None:
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     start = time.perf_counter()
     ray.kill(controller, no_restart=False)  # Ray restarts it
+    actor_id = controller._actor_id.hex()
+    while ray._private.state.actors(actor_id=actor_id).get("NumRestarts", 0) < 1:  # it did die
+        time.sleep(0.01)
     while True:
         try:
             status = serve.status()
@@ -230,6 +298,7 @@ def main() -> None:
         say(f"two Ray nodes on this machine; Front on A calls Model on B, whose constructor takes {args.load_s:.1f} s")
         with tempfile.TemporaryDirectory() as directory:
             _streamwise(directory, cluster.address, args.load_s)
+            _restarted(directory, cluster.address, args.load_s)
         _serve(args.load_s)
     finally:
         ray.shutdown()

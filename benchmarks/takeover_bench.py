@@ -12,9 +12,10 @@ calls the port all along, every call on a new connection. The driver is SIGKILLe
 - by ``streamwise run --restart``, which starts its driver again as soon as it is
   killed: the time from the kill until the app runs again.
 
-Printed for each: the new driver's ``run()`` (until the app is supervised again),
-from its process start to ready, the client's failed calls, and whether the
-replicas were restarted. With ``ray[serve]`` installed, the same for Ray Serve,
+Printed for the first two: the new driver's ``run()`` (until the app is supervised
+again) and its process's start to ready; for ``--restart``, the kill to the app
+running again; for each, the client's calls and failures, and whether the replicas
+were restarted. With ``ray[serve]`` installed, the same for Ray Serve,
 whose controller is a detached actor: it is killed and Ray restarts it; printed,
 the time until it answers ``serve.status()`` with the app running again, and a
 handle's failed calls meanwhile.
@@ -140,6 +141,14 @@ class _Client:
         self._thread.join(60)
 
 
+def _outcome(client: _Client) -> str:
+    """The client's calls, failures (by code), and whether other replicas answered."""
+    failed = sum(client.failures.values())
+    codes = f" ({', '.join(f'{n} {code}' for code, n in client.failures.items())})" if failed else ""
+    restarted = {0: "no answer", 1: "no"}.get(len(client.answers), "yes")
+    return f"calls {sum(client.answers.values()):>5}   failed {failed:>3}{codes}   replicas restarted: {restarted}"
+
+
 def _streamwise(directory: str, address: str, load_s: float) -> None:
     for label, version in (("same code (taken back)", 1), ("other code (replaced)", 2)):
         port = _free_port()
@@ -153,13 +162,8 @@ def _streamwise(directory: str, address: str, load_s: float) -> None:
         time.sleep(1.0)
         client.stop()
         second.stop()
-        answers = sorted(client.answers.items(), key=lambda kv: -kv[1])
-        restarted = "no" if len(answers) == 1 else "yes"
-        calls = sum(client.answers.values())
-        failed = sum(client.failures.values())
-        codes = f" ({', '.join(f'{n} {code}' for code, n in client.failures.items())})" if failed else ""
         say(f"streamwise, {label:<24} run() {second.run_s:6.2f} s   process start to ready {ready_s:6.2f} s   "
-            f"calls {calls:>5}   failed {failed:>3}{codes}   replicas restarted: {restarted}")
+            f"{_outcome(client)}")
     say(f"(the first driver's run(), replicas started: {first.run_s:.2f} s)")
 
 
@@ -204,13 +208,15 @@ def _restarted(directory: str, address: str, load_s: float) -> None:
         text=True, env=dict(os.environ, RAY_ADDRESS=address, LOAD_S=str(load_s)),
     )
     try:
-        command.stdout.readline()
+        if "is running" not in command.stdout.readline():
+            raise RuntimeError("streamwise run --restart did not start")
         client = _Client(port)
         time.sleep(0.5)
         (driver,) = psutil.Process(command.pid).children()
         killed = time.perf_counter()
         driver.kill()
-        command.stdout.readline()  # "is running" again
+        if "is running" not in command.stdout.readline():
+            raise RuntimeError("the killed driver did not come back")
         back_s = time.perf_counter() - killed
         time.sleep(1.0)
         client.stop()
@@ -220,10 +226,8 @@ def _restarted(directory: str, address: str, load_s: float) -> None:
         command.kill()
         command.wait()
         command.stdout.close()
-    failed = sum(client.failures.values())
     say(f"streamwise run --restart, driver killed   back (app running again) {back_s:6.2f} s   "
-        f"calls {sum(client.answers.values()):>5}   failed {failed:>3}   "
-        f"replicas restarted: {'no' if len(client.answers) == 1 else 'yes'}")
+        f"{_outcome(client)}")
 
 
 def _serve(load_s: float) -> None:
@@ -264,7 +268,10 @@ def _serve(load_s: float) -> None:
     start = time.perf_counter()
     ray.kill(controller, no_restart=False)  # Ray restarts it
     actor_id = controller._actor_id.hex()
-    while ray._private.state.actors(actor_id=actor_id).get("NumRestarts", 0) < 1:  # it did die
+    deadline = time.perf_counter() + 60
+    while ray._private.state.actors(actor_id=actor_id).get("NumRestarts", 0) < 1:  # it did die (private API)
+        if time.perf_counter() > deadline:
+            raise RuntimeError("Ray did not restart Serve's controller within 60 s")
         time.sleep(0.01)
     while True:
         try:

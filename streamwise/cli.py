@@ -33,12 +33,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from streamwise.actors import api
 
     stop = threading.Event()
-
-    def stop_on_signals() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-
-    stop_on_signals()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     api.add_shutdown_listener(stop.set)  # `streamwise shutdown` from another shell
     api.add_replica_observer(_cli_progress.ReplicaProgress())  # progress lines on stderr
     config = None
@@ -94,7 +90,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f" (management on {streamwise.management_address()} with TLS, token in "
                 f"{streamwise.management_token_file()})"
             )
-        stop_on_signals()  # again: joining a Ray cluster installs Ray's own (exit at once)
         names = ", ".join(repr(name) for _, name in apps)
         print(f"streamwise: app {names} is running{where}; Ctrl-C to stop", flush=True)
         stop.wait()
@@ -159,7 +154,8 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamwise", description="Serve Python code as streaming actors.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run an app until SIGINT/SIGTERM")
+    # No abbreviated options: --restart must be seen for what it is (_cmd_run).
+    run = commands.add_parser("run", help="run an app until SIGINT/SIGTERM", allow_abbrev=False)
     run.add_argument("target", help="import path of a bound app, MODULE:ATTRIBUTE, or a config file (.yaml)")
     run.add_argument("--name", default="default", help="application name (default: %(default)s)")
     run.add_argument("--grpc-port", type=int, default=None, help="serve the app over gRPC on this port (0: any)")

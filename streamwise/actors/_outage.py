@@ -3,8 +3,9 @@
 On a cluster a replica reaches its driver (the controller, the app table of the
 public port) over the network, which can fail for a while with both ends alive;
 or the driver dies, and the replica's Ray actor, detached, lives on
-(``ray_launcher``). Such a replica keeps serving meanwhile, with what it last knew (its routers keep
-their replica sets, its listener its apps), and reopens each stream from the
+(``_ray_host``). Such a replica keeps serving meanwhile, with what it last knew
+(its routers keep their replica sets, its listener its apps), and reopens each
+stream from the
 driver with a backoff: the control stream (``Attach``), every router's
 ``WatchReplicas``, the app table and the load reports. The control stream alone
 decides the replica's life: once the controller ends it, refuses the replica (it

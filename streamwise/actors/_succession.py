@@ -1,5 +1,9 @@
 """What a dead driver's replicas leave to the app's next driver, which takes them back.
 
+``Legacy`` is what each replica's host keeps, ``Estate`` what the next driver finds,
+and ``Succession`` that driver's bookkeeping until every replica is taken back or
+let go.
+
 On a cluster a driver's replicas outlive it for their grace (``_outage``). The app's
 next driver, started on the same machine, finds them (``Launcher.inheritance``):
 with the dead driver's credentials and listening where its controller and app table
@@ -124,21 +128,25 @@ class Succession:
         """The apps of which replicas wait to be claimed."""
         return sorted({w.replica.legacy.app for w in self._waiting.values()})
 
-    def claim(self, app: str, deployment: str, code_version: str, room: int) -> list[InheritedReplica]:
+    @contextlib.contextmanager
+    def claim(self, app: str, deployment: str, code_version: str, room: int) -> Iterator[list[InheritedReplica]]:
         """Up to ``room`` waiting replicas of ``deployment`` running ``code_version``,
-        claimed: the caller makes them known before anything else runs (their
-        Attach then proceeds)."""
-        if not code_version:
-            return []
+        to be made known in the block: their Attach proceeds once it is left, and
+        should it raise, they wait on."""
         claimed = [
             w for w in self._waiting.values()
-            if (w.replica.legacy.app, w.replica.legacy.deployment, w.replica.legacy.code_version)
+            if code_version and (w.replica.legacy.app, w.replica.legacy.deployment, w.replica.legacy.code_version)
             == (app, deployment, code_version)
         ][:room]
         for waiting in claimed:
             del self._waiting[waiting.replica.replica_id]
+        try:
+            yield [waiting.replica for waiting in claimed]
+        except BaseException:
+            self._waiting.update((w.replica.replica_id, w) for w in claimed)
+            raise
+        for waiting in claimed:
             waiting.claimed.set_result(None)
-        return [waiting.replica for waiting in claimed]
 
     def unclaimed(self, app: str) -> list[InheritedReplica]:
         """The waiting replicas of ``app``, given up: their Attach waits on until they exit."""

@@ -229,10 +229,10 @@ class Controller(controller_pb2_grpc.ControllerServicer):
         now, as many as it may run (their Attach, waiting or to come, proceeds)."""
         autoscaling = dep.config.autoscaling_config
         room = autoscaling.max_replicas if autoscaling is not None else dep.config.start_replicas
-        claimed = self.succession.claim(dep.spec.app, dep.config.name, dep.code_version, room)
-        if claimed:
-            log.warning("taking back %d replica(s) of %r", len(claimed), dep.config.name)
-        return [self._adopt(dep, inherited) for inherited in claimed]
+        with self.succession.claim(dep.spec.app, dep.config.name, dep.code_version, room) as claimed:
+            if claimed:
+                log.warning("taking back %d replica(s) of %r", len(claimed), dep.config.name)
+            return [self._adopt(dep, inherited) for inherited in claimed]
 
     async def _deployment_soon(self, app: str, name: str) -> _Deployment | None:
         """The deployment ``name`` of ``app``, None if there is none; while a dead

@@ -6,8 +6,8 @@ through ``max_replicas_per_node``) and, once Ray has placed it, starts the usual
 ``python -m streamwise.actors.replica`` as its child, on its node, with the
 driver's ``STREAMWISE_*`` settings on top of the node's environment. From there the
 replica runs exactly as on one machine (its own event loop, signals, its parent's
-death signal), with three differences: its node is the Ray node (``STREAMWISE_NODE_ID``),
-it also listens on the node's address, with the app's TLS, for callers on other
+death signal), with three differences: its node is the Ray node
+(``STREAMWISE_NODE_ID``), it also listens on the node's address, with the app's TLS, for callers on other
 nodes, and it rides out losing the driver for ``RayCluster.controller_grace_s``
 (``_outage``). Its output is kept by its host, from which the driver takes it: the
 operator sees it behind the replica's id, and ``streamwise logs`` reads it, as for a
@@ -39,6 +39,7 @@ import os
 import pathlib
 import secrets
 import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,7 +145,14 @@ class RayLauncher:
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            # ray.init() puts handlers of its own on SIGINT and SIGTERM (exit at
+            # once); the process's own are kept (`streamwise run` drains on them).
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=True)
+            if threading.current_thread() is threading.main_thread():
+                for sig, handler in handlers.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
         self._namespace = cluster.namespace
         self.controller_grace_s = cluster.controller_grace_s
         self._driver_token = secrets.token_hex(4)  # in its hosts' names: which are this driver's

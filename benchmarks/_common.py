@@ -141,6 +141,29 @@ async def call_rate(call: Callable[[], Awaitable[object]], n: int, concurrency: 
 # -- child processes ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def two_ray_nodes(node: dict[str, Any]) -> Iterator[str]:
+    """Two Ray nodes on this machine (``ray.cluster_utils.Cluster``), "node_a" (the
+    head, which this process joins) and "node_b" (each with 100 of a custom resource
+    named after it), both made with ``node``; yields the cluster's address."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args=dict(node, resources={"node_a": 100}, include_dashboard=False)
+    )
+    try:
+        cluster.add_node(**node, resources={"node_b": 100})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            yield cluster.address
+        finally:
+            ray.shutdown()
+    finally:
+        cluster.shutdown()
+
+
 def stop_process(process: subprocess.Popen[Any]) -> None:
     """Close its stdin (its cue to exit), then terminate and kill it if it lingers."""
     with contextlib.suppress(OSError):

@@ -26,12 +26,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 os.environ["STREAMWISE_GRPC_MAX_MESSAGE_LENGTH"] = str(256 * 2**20)
 
 import numpy as np
-from _common import call_rate, say
+from _common import call_rate, say, two_ray_nodes
 
 import streamwise
 
 ray = __import__("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 _NODE = dict(num_cpus=2, object_store_memory=300 * 2**20)
 BIG = 100 * 2**20
@@ -183,13 +182,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--items", type=int, default=200_000)
     args = parser.parse_args()
-    cluster = Cluster(
-        initialize_head=True, head_node_args=dict(_NODE, resources={"node_a": 100}, include_dashboard=False)
-    )
-    cluster.add_node(**_NODE, resources={"node_b": 100})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with two_ray_nodes(_NODE):
         say("two Ray nodes on this machine; the driver on node A; each figure to a replica on A, then on B")
         near, far = asyncio.run(_streamwise(args.calls, args.items))
         _report("streamwise", near, far)
@@ -201,9 +194,6 @@ def main() -> None:
             for key, label in (("seq", "unary seq"), ("conc", f"unary {CONCURRENCY}"), ("items", "stream items")):
                 say(f"streamwise / Ray Serve, {label:<14} same node {near[key] / serve_figures[0][key]:6.1f}x   "
                     f"other node {far[key] / serve_figures[1][key]:6.1f}x")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":

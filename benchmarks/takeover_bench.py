@@ -38,19 +38,32 @@ import time
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
-from _common import say
+from _common import say, two_ray_nodes
 
 from streamwise.proto import predict_pb2, predict_pb2_grpc
 
 ray = __import__("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 _NODE = dict(num_cpus=2, object_store_memory=100 * 2**20)
 
 _DRIVER = """
 import json, os, sys, time
 import streamwise
+from takeover_app import app
 
+cluster = streamwise.RayCluster(address=os.environ["RAY_ADDRESS"], namespace="takeover_bench")
+begun = time.perf_counter()
+streamwise.run(app, cluster=cluster,
+               grpc_options=streamwise.GrpcOptions(host="127.0.0.1", port=int(os.environ["PORT"])))
+print(json.dumps({"run_s": time.perf_counter() - begun}), flush=True)
+sys.stdin.read()
+streamwise.shutdown()
+"""
+
+
+_APP = """
+import os, time
+import streamwise
 
 
 @streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_b": 1}})
@@ -71,14 +84,14 @@ class Front:
         return f"{os.getpid()} {await self.model.pid.remote()}".encode()
 
 
-cluster = streamwise.RayCluster(address=os.environ["RAY_ADDRESS"], namespace="takeover_bench")
-begun = time.perf_counter()
-streamwise.run(Front.bind(Model.bind(float(os.environ["LOAD_S"]))), cluster=cluster,
-               grpc_options=streamwise.GrpcOptions(host="127.0.0.1", port=int(os.environ["PORT"])))
-print(json.dumps({"run_s": time.perf_counter() - begun}), flush=True)
-sys.stdin.read()
-streamwise.shutdown()
+app = Front.bind(Model.bind(float(os.environ["LOAD_S"])))
 """
+
+
+def _write_app(directory: str, version: int) -> None:
+    """The app's module, ``takeover_app``; another ``version`` is other code (a comment differs)."""
+    with open(os.path.join(directory, "takeover_app.py"), "w") as out:
+        out.write(f"{_APP}# version {version}\n")
 
 
 def _free_port() -> int:
@@ -88,16 +101,20 @@ def _free_port() -> int:
 
 
 class _Driver:
-    """The driver script, from a file (its source is part of the code version)."""
+    """The driver script, running ``takeover_app`` (files: their sources are part of the code version)."""
 
     def __init__(self, directory: str, address: str, port: int, load_s: float, version: int) -> None:
+        _write_app(directory, version)
         script = os.path.join(directory, "driver.py")
         with open(script, "w") as out:
-            out.write(f"{_DRIVER}# version {version}\n")
+            out.write(_DRIVER)
         self.process = subprocess.Popen(
             [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL, text=True,
-            env=dict(os.environ, RAY_ADDRESS=address, PORT=str(port), LOAD_S=str(load_s)),
+            env=dict(
+                os.environ, RAY_ADDRESS=address, PORT=str(port), LOAD_S=str(load_s),
+                PYTHONDONTWRITEBYTECODE="1",  # the app's file changes within a second: no stale .pyc
+            ),
         )
         figures = json.loads(self.process.stdout.readline())
         self.run_s = figures["run_s"]
@@ -167,39 +184,11 @@ def _streamwise(directory: str, address: str, load_s: float) -> None:
     say(f"(the first driver's run(), replicas started: {first.run_s:.2f} s)")
 
 
-_APP = """
-import os, time
-import streamwise
-
-
-@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_b": 1}})
-class Model:
-    def __init__(self, load_s):
-        time.sleep(load_s)  # loading weights
-
-    async def pid(self):
-        return os.getpid()
-
-
-@streamwise.deployment(ray_actor_options={"num_cpus": 0, "resources": {"node_a": 1}})
-class Front:
-    def __init__(self, model):
-        self.model = model
-
-    async def __call__(self, inputs):
-        return f"{os.getpid()} {await self.model.pid.remote()}".encode()
-
-
-app = Front.bind(Model.bind(float(os.environ["LOAD_S"])))
-"""
-
-
 def _restarted(directory: str, address: str, load_s: float) -> None:
     """``streamwise run --restart``: its driver SIGKILLed, until it serves again."""
     import psutil
 
-    with open(os.path.join(directory, "takeover_app.py"), "w") as out:
-        out.write(_APP)
+    _write_app(directory, 1)
     port = _free_port()
     command = subprocess.Popen(
         [sys.executable, "-m", "streamwise.cli", "run", "takeover_app:app", "--cluster", "ray", "--restart",
@@ -295,21 +284,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load-s", type=float, default=3.0, help="the model's constructor takes this long")
     args = parser.parse_args()
-    cluster = Cluster(
-        initialize_head=True, head_node_args=dict(_NODE, resources={"node_a": 100}, include_dashboard=False)
-    )
-    cluster.add_node(**_NODE, resources={"node_b": 100})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with two_ray_nodes(_NODE) as address:
         say(f"two Ray nodes on this machine; Front on A calls Model on B, whose constructor takes {args.load_s:.1f} s")
         with tempfile.TemporaryDirectory() as directory:
-            _streamwise(directory, cluster.address, args.load_s)
-            _restarted(directory, cluster.address, args.load_s)
+            _streamwise(directory, address, args.load_s)
+            _restarted(directory, address, args.load_s)
         _serve(args.load_s)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 if __name__ == "__main__":
